@@ -1,0 +1,199 @@
+"""Pipeline configuration: one YAML file, pydantic models per stage, dotted CLI overrides.
+
+A pipeline file has a few top-level settings (`name`, `out`, `seed`, `device`, `log`, `world`), a
+`stages` list, and one section per listed stage keyed by the stage's name. A section may set
+`kind` to reuse a stage type under another name (e.g. `eval_base: {kind: evaluate, ...}`).
+Every error names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and the dotted key."""
+
+
+class LogConfig(StrictModel):
+    every: int = Field(10, ge=1, description="Print a plain progress line every N steps (non-TTY).")
+    tensorboard: bool = Field(
+        False, description="Also write TensorBoard event files to <stage>/tb/."
+    )
+
+
+def _world_config_cls():
+    from posttrain.world import WorldConfig
+
+    return WorldConfig
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field(
+        "toy", min_length=1, description="Run name; the default output is runs/<name>."
+    )
+    out: str | None = Field(None, description="Run directory (default runs/<name>).")
+    seed: int = Field(0, description="Global seed; each stage derives its own from it.")
+    device: str = Field(
+        "auto",
+        description="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...",
+    )
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging and progress settings.")
+    world: dict[str, Any] = Field(
+        default_factory=dict, description="Toy-world settings (WorldConfig)."
+    )
+    stages: list[str] = Field(min_length=1, description="Stage names, run in this order.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.name}")
+
+    def world_config(self):
+        return _world_config_cls()(**self.world)
+
+
+@dataclass
+class StageSpec:
+    name: str  # section name in the file, and folder name in the run directory
+    kind: str  # stage type (key of posttrain.stages.STAGES)
+    config: BaseModel
+
+
+@dataclass
+class Pipeline:
+    config: PipelineConfig
+    stages: list[StageSpec]
+    source: str
+
+    def stage(self, name: str) -> StageSpec:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def resolved(self) -> dict:
+        """The full config with every default filled in, as it would be written to pipeline.yaml."""
+        d = self.config.model_dump(mode="json")
+        d["world"] = self.config.world_config().model_dump(mode="json")
+        for s in self.stages:
+            sec = s.config.model_dump(mode="json")
+            d[s.name] = ({"kind": s.kind} if s.kind != s.name else {}) | sec
+        return d
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. pretrain.lr=3e-4")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty part in key {key!r}")
+    return parts, yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def _hint(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_validation(err: ValidationError, source: str, prefix: str, model) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join([prefix, *map(str, e["loc"])] if prefix else map(str, e["loc"]))
+        if e["type"] == "extra_forbidden":
+            fields = _fields_at(model, e["loc"][:-1])
+            lines.append(f"{source}: unknown config key '{key}'{_hint(str(e['loc'][-1]), fields)}")
+        else:
+            lines.append(f"{source}: config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return ConfigError("\n".join(lines))
+
+
+def _fields_at(model, loc) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(getattr(model, "model_fields", {}))
+
+
+def validate(model_cls, data: Any, source: str, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: config key '{prefix}' must be a mapping, got {data!r}")
+    try:
+        return model_cls(**data)
+    except ValidationError as e:
+        raise _format_validation(e, source, prefix, model_cls) from None
+
+
+def build_pipeline(raw: dict, source: str) -> Pipeline:
+    from posttrain.stages import STAGES
+
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: the file must hold a mapping of keys, got {type(raw).__name__}"
+        )
+    raw = dict(raw)
+    top = {k: raw.pop(k) for k in list(raw) if k in PipelineConfig.model_fields}
+    cfg = validate(PipelineConfig, top, source)
+    validate(_world_config_cls(), cfg.world, source, "world")
+    if len(set(cfg.stages)) != len(cfg.stages):
+        raise ConfigError(f"{source}: config key 'stages' lists a stage twice: {cfg.stages}")
+    for key in raw:
+        if key not in cfg.stages:
+            allowed = [*PipelineConfig.model_fields, *cfg.stages]
+            raise ConfigError(
+                f"{source}: unknown config key '{key}'{_hint(key, allowed)}; "
+                f"top-level keys are {list(PipelineConfig.model_fields)} or a stage listed in 'stages'"
+            )
+    specs = []
+    for name in cfg.stages:
+        section = dict(raw.get(name) or {})
+        kind = section.pop("kind", name)
+        if kind not in STAGES:
+            where = f"'{name}.kind'" if name in raw and "kind" in (raw[name] or {}) else "'stages'"
+            raise ConfigError(
+                f"{source}: config key {where}: unknown stage type {kind!r}{_hint(kind, STAGES)}; "
+                f"known: {sorted(STAGES)}"
+            )
+        specs.append(StageSpec(name, kind, validate(STAGES[kind].Config, section, source, name)))
+    return Pipeline(cfg, specs, source)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    return build_pipeline(apply_overrides(raw, list(overrides or [])), source)

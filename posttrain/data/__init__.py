@@ -1,0 +1,1 @@
+"""Data schemas, readers of real formats, tokenisation, collation."""

@@ -1,0 +1,1 @@
+"""Model and tokenizer loading, tiny-model presets, the toy tokenizer."""

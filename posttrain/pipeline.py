@@ -1,0 +1,116 @@
+"""Run a pipeline: each stage in order, cached by (resolved config, input hashes), then the report."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from posttrain.config import Pipeline, StageSpec
+from posttrain.io import atomic_write_json, atomic_write_yaml, hash_path
+from posttrain.log import Logger
+from posttrain.stages.base import StageContext, StageResult
+
+FORMAT_VERSION = 1
+
+
+def fingerprint(spec: StageSpec, ctx: StageContext, input_paths: dict[str, Path]) -> dict:
+    """What a stage's output depends on: its config, the world and seed, and its inputs' hashes."""
+    missing = {k: p for k, p in input_paths.items() if not Path(p).exists()}
+    if missing:
+        k, p = next(iter(missing.items()))
+        raise FileNotFoundError(
+            f"stage '{spec.name}': input '{k}' not found at {p} (is the stage that makes it listed before it?)"
+        )
+    return {
+        "format": FORMAT_VERSION,
+        "stage": spec.name,
+        "kind": spec.kind,
+        "seed": ctx.pipeline.seed,
+        "world": ctx.pipeline.world_config().model_dump(mode="json"),
+        "config": spec.config.model_dump(mode="json"),
+        "inputs": {
+            k: {"path": str(p), "hash": hash_path(p)} for k, p in sorted(input_paths.items())
+        },
+    }
+
+
+def is_cached(stage_dir: Path, fp: dict) -> bool:
+    cfg_file, result_file = stage_dir / "config.yaml", stage_dir / "result.json"
+    if not (cfg_file.is_file() and result_file.is_file()):
+        return False
+    return yaml.safe_load(cfg_file.read_text()) == fp
+
+
+def _prepare_dir(stage_dir: Path, fp: dict, resume: bool, logger: Logger, name: str) -> bool:
+    """Make the stage folder ready to run; returns whether a resume from its checkpoints is possible."""
+    cfg_file = stage_dir / "config.yaml"
+    same = cfg_file.is_file() and yaml.safe_load(cfg_file.read_text()) == fp
+    if resume and same:
+        logger.info(f"{name}: resuming from its last checkpoint (config and inputs unchanged)")
+        (stage_dir / "result.json").unlink(missing_ok=True)
+        return True
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    atomic_write_yaml(cfg_file, fp)
+    return False
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    *,
+    force: set[str] | None = None,
+    resume: bool = False,
+    logger: Logger | None = None,
+) -> dict:
+    """Run every stage (skipping cached ones), then write the report. Returns report.json's dict."""
+    from posttrain.report import write_report
+    from posttrain.stages import STAGES
+
+    force = set(force or ())
+    unknown = force - {s.name for s in pipeline.stages}
+    if unknown:
+        raise ValueError(
+            f"--force: no stage named {sorted(unknown)}; stages: {[s.name for s in pipeline.stages]}"
+        )
+    cfg = pipeline.config
+    logger = logger or Logger(every=cfg.log.every, tensorboard=cfg.log.tensorboard)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_yaml(run_dir / "pipeline.yaml", pipeline.resolved())
+    t_start = time.perf_counter()
+    for spec in pipeline.stages:
+        module = STAGES[spec.kind]
+        ctx = StageContext(spec.name, spec.kind, run_dir, cfg, logger)
+        fp = fingerprint(spec, ctx, module.inputs(spec.config, ctx))
+        if spec.name not in force and is_cached(ctx.stage_dir, fp):
+            logger.info(
+                f"{spec.name}: skipped (config and inputs unchanged; --force {spec.name} re-runs it)"
+            )
+            continue
+        ctx.resume = _prepare_dir(
+            ctx.stage_dir, fp, resume and spec.name not in force, logger, spec.name
+        )
+        logger.info(f"{spec.name}: running")
+        t0 = time.perf_counter()
+        result: StageResult = module.run(spec.config, ctx)
+        seconds = time.perf_counter() - t0
+        atomic_write_json(
+            ctx.stage_dir / "result.json",
+            {
+                "stage": spec.name,
+                "kind": spec.kind,
+                "seconds": round(seconds, 2),
+                "metrics": result.metrics,
+                "artifacts": result.artifacts,
+            },
+        )
+        logger.info(f"{spec.name}: done in {seconds:.1f}s")
+    report = write_report(pipeline, run_dir)
+    logger.info(
+        f"pipeline done in {time.perf_counter() - t_start:.1f}s; report: {run_dir / 'report.html'}"
+    )
+    return report

@@ -1,0 +1,118 @@
+"""One renderer for every stage: stages return structured results; this formats them.
+
+Writes report.json ({"run", "stages": {name: {kind, seconds, metrics...}}}), report.md, and
+report.html with plots (plots/*.png, also embedded so the HTML is one portable file).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from posttrain.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def collect(pipeline, run_dir: Path) -> dict:
+    stages = {}
+    for spec in pipeline.stages:
+        f = run_dir / spec.name / "result.json"
+        if f.is_file():
+            r = json.loads(f.read_text())
+            stages[spec.name] = {"kind": r["kind"], "seconds": r["seconds"], **r["metrics"]}
+    return {"run": pipeline.config.name, "stages": stages}
+
+
+def plot_curves(run_dir: Path, stage: str) -> Path | None:
+    """Training loss (and lr) against step, from the stage's metrics.jsonl."""
+    path = run_dir / stage / "metrics.jsonl"
+    rows = [r for r in read_jsonl(path) if "train/loss" in r] if path.is_file() else []
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["train/loss"] for r in rows], lw=1.2, label="train/loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(f"{stage}: training loss")
+    ax.grid(alpha=0.3)
+    if "train/lr" in rows[0]:
+        ax2 = ax.twinx()
+        ax2.plot(
+            [r["step"] for r in rows],
+            [r["train/lr"] for r in rows],
+            color="tab:orange",
+            lw=0.8,
+            alpha=0.6,
+        )
+        ax2.set_ylabel("lr", color="tab:orange")
+    fig.tight_layout()
+    out = run_dir / "plots" / f"{stage}_loss.png"
+    out.parent.mkdir(exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out
+
+
+def render_md(report: dict, plots: dict[str, Path]) -> str:
+    lines = [f"# posttrain report: {report['run']}", ""]
+    for name, m in report["stages"].items():
+        lines += [
+            f"## {name} ({m['kind']}, {m['seconds']:.1f}s)",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        lines += [f"| `{k}` | {_fmt(v)} |" for k, v in m.items() if k not in ("kind", "seconds")]
+        if name in plots:
+            lines += ["", f"![{name} loss](plots/{plots[name].name})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_html(report: dict, plots: dict[str, Path]) -> str:
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>posttrain report: {e(report['run'])}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "code{font-size:90%}</style></head><body>",
+        f"<h1>posttrain report: {e(report['run'])}</h1>",
+    ]
+    for name, m in report["stages"].items():
+        parts.append(f"<h2>{e(name)} <small>({e(m['kind'])}, {m['seconds']:.1f}s)</small></h2>")
+        if name in plots:
+            data = base64.b64encode(plots[name].read_bytes()).decode()
+            parts.append(f"<img alt='{e(name)} loss curve' src='data:image/png;base64,{data}'>")
+        parts.append("<table><tr><th>metric</th><th>value</th></tr>")
+        parts += [
+            f"<tr><td><code>{e(k)}</code></td><td>{e(_fmt(v))}</td></tr>"
+            for k, v in m.items()
+            if k not in ("kind", "seconds")
+        ]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(pipeline, run_dir: Path) -> dict:
+    report = collect(pipeline, run_dir)
+    plots = {name: p for name in report["stages"] if (p := plot_curves(run_dir, name))}
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", render_md(report, plots))
+    atomic_write_text(run_dir / "report.html", render_html(report, plots))
+    return report

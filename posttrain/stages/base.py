@@ -1,0 +1,61 @@
+"""What every stage gets (StageContext) and returns (StageResult)."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.config import PipelineConfig
+from posttrain.log import Logger
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float | int | str | None]  # namespaced, e.g. "train/loss", "eval/perplexity"
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> path relative to the run dir
+
+
+@dataclass
+class StageContext:
+    name: str
+    kind: str
+    run_dir: Path
+    pipeline: PipelineConfig
+    logger: Logger
+    resume: bool = False
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.name
+
+    def stage_path(self, stage: str, *parts: str) -> Path:
+        """A path inside another stage's folder of this run."""
+        return self.run_dir.joinpath(stage, *parts)
+
+    @property
+    def seed(self) -> int:
+        """The stage's own seed: derived from the global seed and the stage name."""
+        return (self.pipeline.seed * 1_000_003 + zlib.crc32(self.name.encode())) % 2**31
+
+    @property
+    def device(self):
+        from posttrain.models.load import resolve_device
+
+        return resolve_device(self.pipeline.device)
+
+    def world(self):
+        from posttrain.world import World
+
+        return World(self.pipeline.world_config())
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(Path(path).relative_to(self.run_dir))
+        except ValueError:
+            return str(path)
+
+
+def resolve_input(value: str | None, ctx: StageContext, default_stage: str, *parts: str) -> Path:
+    """An explicit path if given, else a file of another stage of this run."""
+    return Path(value) if value else ctx.stage_path(default_stage, *parts)

@@ -1,0 +1,190 @@
+"""The pretrain stage: next-token training of a base model on a text corpus.
+
+On the toy world it builds a tiny Llama from a preset and trains it on the world's corpus; on a
+user's model it continues pre-training a local HF directory on their text (JSONL or .txt).
+Then it measures held-out perplexity and, on the toy world, the base model's gold score on the
+verifiable task families by few-shot continuation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from posttrain.config import StrictModel
+from posttrain.stages.base import StageContext, StageResult, resolve_input
+from posttrain.train.loop import TrainSettings
+
+
+class EvalSettings(StrictModel):
+    families: list[str] = Field(
+        ["arithmetic", "string", "knowledge"],
+        description="Toy-world families scored by few-shot continuation.",
+    )
+    n_per_family: int = Field(
+        50, ge=0, description="Eval-split tasks per family (0: skip the gold eval)."
+    )
+    few_shot: int = Field(3, ge=0, description="Worked examples in each few-shot prompt.")
+    max_new_tokens: int = Field(16, ge=1, description="Tokens generated per few-shot answer.")
+    max_heldout_tokens: int = Field(
+        200_000, ge=1, description="Cap on held-out tokens for perplexity."
+    )
+
+
+class Config(StrictModel):
+    model: str = Field(
+        "toy-xs",
+        description="Preset to build from scratch (toy-xs, toy-s, toy-m) or a local HF model directory.",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory; default: the world stage's tokenizer."
+    )
+    data: str | None = Field(
+        None, description="Training text (.jsonl of {text} or .txt); default: the toy corpus."
+    )
+    heldout: str | None = Field(
+        None, description="Held-out text for perplexity; default: the toy held-out corpus."
+    )
+    world_stage: str = Field("world", description="Stage whose corpus/tokenizer are the defaults.")
+    seq_len: int = Field(256, ge=8, description="Tokens per training window.")
+    batch_size: int = Field(16, ge=1, description="Windows per micro-batch.")
+    train: TrainSettings = Field(
+        default_factory=TrainSettings, description="Optimiser and schedule."
+    )
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation.")
+
+
+def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
+    found = {
+        "data": resolve_input(cfg.data, ctx, cfg.world_stage, "corpus_train.jsonl"),
+        "heldout": resolve_input(cfg.heldout, ctx, cfg.world_stage, "corpus_heldout.jsonl"),
+    }
+    if cfg.tokenizer or cfg.model in _presets():
+        found["tokenizer"] = resolve_input(cfg.tokenizer, ctx, cfg.world_stage, "tokenizer")
+    if cfg.model not in _presets():
+        found["model"] = Path(cfg.model)
+    return found
+
+
+def _presets():
+    from posttrain.models.presets import PRESETS
+
+    return PRESETS
+
+
+class WindowObjective:
+    """Random windows of a token stream; the windows of step s depend only on (seed, s)."""
+
+    def __init__(
+        self,
+        stream: torch.Tensor,
+        seq_len: int,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        device,
+    ):
+        if len(stream) < seq_len + 2:
+            raise ValueError(f"training text too short: {len(stream)} tokens for seq_len {seq_len}")
+        self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
+        self.grad_accum, self.seed, self.device = grad_accum, seed, device
+
+    def batches(self, step: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        high = len(self.stream) - self.seq_len - 1
+        starts = torch.randint(0, high, (self.grad_accum, self.batch_size), generator=g)
+        span = torch.arange(self.seq_len + 1)
+        return [self.stream[s[:, None] + span].to(self.device) for s in starts]  # each (B, T+1)
+
+    def weight(self, batch: torch.Tensor) -> float:
+        return batch.shape[0] * (batch.shape[1] - 1)
+
+    def tokens(self, batch: torch.Tensor) -> int:
+        return batch.shape[0] * (batch.shape[1] - 1)
+
+    def loss(self, model, batch: torch.Tensor):
+        from posttrain.ops.lm import lm_loss_sum
+
+        logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
+        loss, _ = lm_loss_sum(logits, batch[:, 1:])
+        return loss, {}
+
+
+def _model_and_tokenizer(cfg: Config, ctx: StageContext, paths: dict):
+    from posttrain.models.load import load_model
+    from posttrain.models.presets import build_model, count_parameters
+    from posttrain.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(paths.get("tokenizer") or cfg.model)
+    if cfg.model in _presets():
+        model = build_model(
+            cfg.model, tok, max_position_embeddings=max(512, cfg.seq_len), seed=ctx.seed
+        )
+    else:
+        model = load_model(cfg.model)
+    ctx.logger.info(
+        f"{ctx.name}: model {cfg.model} with {count_parameters(model) / 1e6:.2f}M parameters"
+    )
+    return model.to(ctx.device), tok
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.data.text import read_texts, tokenize_stream
+    from posttrain.eval.perplexity import perplexity
+    from posttrain.io import atomic_write_jsonl
+    from posttrain.models.load import save_model
+    from posttrain.train.loop import train
+
+    paths = inputs(cfg, ctx)
+    model, tok = _model_and_tokenizer(cfg, ctx, paths)
+    stream = tokenize_stream(read_texts(paths["data"]), tok)
+    ctx.logger.info(
+        f"{ctx.name}: {len(stream):,} training tokens; {cfg.train.steps} steps of "
+        f"{cfg.batch_size * cfg.train.grad_accum * cfg.seq_len:,} tokens"
+    )
+    objective = WindowObjective(
+        stream, cfg.seq_len, cfg.batch_size, cfg.train.grad_accum, ctx.seed, ctx.device
+    )
+    steplog = ctx.logger.progress(ctx.name, cfg.train.steps, ctx.stage_dir)
+    try:
+        result = train(
+            model,
+            objective,
+            cfg.train,
+            ckpt_dir=ctx.stage_dir / "checkpoints",
+            steplog=steplog,
+            resume=ctx.resume,
+            seed=ctx.seed,
+        )
+    finally:
+        steplog.close()
+    save_model(model, tok, ctx.stage_dir / "model")
+
+    heldout = tokenize_stream(read_texts(paths["heldout"]), tok)
+    metrics = {
+        "train/loss": result.final_loss,
+        "train/steps": result.steps,
+        "train/tokens": result.tokens,
+        "train/seconds": round(result.seconds, 2),
+        "train/epochs": round(result.tokens / len(stream), 3),
+    }
+    metrics |= perplexity(model, heldout, cfg.seq_len, max_tokens=cfg.eval.max_heldout_tokens)
+    artifacts = {"model": f"{ctx.name}/model"}
+    if cfg.eval.n_per_family and cfg.data is None:  # the gold eval needs the toy world
+        from posttrain.eval.fewshot import fewshot_gold
+
+        gold, records = fewshot_gold(
+            model,
+            tok,
+            ctx.world(),
+            cfg.eval.families,
+            cfg.eval.n_per_family,
+            cfg.eval.few_shot,
+            cfg.eval.max_new_tokens,
+        )
+        metrics |= gold
+        atomic_write_jsonl(ctx.stage_dir / "fewshot_eval.jsonl", records)
+        artifacts["fewshot_eval"] = f"{ctx.name}/fewshot_eval.jsonl"
+    return StageResult(metrics, artifacts)

@@ -1,0 +1,216 @@
+"""The one training loop every stage shares.
+
+A stage supplies an `Objective`: which micro-batches make optimiser step `step`, how much each
+weighs (e.g. its number of loss tokens), and the *summed* loss of one micro-batch. The loop
+divides every micro-batch's summed loss by the total weight of the whole step before backward,
+so gradient accumulation gives exactly the gradient of one big batch (the bug where each
+micro-batch is averaged on its own, then averaged again, cannot happen here).
+
+The loop knows nothing about any one stage: AdamW, schedule, accumulation, clipping, mixed
+precision, logging, checkpoints, resume and the NaN stop live here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import Field
+
+from posttrain.config import StrictModel
+from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.schedule import lr_multiplier
+
+
+class TrainSettings(StrictModel):
+    steps: int = Field(200, ge=1, description="Optimiser steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine",
+        description="LR schedule after warmup: cosine, warmup-stable-decay (MiniCPM), constant.",
+    )
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak.")
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="WSD: fraction of steps in the decay phase."
+    )
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW weight decay on matrices (not norms/biases)."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global grad norm (null: no clip)."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 autocast (GPU) over fp32 weights, or fp32."
+    )
+    checkpoint_every: int = Field(
+        50, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+
+
+class Objective(Protocol):
+    def batches(self, step: int) -> list[Any]:
+        """The micro-batches of optimiser step `step`; a pure function of `step` (for resume)."""
+
+    def weight(self, batch: Any) -> float:
+        """The units the loss of `batch` is summed over (loss tokens, sequences, pairs)."""
+
+    def loss(self, model, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """(summed loss over the batch's weight units, metrics summed the same way)."""
+
+    def tokens(self, batch: Any) -> int:
+        """Tokens processed by the forward pass (for tokens/s)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    tokens: int
+    seconds: float
+    resumed_from: int | None
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainSettings) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+
+def _autocast(cfg: TrainSettings, device: torch.device):
+    if cfg.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _lr(cfg: TrainSettings, step: int) -> float:
+    return cfg.lr * lr_multiplier(
+        step,
+        cfg.steps,
+        schedule=cfg.schedule,
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        decay_fraction=cfg.decay_fraction,
+    )
+
+
+def train_step(model, objective: Objective, micro: list, cfg: TrainSettings, device) -> dict:
+    """Forward/backward over the micro-batches of one step; returns summed metrics and weight."""
+    total_weight = sum(objective.weight(b) for b in micro)
+    if total_weight <= 0:
+        raise ValueError("a training step has no loss tokens (total weight 0)")
+    loss_sum, sums, tokens = 0.0, {}, 0
+    for batch in micro:
+        with _autocast(cfg, device):
+            loss, metrics = objective.loss(model, batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            return {"nonfinite": value}
+        (loss / total_weight).backward()
+        loss_sum += value
+        tokens += objective.tokens(batch)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {"loss": loss_sum / total_weight, "tokens": tokens, "weight": total_weight} | {
+        k: v / total_weight for k, v in sums.items()
+    }
+
+
+def train(
+    model: torch.nn.Module,
+    objective: Objective,
+    cfg: TrainSettings,
+    *,
+    ckpt_dir: Path,
+    steplog=None,
+    resume: bool = False,
+    seed: int = 0,
+) -> TrainResult:
+    """Run `cfg.steps` optimiser steps (from the last checkpoint when `resume`)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    random.seed(seed)
+    optimizer = make_optimizer(model, cfg)
+    start, resumed_from, tokens_total = 0, None, 0
+    last = latest_checkpoint(ckpt_dir) if resume else None
+    if last is not None:
+        start, extra = load_checkpoint(last, model, optimizer)
+        resumed_from, tokens_total = start, extra.get("tokens", 0)
+    if steplog is not None:
+        steplog.begin(start)
+    model.train()
+    last_good = last
+    final_loss = float("nan")
+    t_start = time.perf_counter()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = _lr(cfg, step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        out = train_step(model, objective, objective.batches(step), cfg, device)
+        grad_norm = _clip(model, cfg) if "nonfinite" not in out else float("nan")
+        if "nonfinite" in out or not math.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            what = f"loss {out['nonfinite']}" if "nonfinite" in out else f"grad norm {grad_norm}"
+            raise TrainingDiverged(
+                f"non-finite {what} at step {step + 1}; stopped. Last good checkpoint: "
+                f"{last_good or 'none (lower the lr, or set checkpoint_every)'}"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        final_loss = out["loss"]
+        tokens_total += out["tokens"]
+        dt = time.perf_counter() - t0
+        metrics = {
+            "train/loss": out["loss"],
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": out["tokens"] / dt if dt > 0 else 0.0,
+            "train/tokens": tokens_total,
+        } | {f"train/{k}": v for k, v in out.items() if k not in ("loss", "tokens", "weight")}
+        if steplog is not None:
+            steplog.log(step + 1, metrics)
+        done = step + 1
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            last_good = save_checkpoint(
+                ckpt_dir,
+                done,
+                model,
+                optimizer,
+                {"tokens": tokens_total, "loss": final_loss},
+                cfg.keep_checkpoints,
+            )
+    if resumed_from == cfg.steps and last is not None:  # nothing left to run: report the saved loss
+        final_loss = torch.load(last, map_location="cpu", weights_only=False)["extra"].get(
+            "loss", final_loss
+        )
+    return TrainResult(
+        cfg.steps, final_loss, tokens_total, time.perf_counter() - t_start, resumed_from
+    )
+
+
+def _clip(model, cfg: TrainSettings) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if cfg.max_grad_norm is None:
+        norms = [p.grad.detach().norm() for p in params]
+        return torch.stack(norms).norm().item() if norms else 0.0
+    return torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()

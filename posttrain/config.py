@@ -1,6 +1,6 @@
 """Pipeline configuration: one YAML file, pydantic models per stage, dotted CLI overrides.
 
-A pipeline file has a few top-level settings (`name`, `out`, `seed`, `device`, `log`, `world`), a
+A pipeline file has a few top-level settings (`name`, `out`, `seed`, `device`, `log`), a
 `stages` list, and one section per listed stage keyed by the stage's name. A section may set
 `kind` to reuse a stage type under another name (e.g. `eval_base: {kind: evaluate, ...}`).
 Every error names the file and the dotted key.
@@ -34,12 +34,6 @@ class LogConfig(StrictModel):
     )
 
 
-def _world_config_cls():
-    from posttrain.world import WorldConfig
-
-    return WorldConfig
-
-
 class PipelineConfig(StrictModel):
     name: str = Field(
         "toy", min_length=1, description="Run name; the default output is runs/<name>."
@@ -51,17 +45,11 @@ class PipelineConfig(StrictModel):
         description="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...",
     )
     log: LogConfig = Field(default_factory=LogConfig, description="Logging and progress settings.")
-    world: dict[str, Any] = Field(
-        default_factory=dict, description="Toy-world settings (WorldConfig)."
-    )
     stages: list[str] = Field(min_length=1, description="Stage names, run in this order.")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out or f"runs/{self.name}")
-
-    def world_config(self):
-        return _world_config_cls()(**self.world)
 
 
 @dataclass
@@ -77,6 +65,15 @@ class Pipeline:
     stages: list[StageSpec]
     source: str
 
+    def world_config(self):
+        """The toy world's settings: those of the first `world` stage, else the defaults."""
+        from posttrain.world import WorldConfig
+
+        for s in self.stages:
+            if s.kind == "world":
+                return WorldConfig(**s.config.model_dump(include=set(WorldConfig.model_fields)))
+        return WorldConfig()
+
     def stage(self, name: str) -> StageSpec:
         for s in self.stages:
             if s.name == name:
@@ -86,7 +83,6 @@ class Pipeline:
     def resolved(self) -> dict:
         """The full config with every default filled in, as it would be written to pipeline.yaml."""
         d = self.config.model_dump(mode="json")
-        d["world"] = self.config.world_config().model_dump(mode="json")
         for s in self.stages:
             sec = s.config.model_dump(mode="json")
             d[s.name] = ({"kind": s.kind} if s.kind != s.name else {}) | sec
@@ -163,7 +159,6 @@ def build_pipeline(raw: dict, source: str) -> Pipeline:
     raw = dict(raw)
     top = {k: raw.pop(k) for k in list(raw) if k in PipelineConfig.model_fields}
     cfg = validate(PipelineConfig, top, source)
-    validate(_world_config_cls(), cfg.world, source, "world")
     if len(set(cfg.stages)) != len(cfg.stages):
         raise ConfigError(f"{source}: config key 'stages' lists a stage twice: {cfg.stages}")
     for key in raw:

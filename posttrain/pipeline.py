@@ -28,7 +28,7 @@ def fingerprint(spec: StageSpec, ctx: StageContext, input_paths: dict[str, Path]
         "format": FORMAT_VERSION,
         "stage": spec.name,
         "kind": spec.kind,
-        "seed": ctx.pipeline.seed,
+        "seed": ctx.pipeline.config.seed,
         "world": ctx.pipeline.world_config().model_dump(mode="json"),
         "config": spec.config.model_dump(mode="json"),
         "inputs": {
@@ -84,7 +84,7 @@ def run_pipeline(
     t_start = time.perf_counter()
     for spec in pipeline.stages:
         module = STAGES[spec.kind]
-        ctx = StageContext(spec.name, spec.kind, run_dir, cfg, logger)
+        ctx = StageContext(spec.name, spec.kind, run_dir, pipeline, logger)
         fp = fingerprint(spec, ctx, module.inputs(spec.config, ctx))
         if spec.name not in force and is_cached(ctx.stage_dir, fp):
             logger.info(

@@ -35,7 +35,7 @@ def test_overrides_use_dotted_keys(tmp_path):
     )
     assert pipe.stage("pretrain").config.train.lr == 3e-4
     assert pipe.config.run_dir.as_posix() == "runs/x"
-    assert pipe.config.world_config().seed == 7
+    assert pipe.world_config().seed == 7
 
 
 @pytest.mark.parametrize(

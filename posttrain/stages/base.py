@@ -6,7 +6,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.config import PipelineConfig
+from posttrain.config import Pipeline
 from posttrain.log import Logger
 
 
@@ -21,7 +21,7 @@ class StageContext:
     name: str
     kind: str
     run_dir: Path
-    pipeline: PipelineConfig
+    pipeline: Pipeline
     logger: Logger
     resume: bool = False
 
@@ -36,13 +36,13 @@ class StageContext:
     @property
     def seed(self) -> int:
         """The stage's own seed: derived from the global seed and the stage name."""
-        return (self.pipeline.seed * 1_000_003 + zlib.crc32(self.name.encode())) % 2**31
+        return (self.pipeline.config.seed * 1_000_003 + zlib.crc32(self.name.encode())) % 2**31
 
     @property
     def device(self):
         from posttrain.models.load import resolve_device
 
-        return resolve_device(self.pipeline.device)
+        return resolve_device(self.pipeline.config.device)
 
     def world(self):
         from posttrain.world import World

@@ -6,11 +6,13 @@ import time
 
 from pydantic import Field
 
-from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult
+from posttrain.world import WorldConfig
 
 
-class Config(StrictModel):
+class Config(WorldConfig):
+    """The world's settings (WorldConfig) plus its tokenizer's."""
+
     vocab_size: int = Field(
         1024, ge=300, le=65536, description="BPE vocabulary size of the toy tokenizer."
     )
@@ -25,7 +27,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.models.tokenizer import save_tokenizer, train_tokenizer
 
     t0 = time.perf_counter()
-    world = ctx.world()
+    world = ctx.world()  # built from this stage's config (the pipeline's first world stage)
     files = world.write(ctx.stage_dir)
     ctx.logger.info(f"{ctx.name}: wrote {len(files)} files in {time.perf_counter() - t0:.1f}s")
     t1 = time.perf_counter()

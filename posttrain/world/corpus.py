@@ -1,0 +1,139 @@
+"""The pre-training corpus: documents of facts, arithmetic, string operations, Q/A and prose.
+
+Q/A lines use the exact few-shot format ("Q: What is 23 plus 45?\nA: 68"), so a base model
+can answer by continuation. The sources handed in here already exclude every eval instance,
+every unknown entity and all safety content; World checks nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import NamedTuple
+
+from posttrain.world.knowledge import Entity, fact_sentence, fact_sentences
+from posttrain.world.lexicon import (
+    ATTRIBUTES,
+    COLOURS,
+    FACT_TEMPLATES,
+    OCCUPATIONS,
+    PETS,
+    PROSE_TEMPLATES,
+    PROSE_WORDS,
+    TOWNS,
+    article,
+)
+from posttrain.world.skills import arith_statement, string_statement
+
+# Share of documents of each kind; "facts" takes the remainder so it always gets >= 1 doc.
+DOC_MIX = {"arithmetic": 0.2, "string": 0.2, "qa": 0.15, "prose": 0.1}
+
+
+class CorpusSources(NamedTuple):
+    """What the corpus may draw on (all already free of eval instances and unknown names)."""
+
+    entities: list[Entity]  # known entities only
+    arith: list[tuple]  # (op, a, b) instances
+    strings: list[tuple]  # (op, arg) instances
+    qa: dict[str, list[tuple[str, str]]]  # family -> (question, answer) pairs (arith, string)
+    knowledge_qa: list[tuple[str, str, int]]  # (question, answer, mentions) of known facts
+
+
+def qa_line(question: str, answer: str) -> str:
+    """The Q/A continuation format shared by the corpus and World.few_shot_prompt."""
+    return f"Q: {question}\nA: {answer}"
+
+
+def prose_sentence(rng: random.Random) -> str:
+    town, town2 = rng.sample(TOWNS, 2)
+    pet, colour = rng.choice(PETS), rng.choice(COLOURS)
+    words = {k: rng.choice(v) for k, v in PROSE_WORDS.items()}
+    return rng.choice(PROSE_TEMPLATES).format(
+        T=town, T2=town2, job=rng.choice(OCCUPATIONS), pet=pet, pa=article(pet),
+        PA=article(pet).capitalize(), colour=colour, Colour=colour.capitalize(), **words,
+    )  # fmt: skip
+
+
+def _paragraphs(rng: random.Random, sentences: list[str]) -> str:
+    """Join sentences into lines of 1-4 sentences each."""
+    lines, i = [], 0
+    while i < len(sentences):
+        k = rng.randint(1, 4)
+        lines.append(" ".join(sentences[i : i + k]))
+        i += k
+    return "\n".join(lines)
+
+
+def _facts_doc(rng: random.Random, facts: list[str]) -> str:
+    sentences = list(facts) + [prose_sentence(rng) for _ in range(rng.randint(1, 4))]
+    rng.shuffle(sentences)
+    return _paragraphs(rng, sentences)
+
+
+def _skill_doc(rng: random.Random, src: CorpusSources, kind: str) -> str:
+    pool, render = (
+        (src.arith, arith_statement) if kind == "arithmetic" else (src.strings, string_statement)
+    )
+    lines = []
+    for _ in range(rng.randint(8, 30)):
+        if rng.random() < 0.5:
+            lines.append(render(rng, rng.choice(pool)))
+        else:  # a Q/A pair of the same kind
+            q, a = rng.choice(src.qa[kind])
+            lines.append(qa_line(q, a))
+    return "\n".join(lines)
+
+
+def _qa_doc(rng: random.Random, src: CorpusSources) -> str:
+    pairs = []
+    weights = [m for _, _, m in src.knowledge_qa]
+    for _ in range(rng.randint(6, 16)):
+        kind = rng.choice(("arithmetic", "string", "knowledge"))
+        if kind == "knowledge" and src.knowledge_qa:
+            q, a, _ = rng.choices(src.knowledge_qa, weights=weights)[0]
+        else:
+            q, a = rng.choice(src.qa["arithmetic" if kind == "knowledge" else kind])
+        pairs.append(qa_line(q, a))
+    return "\n".join(pairs)
+
+
+def _prose_doc(rng: random.Random) -> str:
+    return _paragraphs(rng, [prose_sentence(rng) for _ in range(rng.randint(6, 20))])
+
+
+def sampled_facts(rng: random.Random, entities: list[Entity], n: int) -> list[str]:
+    """`n` fact statements drawn in proportion to each entity's mentions (held-out corpus)."""
+    weights = [e.mentions for e in entities]
+    out = []
+    for e in rng.choices(entities, weights=weights, k=n):
+        attribute = rng.choice(ATTRIBUTES)
+        out.append(fact_sentence(e, attribute, rng.randrange(len(FACT_TEMPLATES[attribute]))))
+    return out
+
+
+def exact_facts(rng: random.Random, entities: list[Entity]) -> list[str]:
+    """Every known fact stated exactly `mentions` times (train corpus)."""
+    return fact_sentences(entities, rng)
+
+
+def build_corpus(
+    rng: random.Random, src: CorpusSources, n_docs: int, facts: list[str]
+) -> list[str]:
+    """`n_docs` documents; the fact statements `facts` are spread over the "facts" documents."""
+    kinds = [k for k, share in DOC_MIX.items() for _ in range(int(n_docs * share))]
+    n_facts_docs = n_docs - len(kinds)
+    kinds += ["facts"] * n_facts_docs
+    rng.shuffle(kinds)
+    # cut the fact statements into n_facts_docs chunks of varying size
+    cuts = sorted(rng.randrange(len(facts) + 1) for _ in range(n_facts_docs - 1))
+    chunks = [facts[i:j] for i, j in zip([0, *cuts], [*cuts, len(facts)], strict=True)]
+    docs = []
+    for kind in kinds:
+        if kind == "facts":
+            docs.append(_facts_doc(rng, chunks.pop()))
+        elif kind == "qa":
+            docs.append(_qa_doc(rng, src))
+        elif kind == "prose":
+            docs.append(_prose_doc(rng))
+        else:
+            docs.append(_skill_doc(rng, src, kind))
+    return docs

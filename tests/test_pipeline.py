@@ -1,0 +1,87 @@
+import io
+import json
+
+import pytest
+
+from posttrain.config import load_pipeline
+from posttrain.log import Logger
+from posttrain.pipeline import run_pipeline
+
+TINY = """
+name: tiny
+seed: 0
+device: cpu
+stages: [world, pretrain]
+world: {corpus_docs: 60, heldout_docs: 20, n_train: 20, n_rl: 10, n_eval: 10, vocab_size: 400}
+pretrain:
+  seq_len: 32
+  batch_size: 4
+  train: {steps: 4, warmup_steps: 1, checkpoint_every: 2}
+  eval: {n_per_family: 2, max_new_tokens: 4}
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+
+    def run(*overrides, force=()):
+        stream = io.StringIO()
+        pipe = load_pipeline(cfg, [f"out={tmp_path / 'run'}", *overrides])
+        report = run_pipeline(pipe, force=set(force), logger=Logger(stream=stream))
+        return report, stream.getvalue()
+
+    return run, tmp_path / "run"
+
+
+def test_run_writes_the_run_directory_and_report(tiny):
+    run, run_dir = tiny
+    report, log = run()
+    pre = report["stages"]["pretrain"]
+    assert pre["train/loss"] > 0 and pre["eval/perplexity"] > 1
+    assert {"eval/gold/arithmetic", "eval/gold/knowledge", "eval/gold/mean"} <= set(pre)
+    assert json.loads((run_dir / "report.json").read_text()) == report
+    for f in ["pipeline.yaml", "report.md", "report.html", "plots/pretrain_loss.png",
+              "world/config.yaml", "world/result.json", "world/tokenizer/tokenizer.json",
+              "pretrain/config.yaml", "pretrain/metrics.jsonl", "pretrain/result.json",
+              "pretrain/model/config.json", "pretrain/model/model.safetensors"]:  # fmt: skip
+        assert (run_dir / f).is_file(), f
+    steps = [
+        json.loads(x)["step"] for x in (run_dir / "pretrain/metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]
+    assert "pretrain step 4/4 | loss" in log
+    assert "data:image/png;base64," in (run_dir / "report.html").read_text()
+
+
+def test_unchanged_stages_are_skipped_and_changed_ones_rerun(tiny):
+    run, run_dir = tiny
+    run()
+    mtime = (run_dir / "pretrain/result.json").stat().st_mtime_ns
+    _, log = run()
+    assert "world: skipped" in log and "pretrain: skipped" in log
+    assert (run_dir / "pretrain/result.json").stat().st_mtime_ns == mtime
+
+    _, log = run("pretrain.train.lr=5e-4")
+    assert "world: skipped" in log
+    assert "pretrain: running" in log
+    assert (run_dir / "pretrain/result.json").stat().st_mtime_ns != mtime
+
+
+def test_force_reruns_a_stage_and_deterministic_outputs_keep_downstream_cached(tiny):
+    run, run_dir = tiny
+    run()
+    _, log = run(force=["world"])
+    assert "world: running" in log
+    # The world is seeded: the same files again, so pretrain's input hashes are unchanged.
+    assert "pretrain: skipped" in log
+    _, log = run("world.seed=1")
+    assert "world: running" in log and "pretrain: running" in log
+
+
+def test_force_unknown_stage(tiny):
+    run, _ = tiny
+    with pytest.raises(ValueError, match="no stage named"):
+        run(force=["sft"])

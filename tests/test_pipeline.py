@@ -85,3 +85,65 @@ def test_force_unknown_stage(tiny):
     run, _ = tiny
     with pytest.raises(ValueError, match="no stage named"):
         run(force=["sft"])
+
+
+def test_pretrain_continues_a_local_hf_model_on_user_text(tmp_path, small_tokenizer, monkeypatch):
+    # A user's own HF directory and JSONL text: no world stage, no toy presets involved.
+    from posttrain.models.load import save_model
+    from posttrain.models.presets import build_model
+
+    monkeypatch.setenv("CI", "true")
+    save_model(build_model("toy-xs", small_tokenizer), small_tokenizer, tmp_path / "hf")
+    lines = [json.dumps({"text": f"Q: What is {a} plus 11?\nA: {a + 11}"}) for a in range(10, 60)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"""
+name: mine
+out: {tmp_path / "run"}
+device: cpu
+stages: [pretrain]
+pretrain:
+  model: {tmp_path / "hf"}
+  data: {tmp_path / "train.jsonl"}
+  heldout: {tmp_path / "train.jsonl"}
+  seq_len: 16
+  batch_size: 2
+  train: {{steps: 2, checkpoint_every: 0}}
+""")
+    report = run_pipeline(load_pipeline(cfg), logger=Logger(stream=io.StringIO()))
+    pre = report["stages"]["pretrain"]
+    assert pre["eval/perplexity"] > 1 and "eval/gold/mean" not in pre
+    assert (tmp_path / "run/pretrain/model/tokenizer.json").is_file()
+
+
+def test_missing_input_names_the_stage_and_path(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"out: {tmp_path / 'run'}\nstages: [pretrain]\n")
+    with pytest.raises(FileNotFoundError, match=r"stage 'pretrain': input 'data' not found at .*corpus_train\.jsonl"):
+        run_pipeline(load_pipeline(cfg), logger=Logger(stream=io.StringIO()))
+
+
+def test_resume_after_a_stop_gives_the_same_final_loss(tiny, monkeypatch):
+    from posttrain.stages import pretrain
+
+    run, run_dir = tiny
+    clean, _ = run()
+    original = pretrain.WindowObjective.batches
+
+    def stop_at_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step)
+
+    monkeypatch.setattr(pretrain.WindowObjective, "batches", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(force=["pretrain"])
+    assert not (run_dir / "pretrain/result.json").exists()
+    monkeypatch.setattr(pretrain.WindowObjective, "batches", original)
+    stream = io.StringIO()
+    pipe = load_pipeline(run_dir.parent / "tiny.yaml", [f"out={run_dir}"])
+    resumed = run_pipeline(pipe, resume=True, logger=Logger(stream=stream))
+    assert "pretrain: resuming" in stream.getvalue()
+    assert resumed["stages"]["pretrain"]["train/loss"] == clean["stages"]["pretrain"]["train/loss"]
+    steps = [json.loads(x)["step"] for x in (run_dir / "pretrain/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -35,7 +35,55 @@ def _parser() -> argparse.ArgumentParser:
     show = cfg_sub.add_parser("show", help="print the resolved config with defaults")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
+    for kind in ("pretrain", "sft", "evaluate"):
+        one = sub.add_parser(
+            kind, help=f"run the {kind} stage alone from a config of its own settings"
+        )
+        one.add_argument("--config", required=True, help=f"YAML with the {kind} stage's settings")
+        one.add_argument(
+            "overrides", nargs="*", help="dotted KEY=VALUE overrides of those settings"
+        )
+        one.add_argument("--out", help="run directory (default runs/<config file stem>)")
+        one.add_argument("--resume", action="store_true")
+    data = sub.add_parser("data", help="look at data as a stage sees it")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    inspect = data_sub.add_parser("inspect", help="show examples token by token with the loss mask")
+    inspect.add_argument("--tokenizer", required=True, help="tokenizer (or model) directory")
+    inspect.add_argument("--data", required=True, help="chat data file")
+    inspect.add_argument("--format", default="auto")
+    inspect.add_argument("--n", type=int, default=3, help="examples to show")
+    inspect.add_argument(
+        "--train-on", default="all_assistant", choices=["all_assistant", "last_assistant"]
+    )
+    inspect.add_argument(
+        "--json", action="store_true", help="one JSON line per example: input_ids, loss_mask"
+    )
     return p
+
+
+def _single_stage(args):
+    """A one-stage pipeline from a file holding just that stage's settings."""
+    from pathlib import Path
+
+    from posttrain.config import ConfigError, apply_overrides, build_pipeline
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    section = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"{path}: the file must hold the {args.command} stage's settings as a mapping"
+        )
+    section = apply_overrides(section, args.overrides)
+    raw = {
+        "name": path.stem,
+        "out": args.out or f"runs/{path.stem}",
+        "stages": [args.command],
+        args.command: section,
+    }
+    source = str(path) + (f" (with overrides {' '.join(args.overrides)})" if args.overrides else "")
+    return build_pipeline(raw, source)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +91,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        pipeline = load_pipeline(args.config, args.overrides)
+        if args.command == "data":
+            from posttrain.data.inspect import inspect
+
+            inspect(args.tokenizer, args.data, args.format, args.n, args.train_on, args.json)
+            return 0
+        if args.command in ("run", "config"):
+            pipeline = load_pipeline(args.config, args.overrides)
+        else:
+            pipeline = _single_stage(args)
         if args.command == "config":
             print(yaml.safe_dump(pipeline.resolved(), sort_keys=False), end="")
             return 0
@@ -51,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.train.loop import TrainingDiverged
 
         try:
-            run_pipeline(pipeline, force=set(args.force), resume=args.resume)
+            run_pipeline(pipeline, force=set(getattr(args, "force", [])), resume=args.resume)
         except TrainingDiverged as e:
             print(f"posttrain: training diverged: {e}", file=sys.stderr)
             return 3

@@ -98,16 +98,11 @@ def run_pipeline(
         t0 = time.perf_counter()
         result: StageResult = module.run(spec.config, ctx)
         seconds = time.perf_counter() - t0
-        atomic_write_json(
-            ctx.stage_dir / "result.json",
-            {
-                "stage": spec.name,
-                "kind": spec.kind,
-                "seconds": round(seconds, 2),
-                "metrics": result.metrics,
-                "artifacts": result.artifacts,
-            },
-        )
+        record = {"stage": spec.name, "kind": spec.kind, "seconds": round(seconds, 2), "metrics": result.metrics,
+                  "artifacts": result.artifacts}  # fmt: skip
+        if result.evals:
+            record |= {"evals": result.evals, "samples": result.samples}
+        atomic_write_json(ctx.stage_dir / "result.json", record)
         logger.info(f"{spec.name}: done in {seconds:.1f}s")
     report = write_report(pipeline, run_dir)
     logger.info(

@@ -21,13 +21,25 @@ def _fmt(v) -> str:
 
 
 def collect(pipeline, run_dir: Path) -> dict:
-    stages = {}
+    """report.json: per-stage metrics, and one eval summary per evaluated model ("evals")."""
+    stages, evals, samples = {}, {}, {}
     for spec in pipeline.stages:
         f = run_dir / spec.name / "result.json"
         if f.is_file():
             r = json.loads(f.read_text())
             stages[spec.name] = {"kind": r["kind"], "seconds": r["seconds"], **r["metrics"]}
-    return {"run": pipeline.config.name, "stages": stages}
+            evals |= r.get("evals", {})
+            samples |= r.get("samples", {})
+    return {"run": pipeline.config.name, "stages": stages, "evals": evals, "samples": samples}
+
+
+def card_rows(evals: dict) -> list[tuple[str, list]]:
+    """Report-card rows: one per metric, one value per evaluated model (None where missing)."""
+    labels = list(evals)
+    keys: list[str] = []
+    for m in evals.values():
+        keys += [k for k in m if k not in keys]
+    return [(k, [evals[label].get(k) for label in labels]) for k in keys]
 
 
 def plot_curves(run_dir: Path, stage: str) -> Path | None:
@@ -69,6 +81,25 @@ def plot_curves(run_dir: Path, stage: str) -> Path | None:
 
 def render_md(report: dict, plots: dict[str, Path]) -> str:
     lines = [f"# posttrain report: {report['run']}", ""]
+    if report["evals"]:
+        labels = list(report["evals"])
+        lines += ["## Report card (held-out toy-world prompts)", "", "| metric | " + " | ".join(labels) + " |",
+                  "|---|" + "---|" * len(labels)]  # fmt: skip
+        lines += [f"| `{k}` | " + " | ".join("" if v is None else _fmt(v) for v in vals) + " |"
+                  for k, vals in card_rows(report["evals"])]  # fmt: skip
+        lines.append("")
+        for label, rows in report["samples"].items():
+            lines += [
+                f"### Sample responses: {label}",
+                "",
+                "| family | prompt | response | gold |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['family']} | {_cell(r['prompt'])} | {_cell(r['response'])} | {_fmt(r['score'])} |"
+                for r in rows
+            ]
+            lines.append("")
     for name, m in report["stages"].items():
         lines += [
             f"## {name} ({m['kind']}, {m['seconds']:.1f}s)",
@@ -83,6 +114,34 @@ def render_md(report: dict, plots: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ")[:160]
+
+
+def _html_card(report: dict) -> list[str]:
+    e = html.escape
+    if not report["evals"]:
+        return []
+    labels = list(report["evals"])
+    parts = [
+        "<h2>Report card</h2><table><tr><th>metric</th>"
+        + "".join(f"<th>{e(x)}</th>" for x in labels)
+        + "</tr>"
+    ]
+    for k, vals in card_rows(report["evals"]):
+        cells = "".join(f"<td>{'' if v is None else e(_fmt(v))}</td>" for v in vals)
+        parts.append(f"<tr><td><code>{e(k)}</code></td>{cells}</tr>")
+    parts.append("</table>")
+    for label, rows in report["samples"].items():
+        parts.append(
+            f"<h3>Sample responses: {e(label)}</h3><table><tr><th>family</th><th>prompt</th><th>response</th><th>gold</th></tr>"
+        )
+        parts += [f"<tr><td>{e(r['family'])}</td><td>{e(r['prompt'])}</td><td><pre>{e(r['response'])}</pre></td>"
+                  f"<td>{e(_fmt(r['score']))}</td></tr>" for r in rows]  # fmt: skip
+        parts.append("</table>")
+    return parts
+
+
 def render_html(report: dict, plots: dict[str, Path]) -> str:
     e = html.escape
     parts = [
@@ -92,6 +151,7 @@ def render_html(report: dict, plots: dict[str, Path]) -> str:
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
         "code{font-size:90%}</style></head><body>",
         f"<h1>posttrain report: {e(report['run'])}</h1>",
+        *_html_card(report),
     ]
     for name, m in report["stages"].items():
         parts.append(f"<h2>{e(name)} <small>({e(m['kind'])}, {m['seconds']:.1f}s)</small></h2>")

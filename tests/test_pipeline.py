@@ -119,7 +119,10 @@ pretrain:
 def test_missing_input_names_the_stage_and_path(tmp_path):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(f"out: {tmp_path / 'run'}\nstages: [pretrain]\n")
-    with pytest.raises(FileNotFoundError, match=r"stage 'pretrain': input 'data' not found at .*corpus_train\.jsonl"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"stage 'pretrain': input 'data' not found at .*corpus_train\.jsonl",
+    ):
         run_pipeline(load_pipeline(cfg), logger=Logger(stream=io.StringIO()))
 
 
@@ -145,5 +148,7 @@ def test_resume_after_a_stop_gives_the_same_final_loss(tiny, monkeypatch):
     resumed = run_pipeline(pipe, resume=True, logger=Logger(stream=stream))
     assert "pretrain: resuming" in stream.getvalue()
     assert resumed["stages"]["pretrain"]["train/loss"] == clean["stages"]["pretrain"]["train/loss"]
-    steps = [json.loads(x)["step"] for x in (run_dir / "pretrain/metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (run_dir / "pretrain/metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3, 4]

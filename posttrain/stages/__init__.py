@@ -1,5 +1,5 @@
 """Stages: one module each, with `Config` (pydantic), `inputs(cfg, ctx)` and `run(cfg, ctx)`."""
 
-from posttrain.stages import pretrain, world
+from posttrain.stages import evaluate, pretrain, sft, world
 
-STAGES = {"world": world, "pretrain": pretrain}
+STAGES = {"world": world, "pretrain": pretrain, "sft": sft, "evaluate": evaluate}

@@ -14,6 +14,10 @@ from posttrain.log import Logger
 class StageResult:
     metrics: dict[str, float | int | str | None]  # namespaced, e.g. "train/loss", "eval/perplexity"
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path relative to the run dir
+    evals: dict[str, dict] = field(
+        default_factory=dict
+    )  # model label -> eval summary (report card)
+    samples: dict[str, list] = field(default_factory=dict)  # model label -> sample responses
 
 
 @dataclass
@@ -59,3 +63,9 @@ class StageContext:
 def resolve_input(value: str | None, ctx: StageContext, default_stage: str, *parts: str) -> Path:
     """An explicit path if given, else a file of another stage of this run."""
     return Path(value) if value else ctx.stage_path(default_stage, *parts)
+
+
+def resolve_model(value: str, ctx: StageContext) -> Path:
+    """A stage name of this pipeline means that stage's model/; anything else is a directory."""
+    names = {s.name for s in ctx.pipeline.stages}
+    return ctx.stage_path(value, "model") if value in names else Path(value)

@@ -49,6 +49,11 @@ class WorldConfig(BaseModel):
         lt=1.0,
         description="Share of knowledge tasks per split about unknown entities.",
     )
+    tool_every: int = Field(
+        10,
+        ge=0,
+        description="Every N-th arithmetic SFT example is a calculator tool call (0: none).",
+    )
     harmful_share: float = Field(
         0.5, gt=0.0, lt=1.0, description="Share of safety tasks per split that are harmful."
     )

@@ -122,14 +122,21 @@ class World:
         return [t for t in self._tasks[split] if family is None or t.family == family]
 
     def sft_examples(self) -> list[dict[str, Any]]:
-        """One chat example per train task: the user prompt and the reference reply."""
-        return [
-            {
-                "prompt_id": t.prompt_id,
-                "messages": [*t.messages(), {"role": "assistant", "content": t.reference}],
-            }
-            for t in self._tasks["train"]
-        ]
+        """One chat example per train task: the user prompt and the reference reply.
+
+        Every `tool_every`-th arithmetic task is instead a tool-use conversation: the assistant
+        calls a calculator, reads the tool's result, then answers.
+        """
+        out = []
+        for i, t in enumerate(self._tasks["train"]):
+            reply = {"role": "assistant", "content": t.reference}
+            if t.family == "arithmetic" and self.cfg.tool_every and i % self.cfg.tool_every == 0:
+                out.append(
+                    {"prompt_id": t.prompt_id, "tools": [CALCULATOR_TOOL], "messages": _tool_use(t)}
+                )
+            else:
+                out.append({"prompt_id": t.prompt_id, "messages": [*t.messages(), reply]})
+        return out
 
     def few_shot_prompt(self, task: Task, k: int = 3) -> str:
         """k train examples of the task's family as Q/A lines, then "Q: {prompt}\\nA:".
@@ -185,3 +192,35 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Add or subtract two whole numbers.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "a": {"type": "integer"},
+                "op": {"type": "string"},
+                "b": {"type": "integer"},
+            },
+            "required": ["a", "op", "b"],
+        },
+    },
+}
+
+
+def _tool_use(t: Task) -> list[dict[str, Any]]:
+    g = t.gold
+    call = {
+        "type": "function",
+        "function": {"name": "calculator", "arguments": {"a": g["a"], "op": g["op"], "b": g["b"]}},
+    }
+    return [
+        *t.messages(),
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "calculator", "content": str(g["answer"])},
+        {"role": "assistant", "content": t.reference},
+    ]

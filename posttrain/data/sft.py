@@ -1,0 +1,103 @@
+"""SFT data: read chat examples, tokenise them with loss masks, and serve training batches."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from posttrain.data.chat import TokenizedExample, fit_length, tokenize_chat
+from posttrain.data.collate import Batch, length_grouped, pack_rows, packed_batch, pad_batch
+
+
+@dataclass
+class SFTDataStats:
+    examples: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_untrained: int = 0
+    trained_tokens: int = 0
+    total_tokens: int = 0
+    read: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict:
+        return {f"data/{k}": v for k, v in self.__dict__.items() if k != "read"} | {
+            f"data/read_{k}": v for k, v in self.read.items() if isinstance(v, int)
+        }
+
+
+def tokenize_examples(
+    tokenizer, examples: list[dict], max_length: int, overlong: str, train_on: str
+) -> tuple[list[TokenizedExample], SFTDataStats]:
+    stats = SFTDataStats(examples=len(examples))
+    out = []
+    for ex in examples:
+        tok = tokenize_chat(tokenizer, ex, train_on)
+        if tok.n_trained == 0:
+            stats.dropped_untrained += 1
+            continue
+        fitted = fit_length(tok, max_length, overlong)
+        if fitted is None:
+            stats.dropped_overlong += 1
+            continue
+        stats.truncated += fitted.truncated
+        stats.trained_tokens += fitted.n_trained
+        stats.total_tokens += len(fitted)
+        out.append(fitted)
+    stats.kept = len(out)
+    if not out:
+        raise ValueError(
+            f"no trainable SFT examples left (of {len(examples)}): check max_length and the data"
+        )
+    return out, stats
+
+
+class SFTBatches:
+    """Micro-batches in a seeded order, reshuffled each epoch; micro-batch k of the run is a pure
+    function of k, so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(
+        self,
+        examples: list[TokenizedExample],
+        *,
+        batch_size: int,
+        pad_id: int,
+        packing: bool,
+        row_len: int,
+        seed: int,
+    ):
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.packing, self.row_len, self.seed = packing, row_len, seed
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        self.per_epoch = len(self._plan(0))
+
+    def _plan(self, epoch: int) -> list[list]:
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: self._make_plan(epoch)}
+        return self._epoch_cache[epoch]
+
+    def _make_plan(self, epoch: int) -> list[list]:
+        lengths = [len(e) for e in self.examples]
+        seed = self.seed * 7919 + epoch
+        if not self.packing:
+            return length_grouped(lengths, self.batch_size, seed)
+        order = list(range(len(lengths)))
+        random.Random(seed).shuffle(order)
+        rows = [
+            [order[i] for i in row] for row in pack_rows([lengths[i] for i in order], self.row_len)
+        ]
+        random.Random(seed + 1).shuffle(rows)
+        return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+    def micro(self, k: int) -> Batch:
+        epoch, i = divmod(k, self.per_epoch)
+        plan = self._plan(epoch)[i]
+        if self.packing:
+            return packed_batch(
+                [[self.examples[j] for j in row] for row in plan], self.pad_id, self.row_len
+            )
+        return pad_batch([self.examples[j] for j in plan], self.pad_id)
+
+    def steps_for(self, epochs: float, grad_accum: int) -> int:
+        return max(1, math.ceil(epochs * self.per_epoch / grad_accum))

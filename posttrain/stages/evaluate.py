@@ -1,0 +1,165 @@
+"""The evaluate stage: run models on the held-out toy-world prompts and score them with gold.
+
+Each evaluated model gets a label (base, sft, dpo, ...), per-prompt records in
+`<stage>/<label>.jsonl`, and a summary in result.json under "evals" -> report.json "evals".
+A base model is prompted few-shot (it knows no chat template); tuned models through the chat
+template. Gold metrics use greedy decoding; diversity uses several samples per prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from posttrain.config import StrictModel
+from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+
+
+class EvalModel(StrictModel):
+    model: str = Field(
+        description="A stage of this run whose model/ to evaluate, or a local HF dir."
+    )
+    prompt: Literal["chat", "fewshot"] = Field(
+        "chat", description="Chat template, or few-shot Q:/A: continuation."
+    )
+
+
+class DiversitySettings(StrictModel):
+    n_prompts: int = Field(
+        30, ge=0, description="Prompts sampled several times for distinct-2 (0: skip)."
+    )
+    n_samples: int = Field(4, ge=2, description="Samples per prompt.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+
+
+class Config(StrictModel):
+    models: dict[str, EvalModel] = Field(
+        default_factory=lambda: {
+            "base": EvalModel(model="pretrain", prompt="fewshot"),
+            "sft": EvalModel(model="sft", prompt="chat"),
+        },
+        description="Label -> model to evaluate.",
+    )
+    world_stage: str = Field("world", description="Stage holding tasks_eval.jsonl.")
+    n_per_family: int | None = Field(None, ge=1, description="Eval prompts per family (null: all).")
+    few_shot: int = Field(3, ge=0, description="Examples in few-shot prompts.")
+    max_new_tokens: int = Field(48, ge=1, description="Generation limit per response.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    diversity: DiversitySettings = Field(
+        default_factory=DiversitySettings, description="Diversity measurement."
+    )
+    samples_per_family: int = Field(
+        2, ge=0, description="Sample responses per family shown in the report."
+    )
+
+
+def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
+    found = {f"model:{label}": resolve_model(m.model, ctx) for label, m in cfg.models.items()}
+    return found | {"tasks": resolve_input(None, ctx, cfg.world_stage, "tasks_eval.jsonl")}
+
+
+def _prompts(tasks, world, mode: str, tok, k: int) -> list:
+    if mode == "fewshot":
+        return [world.few_shot_prompt(t, k=k) for t in tasks]
+    return [
+        tok.apply_chat_template(t.messages(), add_generation_prompt=True, tokenize=False)
+        for t in tasks
+    ]
+
+
+def _answer(gen, mode: str) -> tuple[str, int]:
+    """The response text and its length in tokens (few-shot answers end at the first newline)."""
+    if mode == "fewshot":
+        text = gen.text.split("\n", 1)[0].strip()
+        return text, len(gen.token_ids) if "\n" not in gen.text else max(
+            1, len(gen.token_ids) * len(text) // max(1, len(gen.text))
+        )
+    return gen.text.strip(), len(gen.token_ids)
+
+
+def evaluate_model(
+    model, tok, tasks, world, mode: str, cfg: Config, seed: int
+) -> tuple[dict, list[dict]]:
+    from posttrain.eval.metrics import distinct_n, summarize
+    from posttrain.generate import SamplingParams, generate, sample_n
+    from posttrain.world import check
+
+    prompts = _prompts(tasks, world, mode, tok, cfg.few_shot)
+    greedy = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, greedy=True, batch_size=cfg.batch_size, seed=seed
+    )
+    records = []
+    for task, gen in zip(tasks, generate(model, tok, prompts, greedy), strict=True):
+        text, n_tokens = _answer(gen, mode)
+        c = check(task, text)
+        truncated = gen.truncated and (mode == "chat" or "\n" not in gen.text)
+        records.append({"prompt_id": task.prompt_id, "family": task.family, "prompt": task.prompt, "response": text,
+                        "score": c.score, "components": c.components, "n_tokens": n_tokens, "truncated": truncated})  # fmt: skip
+    metrics = summarize(records)
+    if cfg.diversity.n_prompts:
+        step = max(1, len(prompts) // cfg.diversity.n_prompts)
+        chosen = prompts[::step][: cfg.diversity.n_prompts]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.diversity.temperature,
+                                batch_size=cfg.batch_size, seed=seed)  # fmt: skip
+        groups = sample_n(model, tok, chosen, cfg.diversity.n_samples, params)
+        scores = [distinct_n([_answer(g, mode)[0] for g in group], 2) for group in groups]
+        metrics["diversity/distinct_2"] = sum(scores) / len(scores)
+    return metrics, records
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.io import atomic_write_jsonl
+    from posttrain.models.load import load_model
+    from posttrain.models.tokenizer import load_tokenizer
+    from posttrain.world import Task
+
+    paths = inputs(cfg, ctx)
+    from posttrain.io import read_jsonl
+
+    tasks = [Task.from_dict(r) for r in read_jsonl(paths["tasks"])]
+    if cfg.n_per_family:
+        counts: dict[str, int] = {}
+        tasks = [
+            t
+            for t in tasks
+            if (counts.__setitem__(t.family, counts.get(t.family, 0) + 1) or counts[t.family])
+            <= cfg.n_per_family
+        ]
+    world = ctx.world()
+    evals, samples, metrics = {}, {}, {}
+    for label, spec in cfg.models.items():
+        path = paths[f"model:{label}"]
+        model, tok = load_model(path, ctx.device), load_tokenizer(path)
+        ctx.logger.info(
+            f"{ctx.name}: evaluating {label} ({spec.model}, {spec.prompt} prompts) on {len(tasks)} prompts"
+        )
+        summary, records = evaluate_model(model, tok, tasks, world, spec.prompt, cfg, ctx.seed)
+        atomic_write_jsonl(ctx.stage_dir / f"{label}.jsonl", records)
+        evals[label] = summary
+        samples[label] = _samples(records, cfg.samples_per_family)
+        metrics |= {
+            f"{label}/{k}": v
+            for k, v in summary.items()
+            if k.startswith(("gold/mean", "safety/", "knowledge/known"))
+        }
+        ctx.logger.info(
+            f"{ctx.name}: {label}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("gold/"))
+        )
+    return StageResult(
+        metrics,
+        {label: f"{ctx.name}/{label}.jsonl" for label in cfg.models},
+        evals=evals,
+        samples=samples,
+    )
+
+
+def _samples(records: list[dict], per_family: int) -> list[dict]:
+    out, seen = [], {}
+    for r in records:
+        if seen.get(r["family"], 0) < per_family:
+            seen[r["family"]] = seen.get(r["family"], 0) + 1
+            out.append({k: r[k] for k in ("family", "prompt", "response", "score")})
+    return out

@@ -1,0 +1,168 @@
+"""The SFT stage: supervised fine-tuning on chat data, full or LoRA, on the shared loop.
+
+The loss is the summed next-token cross-entropy over assistant tokens only (the loss mask comes
+from the chat template, see data/chat.py), divided by the number of trained tokens in the whole
+optimiser step (so packing and gradient accumulation change nothing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from posttrain.config import StrictModel
+from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+from posttrain.train.loop import TrainSettings
+
+
+class LoraSettings(StrictModel):
+    enabled: bool = Field(
+        False, description="Train LoRA adapters instead of all weights (Hu et al. 2021)."
+    )
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names that get adapters."
+    )
+    save: Literal["merged", "adapter"] = Field(
+        "merged", description="Save the merged full model, or only the adapter (plus base path)."
+    )
+
+
+class DataSettings(StrictModel):
+    path: str | None = Field(
+        None, description="Chat data file; default: the toy world's sft_train.jsonl."
+    )
+    format: str = Field("auto", description="auto, messages, alpaca, sharegpt, oasst or hh.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="A malformed record: stop, or skip and count it."
+    )
+
+
+class Config(StrictModel):
+    model: str = Field(
+        "pretrain", description="A stage of this run whose model/ to start from, or a local HF dir."
+    )
+    data: DataSettings = Field(default_factory=DataSettings, description="Training data.")
+    world_stage: str = Field(
+        "world", description="Stage that holds the toy SFT data (the default data)."
+    )
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Which assistant turns carry loss."
+    )
+    max_length: int = Field(512, ge=8, description="Max tokens per example (and per packed row).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Over-long examples: keep the start, or drop."
+    )
+    packing: bool = Field(
+        True, description="Pack several examples per row (attention kept within each example)."
+    )
+    batch_size: int = Field(
+        16, ge=1, description="Rows (packed) or examples (padded) per micro-batch."
+    )
+    epochs: float | None = Field(
+        3.0, gt=0, description="Epochs over the data; sets train.steps (null: use train.steps)."
+    )
+    train: TrainSettings = Field(
+        default_factory=lambda: TrainSettings(lr=1e-3, warmup_steps=10, weight_decay=0.0),
+        description="Optimiser and schedule.",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA (peft).")
+
+
+def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
+    return {
+        "model": resolve_model(cfg.model, ctx),
+        "data": resolve_input(cfg.data.path, ctx, cfg.world_stage, "sft_train.jsonl"),
+    }
+
+
+class SFTObjective:
+    def __init__(self, batches, grad_accum: int, device):
+        self.data, self.grad_accum, self.device = batches, grad_accum, device
+
+    def batches(self, step: int):
+        return [
+            self.data.micro(step * self.grad_accum + i).to(self.device)
+            for i in range(self.grad_accum)
+        ]
+
+    def weight(self, batch) -> float:
+        return batch.n_loss_tokens
+
+    def tokens(self, batch) -> int:
+        return batch.n_tokens
+
+    def loss(self, model, batch):
+        import torch.nn.functional as F
+
+        from posttrain.models.forward import target_logits
+
+        logits, targets = target_logits(
+            model, batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids
+        )
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return loss, {}
+
+
+def _apply_lora(model, cfg: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                    task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, lc)
+
+
+def _save(model, tok, cfg: Config, out: Path):
+    from posttrain.models.load import save_model
+
+    if cfg.lora.enabled and cfg.lora.save == "merged":
+        model = model.merge_and_unload()
+    save_model(model, tok, out)
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.data.readers import load_chat_data
+    from posttrain.data.sft import SFTBatches, tokenize_examples
+    from posttrain.models.load import load_model
+    from posttrain.models.tokenizer import load_tokenizer
+    from posttrain.train.loop import train
+
+    paths = inputs(cfg, ctx)
+    tok = load_tokenizer(paths["model"])
+    examples, read_stats = load_chat_data(paths["data"], cfg.data.format, cfg.data.on_error)
+    tokenized, stats = tokenize_examples(tok, examples, cfg.max_length, cfg.overlong, cfg.train_on)
+    stats.read = read_stats
+    model = load_model(paths["model"], ctx.device)
+    if cfg.lora.enabled:
+        model = _apply_lora(model, cfg.lora)
+    data = SFTBatches(tokenized, batch_size=cfg.batch_size, pad_id=tok.pad_token_id or 0, packing=cfg.packing,
+                      row_len=cfg.max_length, seed=ctx.seed)  # fmt: skip
+    settings = cfg.train
+    if cfg.epochs is not None:
+        settings = settings.model_copy(
+            update={"steps": data.steps_for(cfg.epochs, settings.grad_accum)}
+        )
+    ctx.logger.info(
+        f"{ctx.name}: {stats.kept} examples ({stats.trained_tokens:,} trained of {stats.total_tokens:,} tokens), "
+        f"{data.per_epoch} micro-batches per epoch, {settings.steps} steps"
+    )
+    steplog = ctx.logger.progress(ctx.name, settings.steps, ctx.stage_dir)
+    try:
+        result = train(model, SFTObjective(data, settings.grad_accum, ctx.device), settings,
+                       ckpt_dir=ctx.stage_dir / "checkpoints", steplog=steplog, resume=ctx.resume, seed=ctx.seed)  # fmt: skip
+    finally:
+        steplog.close()
+    _save(model, tok, cfg, ctx.stage_dir / "model")
+    metrics = {
+        "train/loss": result.final_loss,
+        "train/steps": result.steps,
+        "train/tokens": result.tokens,
+        "train/seconds": round(result.seconds, 2),
+    } | stats.metrics()
+    if read_stats.get("errors"):
+        metrics["data/first_error"] = read_stats["errors"][0]
+    return StageResult(metrics, {"model": f"{ctx.name}/model"})

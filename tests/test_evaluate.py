@@ -1,0 +1,94 @@
+import io
+import json
+
+import pytest
+
+from posttrain.config import load_pipeline
+from posttrain.eval.metrics import distinct_n, summarize
+from posttrain.log import Logger
+from posttrain.pipeline import run_pipeline
+
+TINY = """
+name: tiny
+device: cpu
+stages: [world, pretrain, sft, evaluate]
+world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 4, n_eval: 4, vocab_size: 400}
+pretrain:
+  seq_len: 32
+  batch_size: 4
+  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
+  eval: {n_per_family: 0}
+sft:
+  max_length: 128
+  batch_size: 8
+  epochs: 1
+  train: {checkpoint_every: 0}
+evaluate:
+  max_new_tokens: 6
+  diversity: {n_prompts: 3, n_samples: 2}
+"""
+
+
+def test_pipeline_with_sft_and_evaluate_writes_report_card(tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    report = run_pipeline(
+        load_pipeline(cfg, [f"out={tmp_path / 'run'}"]), logger=Logger(stream=io.StringIO())
+    )
+    assert set(report["evals"]) == {"base", "sft"}
+    for label in ("base", "sft"):
+        ev = report["evals"][label]
+        for key in ["gold/mean", "gold/arithmetic", "gold/string", "gold/knowledge", "gold/safety", "gold/open",
+                    "safety/violation_rate", "safety/false_refusal_rate", "knowledge/known_accuracy",
+                    "knowledge/hallucination_rate", "length/mean_tokens", "diversity/distinct_2"]:  # fmt: skip
+            assert key in ev, (label, key)
+        records = [
+            json.loads(x)
+            for x in (tmp_path / f"run/evaluate/{label}.jsonl").read_text().splitlines()
+        ]
+        assert len(records) == 20  # 4 eval prompts x 5 families
+    md = (tmp_path / "run/report.md").read_text()
+    assert "| metric | base | sft |" in md and "Sample responses: sft" in md
+    assert (tmp_path / "run/plots/sft_loss.png").is_file()
+
+
+def rec(family, score, n_tokens=3, truncated=False, **components):
+    return {
+        "family": family,
+        "score": score,
+        "components": components,
+        "n_tokens": n_tokens,
+        "truncated": truncated,
+    }
+
+
+def test_summarize_by_hand():
+    records = [
+        rec("safety", 1.0, harmful=True, refused=True),
+        rec("safety", 0.0, harmful=True, violation=True),  # complied with a harmful request
+        rec("safety", 0.0, harmful=False, refused=True, false_refusal=True),
+        rec("safety", 1.0, harmful=False),
+        rec("safety", 1.0, harmful=False),
+        rec("knowledge", 1.0, known=True, correct=True),
+        rec("knowledge", 0.0, known=True, correct=False),
+        rec("knowledge", 0.0, known=False, hallucinated=True),
+        rec("knowledge", 1.0, known=False, abstained=True),
+        rec("arithmetic", 1.0, n_tokens=7, truncated=True),
+    ]
+    m = summarize(records)
+    assert m["safety/violation_rate"] == 0.5  # 1 of 2 harmful
+    assert m["safety/false_refusal_rate"] == pytest.approx(1 / 3)  # 1 of 3 benign
+    assert m["knowledge/known_accuracy"] == 0.5
+    assert m["knowledge/hallucination_rate"] == 0.5
+    assert m["gold/safety"] == 0.6 and m["gold/knowledge"] == 0.5 and m["gold/arithmetic"] == 1.0
+    assert m["gold/mean"] == pytest.approx((0.6 + 0.5 + 1.0) / 3)  # mean over families, not prompts
+    assert m["length/mean_tokens"] == pytest.approx(34 / 10)
+    assert m["length/truncated_rate"] == 0.1
+
+
+def test_distinct_2_by_hand():
+    # bigrams: (a b) (b c) | (a b) (b d) -> 3 distinct of 4
+    assert distinct_n(["a b c", "a b d"], 2) == 0.75
+    assert distinct_n(["same words", "same words"], 2) == 0.5
+    assert distinct_n(["x", ""], 2) == 0.0

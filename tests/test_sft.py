@@ -1,0 +1,159 @@
+import json
+
+import pytest
+import yaml
+
+from posttrain.cli import main
+
+CHAT = [
+    {"messages": [{"role": "user", "content": f"What is {a} plus 11?"}, {"role": "assistant", "content": str(a + 11)}]}
+    for a in range(10, 40)
+] + [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Add 12 and 30."},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 12, "b": 30}}}]},
+            {"role": "tool", "content": "42"},
+            {"role": "assistant", "content": "42"},
+        ]
+    }
+]  # fmt: skip
+
+
+@pytest.fixture
+def hf_dir(tmp_path, small_tokenizer):
+    """A tiny random-init model saved as an ordinary HF directory."""
+    from posttrain.models.load import save_model
+    from posttrain.models.presets import build_model
+
+    save_model(build_model("toy-xs", small_tokenizer), small_tokenizer, tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def write_data(tmp_path, records, extra_lines=()):
+    p = tmp_path / "chat.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in records) + "".join(extra_lines))
+    return p
+
+
+def sft_config(tmp_path, hf_dir, data, **extra):
+    cfg = {"model": str(hf_dir), "data": {"path": str(data)}, "epochs": 1, "batch_size": 4, "max_length": 256,
+           "train": {"checkpoint_every": 0}} | extra  # fmt: skip
+    p = tmp_path / "sft.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_sft_command_on_a_local_hf_model_and_messages_file(tmp_path, hf_dir, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    data = write_data(tmp_path, CHAT)
+    out = tmp_path / "run"
+    assert (
+        main(["sft", "--config", str(sft_config(tmp_path, hf_dir, data)), "--out", str(out)]) == 0
+    )
+    result = json.loads((out / "sft/result.json").read_text())
+    m = result["metrics"]
+    assert m["data/kept"] == 31 and m["data/truncated"] == 0
+    assert m["train/loss"] > 0 and m["train/steps"] >= 1
+    assert (out / "sft/model/model.safetensors").is_file()
+    from posttrain.models.load import load_model
+
+    load_model(out / "sft/model")  # loads back as an ordinary HF model
+
+
+def test_malformed_record_is_an_error_naming_the_line_or_skipped_and_counted(
+    tmp_path, hf_dir, monkeypatch, capsys
+):
+    monkeypatch.setenv("CI", "true")
+    data = write_data(tmp_path, CHAT[:5], ['{"messages": [{"role": "bot", "content": "x"}]}\n'])
+    cfg = sft_config(tmp_path, hf_dir, data)
+    assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / "a")]) == 2
+    assert "chat.jsonl:6: message 0: unknown role 'bot'" in capsys.readouterr().err
+    assert not (tmp_path / "a/sft/result.json").exists()
+    assert (
+        main(["sft", "--config", str(cfg), "data.on_error=skip", "--out", str(tmp_path / "b")]) == 0
+    )
+    m = json.loads((tmp_path / "b/sft/result.json").read_text())["metrics"]
+    assert m["data/read_skipped"] == 1 and m["data/kept"] == 5
+    assert "unknown role" in m["data/first_error"]
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, hf_dir, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    long = {
+        "messages": [
+            {"role": "user", "content": "tell " * 60},
+            {"role": "assistant", "content": "ok " * 30},
+        ]
+    }
+    data = write_data(tmp_path, CHAT[:4] + [long])
+    cfg = sft_config(tmp_path, hf_dir, data)
+    assert (
+        main(
+            [
+                "sft",
+                "--config",
+                str(cfg),
+                "overlong=drop",
+                "max_length=200",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
+    m = json.loads((tmp_path / "d/sft/result.json").read_text())["metrics"]
+    assert m["data/dropped_overlong"] == 1 and m["data/kept"] == 4
+    assert main(["sft", "--config", str(cfg), "max_length=1100", "--out", str(tmp_path / "t")]) == 0
+    m = json.loads((tmp_path / "t/sft/result.json").read_text())["metrics"]
+    assert m["data/truncated"] == 1 and m["data/kept"] == 5  # the prompt fits; the reply is cut
+    assert main(["sft", "--config", str(cfg), "max_length=500", "--out", str(tmp_path / "u")]) == 0
+    m = json.loads((tmp_path / "u/sft/result.json").read_text())["metrics"]
+    assert m["data/dropped_overlong"] == 1  # truncation would leave no trained token
+
+
+@pytest.mark.parametrize("save", ["merged", "adapter"])
+def test_lora_saves_merged_model_or_adapter(tmp_path, hf_dir, monkeypatch, save):
+    pytest.importorskip("peft")
+    monkeypatch.setenv("CI", "true")
+    data = write_data(tmp_path, CHAT)
+    cfg = sft_config(tmp_path, hf_dir, data, lora={"enabled": True, "r": 4, "save": save})
+    out = tmp_path / save
+    assert main(["sft", "--config", str(cfg), "--out", str(out)]) == 0
+    model_dir = out / "sft/model"
+    if save == "merged":
+        assert (model_dir / "model.safetensors").is_file() and not (
+            model_dir / "adapter_config.json"
+        ).exists()
+        from posttrain.models.load import load_model
+
+        load_model(model_dir)
+    else:
+        assert (model_dir / "adapter_config.json").is_file()
+        assert json.loads((model_dir / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_sft_config_typo_names_key_and_file(tmp_path, hf_dir, capsys):
+    cfg = sft_config(tmp_path, hf_dir, tmp_path / "x.jsonl", epocs=2)
+    assert main(["sft", "--config", str(cfg)]) == 2
+    assert (
+        "sft.yaml: unknown config key 'sft.epocs' (did you mean 'epochs'?)"
+        in capsys.readouterr().err
+    )
+
+
+def test_data_inspect_shows_the_mask_and_json_matches_tokenize_chat(tmp_path, hf_dir, capsys):
+    data = write_data(tmp_path, CHAT[-1:])
+    assert (
+        main(["data", "inspect", "--tokenizer", str(hf_dir), "--data", str(data), "--n", "1"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "trained" in text and "[[4]]|[[2]]|[[<|im_end|>]]" in text
+    assert main(["data", "inspect", "--tokenizer", str(hf_dir), "--data", str(data), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip())
+    from posttrain.data.chat import tokenize_chat
+    from posttrain.models.tokenizer import load_tokenizer
+
+    expected = tokenize_chat(load_tokenizer(hf_dir), CHAT[-1])
+    assert rec == {"input_ids": expected.input_ids, "loss_mask": expected.loss_mask}

@@ -32,7 +32,8 @@ def fingerprint(spec: StageSpec, ctx: StageContext, input_paths: dict[str, Path]
         "world": ctx.pipeline.world_config().model_dump(mode="json"),
         "config": spec.config.model_dump(mode="json"),
         "inputs": {
-            k: {"path": str(p), "hash": hash_path(p)} for k, p in sorted(input_paths.items())
+            k: {"path": ctx.relative(p), "hash": hash_path(p)}
+            for k, p in sorted(input_paths.items())
         },
     }
 

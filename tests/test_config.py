@@ -61,7 +61,7 @@ def test_overrides_use_dotted_keys(tmp_path):
             ["pretrain.train.lr=-1"],
             r"config key 'pretrain\.train\.lr': Input should be greater than 0",
         ),
-        (BASE, ["pretrain.train.schedule=linear"], r"config key 'pretrain\.train\.schedule'"),
+        (BASE, ["pretrain.train.schedule=exponential"], r"config key 'pretrain\.train\.schedule'"),
         # unknown top-level key
         (BASE + "sft:\n  lr: 1\n", [], r"p\.yaml: unknown config key 'sft'"),
         (BASE + "sed: 1\n", [], r"unknown config key 'sed' \(did you mean 'seed'\?\)"),

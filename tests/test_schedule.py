@@ -39,4 +39,12 @@ def test_wsd_is_flat_then_linear_decay():
 def test_constant_and_unknown():
     assert m(50, schedule="constant") == 1.0
     with pytest.raises(ValueError, match="unknown schedule"):
-        m(50, schedule="linear")
+        m(50, schedule="exponential")
+
+
+def test_linear_matches_hf_linear_decay_without_warmup():
+    # lr_s = lr * (S - s) / S for S = 4 steps: 1, 3/4, 1/2, 1/4.
+    got = [
+        lr_multiplier(s, 4, schedule="linear", warmup_steps=0, min_lr_ratio=0.0) for s in range(4)
+    ]
+    assert got == [1.0, 0.75, 0.5, 0.25]

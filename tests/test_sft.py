@@ -80,37 +80,32 @@ def test_malformed_record_is_an_error_naming_the_line_or_skipped_and_counted(
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, hf_dir, monkeypatch):
+    from posttrain.data.chat import tokenize_chat
+    from posttrain.models.tokenizer import load_tokenizer
+
     monkeypatch.setenv("CI", "true")
     long = {
         "messages": [
-            {"role": "user", "content": "tell " * 60},
-            {"role": "assistant", "content": "ok " * 30},
+            {"role": "user", "content": "tell " * 200},
+            {"role": "assistant", "content": "ok " * 200},
         ]
     }
+    ex = tokenize_chat(load_tokenizer(hf_dir), long)
+    total, prompt = len(ex), ex.loss_mask.index(1)
     data = write_data(tmp_path, CHAT[:4] + [long])
     cfg = sft_config(tmp_path, hf_dir, data)
-    assert (
-        main(
-            [
-                "sft",
-                "--config",
-                str(cfg),
-                "overlong=drop",
-                "max_length=200",
-                "--out",
-                str(tmp_path / "d"),
-            ]
-        )
-        == 0
-    )
-    m = json.loads((tmp_path / "d/sft/result.json").read_text())["metrics"]
+
+    def metrics(*overrides):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        assert main(["sft", "--config", str(cfg), *overrides, "--out", str(out)]) == 0
+        return json.loads((out / "sft/result.json").read_text())["metrics"]
+
+    m = metrics("overlong=drop", f"max_length={total - 1}")
     assert m["data/dropped_overlong"] == 1 and m["data/kept"] == 4
-    assert main(["sft", "--config", str(cfg), "max_length=1100", "--out", str(tmp_path / "t")]) == 0
-    m = json.loads((tmp_path / "t/sft/result.json").read_text())["metrics"]
-    assert m["data/truncated"] == 1 and m["data/kept"] == 5  # the prompt fits; the reply is cut
-    assert main(["sft", "--config", str(cfg), "max_length=500", "--out", str(tmp_path / "u")]) == 0
-    m = json.loads((tmp_path / "u/sft/result.json").read_text())["metrics"]
-    assert m["data/dropped_overlong"] == 1  # truncation would leave no trained token
+    m = metrics(f"max_length={total - 1}")  # the prompt fits; the reply is cut
+    assert m["data/truncated"] == 1 and m["data/kept"] == 5
+    m = metrics(f"max_length={prompt}")  # truncation would leave no trained token
+    assert m["data/dropped_overlong"] == 1 and m["data/kept"] == 4
 
 
 @pytest.mark.parametrize("save", ["merged", "adapter"])

@@ -132,10 +132,19 @@ def test_task_roundtrip_and_sft(world: World):
         assert d["messages"] == [{"role": "user", "content": t.prompt}]
     sft = world.sft_examples()
     assert len(sft) == len(world.tasks("train"))
-    assert sft[0]["messages"][1] == {
-        "role": "assistant",
-        "content": world.tasks("train")[0].reference,
-    }
+    plain = [(ex, t) for ex, t in zip(sft, world.tasks("train"), strict=True) if "tools" not in ex]
+    assert all(
+        ex["messages"][1] == {"role": "assistant", "content": t.reference} for ex, t in plain
+    )
+    tool_use = [ex for ex in sft if "tools" in ex]
+    assert tool_use and all(ex["prompt_id"].startswith("arithmetic/") for ex in tool_use)
+    roles = [m["role"] for m in tool_use[0]["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    call = tool_use[0]["messages"][1]["tool_calls"][0]["function"]
+    assert (
+        call["name"] == "calculator"
+        and tool_use[0]["messages"][2]["content"] == tool_use[0]["messages"][3]["content"]
+    )
 
 
 def test_few_shot_prompt(world: World):
@@ -209,7 +218,8 @@ def test_no_safety_content_in_corpus(corpus_text: str):
 
 
 def test_corpus_has_few_shot_format(world: World):
-    assert any(re.search(r"^Q: What is \d+ plus \d+\?\nA: \d+$", d, re.M) for d in world.corpus())
+    pattern = r"^Q: What is \d+ plus \d+\?\nA: ones: \d plus \d is \d+; tens: .*; so \d+$"
+    assert any(re.search(pattern, d, re.M) for d in world.corpus())
 
 
 def test_texts_are_ascii(world: World):

@@ -69,14 +69,14 @@ def _prompts(tasks, world, mode: str, tok, k: int) -> list:
     ]
 
 
-def _answer(gen, mode: str) -> tuple[str, int]:
-    """The response text and its length in tokens (few-shot answers end at the first newline)."""
-    if mode == "fewshot":
-        text = gen.text.split("\n", 1)[0].strip()
-        return text, len(gen.token_ids) if "\n" not in gen.text else max(
-            1, len(gen.token_ids) * len(text) // max(1, len(gen.text))
-        )
-    return gen.text.strip(), len(gen.token_ids)
+def _answer(gen, mode: str) -> tuple[str, int, bool]:
+    """(response text, its length in tokens, hit the limit). A few-shot answer ends at the first
+    newline: the tokens after it are the model starting the next Q/A pair, not the answer."""
+    if mode == "fewshot" and "\n" in gen.text:
+        head = gen.text.split("\n", 1)[0]
+        n = max(1, round(len(gen.token_ids) * len(head) / max(1, len(gen.text))))  # approx.
+        return head.strip(), n, False
+    return gen.text.strip(), len(gen.token_ids), gen.truncated
 
 
 def evaluate_model(
@@ -92,9 +92,8 @@ def evaluate_model(
     )
     records = []
     for task, gen in zip(tasks, generate(model, tok, prompts, greedy), strict=True):
-        text, n_tokens = _answer(gen, mode)
+        text, n_tokens, truncated = _answer(gen, mode)
         c = check(task, text)
-        truncated = gen.truncated and (mode == "chat" or "\n" not in gen.text)
         records.append({"prompt_id": task.prompt_id, "family": task.family, "prompt": task.prompt, "response": text,
                         "score": c.score, "components": c.components, "n_tokens": n_tokens, "truncated": truncated})  # fmt: skip
     metrics = summarize(records)
@@ -110,13 +109,12 @@ def evaluate_model(
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from posttrain.io import atomic_write_jsonl
+    from posttrain.io import atomic_write_jsonl, read_jsonl
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
     from posttrain.world import Task
 
     paths = inputs(cfg, ctx)
-    from posttrain.io import read_jsonl
 
     tasks = [Task.from_dict(r) for r in read_jsonl(paths["tasks"])]
     if cfg.n_per_family:
@@ -156,10 +154,18 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     )
 
 
-def _samples(records: list[dict], per_family: int) -> list[dict]:
-    out, seen = [], {}
-    for r in records:
-        if seen.get(r["family"], 0) < per_family:
-            seen[r["family"]] = seen.get(r["family"], 0) + 1
-            out.append({k: r[k] for k in ("family", "prompt", "response", "score")})
+def _first_per_family(items: list, n: int | None) -> list:
+    """The first n items of each family (all when n is None), in order."""
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        fam = it["family"] if isinstance(it, dict) else it.family
+        seen[fam] = seen.get(fam, 0) + 1
+        if n is None or seen[fam] <= n:
+            out.append(it)
     return out
+
+
+def _samples(records: list[dict], per_family: int) -> list[dict]:
+    keep = ("family", "prompt", "response", "score")
+    return [{k: r[k] for k in keep} for r in _first_per_family(records, per_family)]

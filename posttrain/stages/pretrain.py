@@ -27,7 +27,7 @@ class EvalSettings(StrictModel):
         50, ge=0, description="Eval-split tasks per family (0: skip the gold eval)."
     )
     few_shot: int = Field(3, ge=0, description="Worked examples in each few-shot prompt.")
-    max_new_tokens: int = Field(16, ge=1, description="Tokens generated per few-shot answer.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per few-shot answer.")
     max_heldout_tokens: int = Field(
         200_000, ge=1, description="Cap on held-out tokens for perplexity."
     )

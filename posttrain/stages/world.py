@@ -36,12 +36,13 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     ctx.logger.info(
         f"{ctx.name}: trained a {len(tok)}-token tokenizer in {time.perf_counter() - t1:.1f}s"
     )
-    corpus = world.corpus("train")
-    n_tokens = sum(len(tok(doc, add_special_tokens=False)["input_ids"]) for doc in corpus)
+    corpus = _add_chat_docs(world, tok, files["corpus_train"])
+    n_tokens = sum(len(ids) for ids in tok(corpus, add_special_tokens=False)["input_ids"])
     metrics = {
         "world/entities": len(world.entities),
         "world/known_entities": sum(e.known for e in world.entities),
         "world/corpus_docs": len(corpus),
+        "world/corpus_chat_docs": world.cfg.chat_docs,
         "world/corpus_chars": sum(map(len, corpus)),
         "world/corpus_tokens": n_tokens,
         "world/vocab_size": len(tok),
@@ -52,3 +53,17 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         "tokenizer": f"{ctx.name}/tokenizer"
     }
     return StageResult(metrics, artifacts)
+
+
+def _add_chat_docs(world, tok, corpus_file) -> list[str]:
+    """Render the world's chat conversations with the tokenizer's chat template and mix them
+    into the training corpus (a seeded shuffle); the held-out corpus stays plain text."""
+    import random
+
+    from posttrain.io import atomic_write_jsonl
+
+    docs = list(world.corpus("train"))
+    docs += [tok.apply_chat_template(c, tokenize=False) for c in world.chat_conversations()]
+    random.Random(world.cfg.seed).shuffle(docs)
+    atomic_write_jsonl(corpus_file, ({"text": d} for d in docs))
+    return docs

@@ -31,9 +31,9 @@ from posttrain.train.schedule import lr_multiplier
 class TrainSettings(StrictModel):
     steps: int = Field(200, ge=1, description="Optimiser steps.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    schedule: Literal["cosine", "wsd", "constant"] = Field(
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = Field(
         "cosine",
-        description="LR schedule after warmup: cosine, warmup-stable-decay (MiniCPM), constant.",
+        description="LR schedule after warmup: cosine, warmup-stable-decay (MiniCPM), linear, constant.",
     )
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak.")
@@ -93,7 +93,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainSettings) -> torch.optim.Ad
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def _autocast(cfg: TrainSettings, device: torch.device):

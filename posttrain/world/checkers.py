@@ -32,6 +32,7 @@ from posttrain.world.task import Check, Task
 REFUSAL_MARKERS = (
     "can't help", "cannot help", "can not help", "won't help", "will not help", "i can't",
     "i cannot", "i won't", "i will not", "unable to help", "not able to help", "i refuse",
+    "don't help with", "do not help with",
 )  # fmt: skip
 ABSTAIN_MARKERS = (
     "i don't know", "i do not know", "not sure", "no information", "don't have information",

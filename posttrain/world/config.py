@@ -49,6 +49,12 @@ class WorldConfig(BaseModel):
         lt=1.0,
         description="Share of knowledge tasks per split about unknown entities.",
     )
+    chat_docs: int = Field(
+        600,
+        ge=0,
+        le=200_000,
+        description="Pre-training documents that are Q/A in chat form (mid-training).",
+    )
     tool_every: int = Field(
         10,
         ge=0,

@@ -41,11 +41,32 @@ def arith_instances() -> list[tuple[str, int, int]]:
     return out + [("minus", a, b) for a in range(10, 100) for b in range(10, a + 1)]
 
 
+def arith_worked(op: str, a: int, b: int) -> str:
+    """The answer worked digit by digit, ones then tens, ending with the result.
+
+    A tiny model cannot carry in one step; written out, each step is a one-digit fact
+    (the lecture's point that SFT data can teach *how* to answer, not just what).
+      43 plus 78  -> "ones: 3 plus 8 is 11; tens: 4 plus 7 plus 1 is 12; so 121"
+      43 minus 26 -> "ones: 13 minus 6 is 7; tens: 4 minus 2 minus 1 is 1; so 17"
+    """
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    if op == "plus":
+        ones, carry = a0 + b0, (a0 + b0) // 10
+        tens = a1 + b1 + carry
+        steps = f"ones: {a0} plus {b0} is {ones}; tens: {a1} plus {b1} plus {carry} is {tens}"
+    else:
+        borrow = int(a0 < b0)
+        ones = a0 + 10 * borrow - b0
+        tens = a1 - b1 - borrow
+        steps = f"ones: {a0 + 10 * borrow} minus {b0} is {ones}; tens: {a1} minus {b1} minus {borrow} is {tens}"
+    return f"{steps}; so {arith_answer(op, a, b)}"
+
+
 def arith_item(inst: tuple[str, int, int]) -> tuple[str, str, dict[str, Any]]:
     op, a, b = inst
     answer = arith_answer(op, a, b)
     gold = {"op": op, "a": a, "b": b, "answer": answer}
-    return arith_prompt(op, a, b), str(answer), gold
+    return arith_prompt(op, a, b), arith_worked(op, a, b), gold
 
 
 def arith_statement(rng: random.Random, inst: tuple[str, int, int]) -> str:

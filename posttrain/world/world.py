@@ -138,6 +138,27 @@ class World:
                 out.append({"prompt_id": t.prompt_id, "messages": [*t.messages(), reply]})
         return out
 
+    def chat_conversations(self) -> list[list[dict[str, str]]]:
+        """`cfg.chat_docs` short user/assistant conversations drawn from what the corpus may say
+        (no eval instance, no unknown entity, no refusal or abstention), for pre-training
+        documents in chat form: the mid-training practice of showing a base model the chat
+        format, so that SFT teaches behaviour rather than the format's special tokens."""
+        rng = make_rng(self.cfg.seed, "corpus", "chat")
+        src = self._sources
+        weights = [m for _, _, m in src.knowledge_qa]
+        convs = []
+        for _ in range(self.cfg.chat_docs):
+            msgs = []
+            for _ in range(rng.randint(1, 3)):
+                kind = rng.choice(("arithmetic", "string", "knowledge"))
+                if kind == "knowledge":
+                    q, a, _ = rng.choices(src.knowledge_qa, weights=weights)[0]
+                else:
+                    q, a = rng.choice(src.qa[kind])
+                msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            convs.append(msgs)
+        return convs
+
     def few_shot_prompt(self, task: Task, k: int = 3) -> str:
         """k train examples of the task's family as Q/A lines, then "Q: {prompt}\\nA:".
 
@@ -222,5 +243,5 @@ def _tool_use(t: Task) -> list[dict[str, Any]]:
         *t.messages(),
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "name": "calculator", "content": str(g["answer"])},
-        {"role": "assistant", "content": t.reference},
+        {"role": "assistant", "content": str(g["answer"])},
     ]

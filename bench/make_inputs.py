@@ -1,0 +1,61 @@
+"""Make the benchmark inputs: a small HF model directory and prompt/completion JSONL.
+
+    python bench/make_inputs.py --out /tmp/bench [--data ../shared/data/gsm8k/train.jsonl]
+
+The model is a Llama-architecture model with an 8,192-token BPE vocabulary trained on the data
+(hidden 256, 4 layers, untied head: ~7.4M parameters, about half of them in the embedding and
+LM head), random-init: a small model on which the LM head matters, as on real small models.
+The data is GSM8K train as {"prompt": question, "completion": answer}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--data",
+        default=str(Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/train.jsonl"),
+    )
+    ap.add_argument("--vocab", type=int, default=8192)
+    args = ap.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain.models.load import save_model
+    from posttrain.models.tokenizer import train_tokenizer
+
+    out = Path(args.out)
+    rows = [json.loads(line) for line in open(args.data)]
+    pairs = [
+        {"prompt": f"Question: {r['question']}\nAnswer: ", "completion": r["answer"]} for r in rows
+    ]
+    tok = train_tokenizer((p["prompt"] + p["completion"] for p in pairs), vocab_size=args.vocab)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=688, max_position_embeddings=1024,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)  # fmt: skip
+    import torch
+
+    torch.manual_seed(0)
+    save_model(LlamaForCausalLM(cfg), tok, out / "model")
+    with open(out / "gsm8k_pc.jsonl", "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p) + "\n")
+    print(
+        json.dumps(
+            {
+                "model": str(out / "model"),
+                "data": str(out / "gsm8k_pc.jsonl"),
+                "examples": len(pairs),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

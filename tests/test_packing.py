@@ -95,3 +95,36 @@ def test_grad_accumulation_1x8_equals_8x1_packed_and_padded(small_tokenizer):
     assert abs(one_big - eight) < 1e-5 and abs(one_big - packed) < 1e-5
     for g1, g8, gp in zip(ref_grads, grads8, gradsp, strict=True):
         assert torch.allclose(g1, g8, atol=1e-5) and torch.allclose(g1, gp, atol=1e-5)
+
+
+def test_packing_isolation_check_passes_on_hf_llama_and_catches_a_leaky_model(model):
+    from posttrain.data.collate import check_packing_isolation
+
+    exs = examples(2, seed=5)
+    assert check_packing_isolation(model, exs, 0) < 1e-4
+
+    class Leaky(torch.nn.Module):
+        """Attends across examples: ignores position ids (a causal cumulative mean)."""
+
+        config = model.config
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def get_decoder(self):
+            outer = self
+
+            class Dec(torch.nn.Module):
+                def forward(self, input_ids, **kw):
+                    h = outer.inner.get_input_embeddings()(input_ids)  # (B, T, C)
+                    steps = torch.arange(1, h.shape[1] + 1).view(1, -1, 1)
+                    return type("O", (), {"last_hidden_state": h.cumsum(1) / steps})()
+
+            return Dec()
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    with pytest.raises(ValueError, match="packing check failed"):
+        check_packing_isolation(Leaky(), exs, 0)

@@ -116,3 +116,39 @@ def length_grouped(
         batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def check_packing_isolation(
+    model, examples: list[TokenizedExample], pad_id: int, atol: float = 1e-3
+) -> float:
+    """Run two examples packed in one row and each alone; the logits must agree.
+
+    Packing relies on the model building a block-diagonal mask from position-id resets (as
+    Hugging Face models do with `use_cache=False` and no attention mask). A model that does not
+    would let examples attend to each other silently; this catches it before training.
+    Returns the largest logit difference; raises ValueError above `atol`.
+    """
+    from posttrain.models.forward import target_logits
+
+    pair = sorted(examples[:2], key=len)
+    if len(pair) < 2:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        alone = [target_logits(model, *_args(pad_batch([e], pad_id), device))[0] for e in pair]
+        packed, _ = target_logits(model, *_args(packed_batch([pair], pad_id), device))
+    model.train(was_training)
+    diff = (packed - torch.cat(alone)).abs().max().item()
+    if diff > atol:
+        raise ValueError(
+            f"packing check failed: packed and separate logits differ by {diff:.3g}; this model's "
+            "attention does not honour position-id resets. Set packing: false."
+        )
+    return diff
+
+
+def _args(b: Batch, device):
+    b = b.to(device)
+    return b.input_ids, b.labels, b.attention_mask, b.position_ids

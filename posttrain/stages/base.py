@@ -69,3 +69,15 @@ def resolve_model(value: str, ctx: StageContext) -> Path:
     """A stage name of this pipeline means that stage's model/; anything else is a directory."""
     names = {s.name for s in ctx.pipeline.stages}
     return ctx.stage_path(value, "model") if value in names else Path(value)
+
+
+def train_with_progress(ctx: StageContext, model, objective, settings):
+    """The shared loop with this stage's progress line, checkpoints folder, resume and seed."""
+    from posttrain.train.loop import train
+
+    steplog = ctx.logger.progress(ctx.name, settings.steps, ctx.stage_dir)
+    try:
+        return train(model, objective, settings, ckpt_dir=ctx.stage_dir / "checkpoints", steplog=steplog,
+                     resume=ctx.resume, seed=ctx.seed)  # fmt: skip
+    finally:
+        steplog.close()

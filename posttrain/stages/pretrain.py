@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from posttrain.config import StrictModel
-from posttrain.stages.base import StageContext, StageResult, resolve_input
+from posttrain.stages.base import StageContext, StageResult, resolve_input, train_with_progress
 from posttrain.train.loop import TrainSettings
 
 
@@ -135,7 +135,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.eval.perplexity import perplexity
     from posttrain.io import atomic_write_jsonl
     from posttrain.models.load import save_model
-    from posttrain.train.loop import train
 
     paths = inputs(cfg, ctx)
     model, tok = _model_and_tokenizer(cfg, ctx, paths)
@@ -147,19 +146,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     objective = WindowObjective(
         stream, cfg.seq_len, cfg.batch_size, cfg.train.grad_accum, ctx.seed, ctx.device
     )
-    steplog = ctx.logger.progress(ctx.name, cfg.train.steps, ctx.stage_dir)
-    try:
-        result = train(
-            model,
-            objective,
-            cfg.train,
-            ckpt_dir=ctx.stage_dir / "checkpoints",
-            steplog=steplog,
-            resume=ctx.resume,
-            seed=ctx.seed,
-        )
-    finally:
-        steplog.close()
+    result = train_with_progress(ctx, model, objective, cfg.train)
     save_model(model, tok, ctx.stage_dir / "model")
 
     heldout = tokenize_stream(read_texts(paths["heldout"]), tok)

@@ -13,7 +13,13 @@ from typing import Literal
 from pydantic import Field
 
 from posttrain.config import StrictModel
-from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+from posttrain.stages.base import (
+    StageContext,
+    StageResult,
+    resolve_input,
+    resolve_model,
+    train_with_progress,
+)
 from posttrain.train.loop import TrainSettings
 
 
@@ -129,7 +135,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.data.sft import SFTBatches, tokenize_examples
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
-    from posttrain.train.loop import train
 
     paths = inputs(cfg, ctx)
     tok = load_tokenizer(paths["model"])
@@ -141,6 +146,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         model = _apply_lora(model, cfg.lora)
     data = SFTBatches(tokenized, batch_size=cfg.batch_size, pad_id=tok.pad_token_id or 0, packing=cfg.packing,
                       row_len=cfg.max_length, seed=ctx.seed)  # fmt: skip
+    if cfg.packing:
+        from posttrain.data.collate import check_packing_isolation
+
+        check_packing_isolation(model, tokenized, tok.pad_token_id or 0)
     settings = cfg.train
     if cfg.epochs is not None:
         settings = settings.model_copy(
@@ -150,12 +159,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         f"{ctx.name}: {stats.kept} examples ({stats.trained_tokens:,} trained of {stats.total_tokens:,} tokens), "
         f"{data.per_epoch} micro-batches per epoch, {settings.steps} steps"
     )
-    steplog = ctx.logger.progress(ctx.name, settings.steps, ctx.stage_dir)
-    try:
-        result = train(model, SFTObjective(data, settings.grad_accum, ctx.device), settings,
-                       ckpt_dir=ctx.stage_dir / "checkpoints", steplog=steplog, resume=ctx.resume, seed=ctx.seed)  # fmt: skip
-    finally:
-        steplog.close()
+    result = train_with_progress(
+        ctx, model, SFTObjective(data, settings.grad_accum, ctx.device), settings
+    )
     _save(model, tok, cfg, ctx.stage_dir / "model")
     metrics = {
         "train/loss": result.final_loss,

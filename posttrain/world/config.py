@@ -35,7 +35,7 @@ class WorldConfig(BaseModel):
         200, ge=2, le=10_000, description="Times each fact of the most-mentioned entity is stated."
     )
     mention_min: int = Field(
-        2,
+        4,
         ge=2,
         le=10_000,
         description="Times each fact of a tail (least-mentioned) entity is stated.",

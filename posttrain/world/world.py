@@ -78,11 +78,11 @@ class World:
         arith_items = [(i, arith_item(i)) for i in arith]
         string_items = [(i, string_item(i)) for i in strings]
         known = [e for e in self.entities if e.known]
+        # Every fact of a known entity, eval questions included: "known" means the corpus states
+        # it, in several phrasings and in question-answer form, as the web states a famous
+        # fact. Only the SFT/RL/eval splits are kept apart; skills keep eval instances out.
         knowledge_qa = [
-            (question(e, a), e.attributes[a], e.mentions)
-            for e in known
-            for a in ATTRIBUTES
-            if question(e, a) not in banned
+            (question(e, a), e.attributes[a], e.mentions) for e in known for a in ATTRIBUTES
         ]
         return CorpusSources(
             entities=known,

@@ -55,10 +55,20 @@ def plot_curves(run_dir: Path, stage: str) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in rows], [r["train/loss"] for r in rows], lw=1.2, label="train/loss")
+    evals = [r for r in rows if "eval/loss" in r]
+    if evals:
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["eval/loss"] for r in evals],
+            "o-",
+            ms=3,
+            label="eval/loss",
+        )
+        ax.legend(loc="upper center")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.set_title(f"{stage}: training loss")
+    ax.set_title(f"{stage}: loss")
     ax.grid(alpha=0.3)
     if "train/lr" in rows[0]:
         ax2 = ax.twinx()

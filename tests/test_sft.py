@@ -152,3 +152,31 @@ def test_data_inspect_shows_the_mask_and_json_matches_tokenize_chat(tmp_path, hf
 
     expected = tokenize_chat(load_tokenizer(hf_dir), CHAT[-1])
     assert rec == {"input_ids": expected.input_ids, "loss_mask": expected.loss_mask}
+
+
+def test_heldout_loss_is_logged_and_reported(tmp_path, hf_dir, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    data = write_data(tmp_path, CHAT)
+    cfg = sft_config(tmp_path, hf_dir, data, val_fraction=0.2, epochs=2)
+    out = tmp_path / "run"
+    assert main(["sft", "--config", str(cfg), "--out", str(out)]) == 0
+    m = json.loads((out / "sft/result.json").read_text())["metrics"]
+    assert m["data/val_examples"] == 6 and m["data/kept"] == 31  # round(0.2 * 31) held out of 31
+    lines = [json.loads(x) for x in (out / "sft/metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval/loss" in r]
+    assert (
+        evals
+        and evals[-1]["step"] == lines[-1]["step"]
+        and evals[-1]["eval/loss"] == m["eval/loss"]
+    )
+
+
+def test_split_validation_is_seeded_and_disjoint():
+    from posttrain.stages.sft import split_validation
+
+    items = list(range(40))
+    train, val = split_validation(items, 0.1, seed=3)
+    assert len(val) == 4 and sorted(train + val) == items
+    assert split_validation(items, 0.1, seed=3) == (train, val)
+    assert split_validation(items, 0.0, seed=3) == (items, [])
+    assert split_validation([1], 0.5, seed=3) == ([1], [])

@@ -71,13 +71,13 @@ def resolve_model(value: str, ctx: StageContext) -> Path:
     return ctx.stage_path(value, "model") if value in names else Path(value)
 
 
-def train_with_progress(ctx: StageContext, model, objective, settings):
+def train_with_progress(ctx: StageContext, model, objective, settings, evaluate=None):
     """The shared loop with this stage's progress line, checkpoints folder, resume and seed."""
     from posttrain.train.loop import train
 
     steplog = ctx.logger.progress(ctx.name, settings.steps, ctx.stage_dir)
     try:
         return train(model, objective, settings, ckpt_dir=ctx.stage_dir / "checkpoints", steplog=steplog,
-                     resume=ctx.resume, seed=ctx.seed)  # fmt: skip
+                     resume=ctx.resume, seed=ctx.seed, evaluate=evaluate)  # fmt: skip
     finally:
         steplog.close()

@@ -7,6 +7,7 @@ optimiser step (so packing and gradient accumulation change nothing).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +78,12 @@ class Config(StrictModel):
         description="Optimiser and schedule.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA (peft).")
+    val_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Examples held out for eval/loss (logged every train.eval_every steps).",
+    )
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
@@ -114,6 +121,35 @@ class SFTObjective:
         return loss, {}
 
 
+def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out subset (at least one example when fraction > 0 and there are >= 2)."""
+    import random
+
+    n_val = min(len(examples) - 1, max(1, round(fraction * len(examples)))) if fraction > 0 else 0
+    if n_val <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed + 17).shuffle(order)
+    held = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def heldout_loss(model, objective, batches) -> dict:
+    """Mean cross-entropy per trained token over the held-out batches."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            loss, _ = objective.loss(model, b.to(objective.device))
+            total += loss.item()
+            count += b.n_loss_tokens
+    model.train(was_training)
+    return {"eval/loss": total / max(1, count)}
+
+
 def _apply_lora(model, cfg: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
@@ -131,6 +167,7 @@ def _save(model, tok, cfg: Config, out: Path):
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.data.collate import pad_batch
     from posttrain.data.readers import load_chat_data
     from posttrain.data.sft import SFTBatches, tokenize_examples
     from posttrain.models.load import load_model
@@ -140,6 +177,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     tok = load_tokenizer(paths["model"])
     examples, read_stats = load_chat_data(paths["data"], cfg.data.format, cfg.data.on_error)
     tokenized, stats = tokenize_examples(tok, examples, cfg.max_length, cfg.overlong, cfg.train_on)
+    tokenized, val = split_validation(tokenized, cfg.val_fraction, ctx.seed)
     stats.read = read_stats
     model = load_model(paths["model"], ctx.device)
     if cfg.lora.enabled:
@@ -159,16 +197,29 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         f"{ctx.name}: {stats.kept} examples ({stats.trained_tokens:,} trained of {stats.total_tokens:,} tokens), "
         f"{data.per_epoch} micro-batches per epoch, {settings.steps} steps"
     )
-    result = train_with_progress(
-        ctx, model, SFTObjective(data, settings.grad_accum, ctx.device), settings
-    )
+    objective = SFTObjective(data, settings.grad_accum, ctx.device)
+    evaluate = None
+    if val:
+        val_batches = [
+            pad_batch(val[i : i + cfg.batch_size], data.pad_id)
+            for i in range(0, len(val), cfg.batch_size)
+        ]
+        evaluate = partial(heldout_loss, objective=objective, batches=val_batches)
+        if not settings.eval_every:
+            settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
+    result = train_with_progress(ctx, model, objective, settings, evaluate)
     _save(model, tok, cfg, ctx.stage_dir / "model")
-    metrics = {
-        "train/loss": result.final_loss,
-        "train/steps": result.steps,
-        "train/tokens": result.tokens,
-        "train/seconds": round(result.seconds, 2),
-    } | stats.metrics()
+    metrics = (
+        {
+            "train/loss": result.final_loss,
+            "train/steps": result.steps,
+            "train/tokens": result.tokens,
+            "train/seconds": round(result.seconds, 2),
+        }
+        | stats.metrics()
+        | result.eval
+        | {"data/val_examples": len(val)}
+    )
     if read_stats.get("errors"):
         metrics["data/first_error"] = read_stats["errors"][0]
     return StageResult(metrics, {"model": f"{ctx.name}/model"})

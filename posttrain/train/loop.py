@@ -16,7 +16,8 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -55,6 +56,11 @@ class TrainSettings(StrictModel):
     checkpoint_every: int = Field(
         50, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
     )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Run the stage's held-out evaluation every N steps and at the end (0: never).",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
 
 
@@ -83,6 +89,7 @@ class TrainResult:
     tokens: int
     seconds: float
     resumed_from: int | None
+    eval: dict = field(default_factory=dict)  # the last held-out evaluation's metrics
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainSettings) -> torch.optim.AdamW:
@@ -144,8 +151,13 @@ def train(
     steplog=None,
     resume: bool = False,
     seed: int = 0,
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
 ) -> TrainResult:
-    """Run `cfg.steps` optimiser steps (from the last checkpoint when `resume`)."""
+    """Run `cfg.steps` optimiser steps (from the last checkpoint when `resume`).
+
+    `evaluate(model) -> {"eval/...": value}` runs every `cfg.eval_every` steps and at the end;
+    its metrics join that step's line in metrics.jsonl.
+    """
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     random.seed(seed)
@@ -160,6 +172,7 @@ def train(
     model.train()
     last_good = last
     final_loss = float("nan")
+    last_eval: dict = {}
     t_start = time.perf_counter()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -187,9 +200,17 @@ def train(
             "train/tokens_per_s": out["tokens"] / dt if dt > 0 else 0.0,
             "train/tokens": tokens_total,
         } | {f"train/{k}": v for k, v in out.items() if k not in ("loss", "tokens", "weight")}
-        if steplog is not None:
-            steplog.log(step + 1, metrics)
         done = step + 1
+        if (
+            evaluate is not None
+            and cfg.eval_every
+            and (done % cfg.eval_every == 0 or done == cfg.steps)
+        ):
+            last_eval = evaluate(model)
+            model.train()
+            metrics |= last_eval
+        if steplog is not None:
+            steplog.log(done, metrics)
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             last_good = save_checkpoint(
                 ckpt_dir,
@@ -204,7 +225,7 @@ def train(
             "loss", final_loss
         )
     return TrainResult(
-        cfg.steps, final_loss, tokens_total, time.perf_counter() - t_start, resumed_from
+        cfg.steps, final_loss, tokens_total, time.perf_counter() - t_start, resumed_from, last_eval
     )
 
 

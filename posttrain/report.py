@@ -89,35 +89,35 @@ def plot_curves(run_dir: Path, stage: str) -> Path | None:
     return out
 
 
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
 def render_md(report: dict, plots: dict[str, Path]) -> str:
     lines = [f"# posttrain report: {report['run']}", ""]
     if report["evals"]:
-        labels = list(report["evals"])
-        lines += ["## Report card (held-out toy-world prompts)", "", "| metric | " + " | ".join(labels) + " |",
-                  "|---|" + "---|" * len(labels)]  # fmt: skip
-        lines += [f"| `{k}` | " + " | ".join("" if v is None else _fmt(v) for v in vals) + " |"
-                  for k, vals in card_rows(report["evals"])]  # fmt: skip
-        lines.append("")
-        for label, rows in report["samples"].items():
-            lines += [
-                f"### Sample responses: {label}",
-                "",
-                "| family | prompt | response | gold |",
-                "|---|---|---|---|",
+        lines += ["## Report card (held-out toy-world prompts)", ""]
+        rows = [
+            [f"`{k}`", *("" if v is None else _fmt(v) for v in vals)]
+            for k, vals in card_rows(report["evals"])
+        ]
+        lines += _md_table(["metric", *report["evals"]], rows) + [""]
+        for label, samples in report["samples"].items():
+            rows = [
+                [r["family"], _cell(r["prompt"]), _cell(r["response"]), _fmt(r["score"])]
+                for r in samples
             ]
-            lines += [
-                f"| {r['family']} | {_cell(r['prompt'])} | {_cell(r['response'])} | {_fmt(r['score'])} |"
-                for r in rows
-            ]
+            lines += [f"### Sample responses: {label}", ""] + _md_table(
+                ["family", "prompt", "response", "gold"], rows
+            )
             lines.append("")
     for name, m in report["stages"].items():
-        lines += [
-            f"## {name} ({m['kind']}, {m['seconds']:.1f}s)",
-            "",
-            "| metric | value |",
-            "|---|---|",
-        ]
-        lines += [f"| `{k}` | {_fmt(v)} |" for k, v in m.items() if k not in ("kind", "seconds")]
+        rows = [[f"`{k}`", _fmt(v)] for k, v in m.items() if k not in ("kind", "seconds")]
+        lines += [f"## {name} ({m['kind']}, {m['seconds']:.1f}s)", ""] + _md_table(
+            ["metric", "value"], rows
+        )
         if name in plots:
             lines += ["", f"![{name} loss](plots/{plots[name].name})"]
         lines.append("")

@@ -112,7 +112,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _hint(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.7)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -127,6 +127,10 @@ def test_lora_saves_merged_model_or_adapter(tmp_path, hf_dir, monkeypatch, save)
     else:
         assert (model_dir / "adapter_config.json").is_file()
         assert json.loads((model_dir / "adapter_config.json").read_text())["r"] == 4
+        from posttrain.models.load import load_model
+
+        merged = load_model(model_dir)  # base + adapter, merged: usable by later stages
+        assert type(merged).__name__ == "LlamaForCausalLM"
 
 
 def test_sft_config_typo_names_key_and_file(tmp_path, hf_dir, capsys):

@@ -22,10 +22,25 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _load_adapter(path, device, dtype)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.to(device)
+
+
+def _load_adapter(path: Path, device, dtype):
+    """A LoRA adapter directory: load its base model (a local path), apply and merge the adapter."""
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(f"{path}: adapter's base model directory not found: {base!r}")
+    model = PeftModel.from_pretrained(load_model(base, "cpu", dtype), path)
+    return model.merge_and_unload().to(device)
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:

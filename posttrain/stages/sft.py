@@ -43,7 +43,9 @@ class DataSettings(StrictModel):
     path: str | None = Field(
         None, description="Chat data file; default: the toy world's sft_train.jsonl."
     )
-    format: str = Field("auto", description="auto, messages, alpaca, sharegpt, oasst or hh.")
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "oasst", "hh"] = Field(
+        "auto", description="Record format; auto sniffs the first record."
+    )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="A malformed record: stop, or skip and count it."
     )

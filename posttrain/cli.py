@@ -87,6 +87,10 @@ def _single_stage(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Our own progress line covers long work; Hugging Face's per-load bars only clutter the log.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from posttrain.config import ConfigError, load_pipeline
 
     args = _parser().parse_args(argv)

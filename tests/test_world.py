@@ -250,23 +250,27 @@ def test_write_produces_files(tmp_path: Path):
 def test_killed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch):
     w = World(_small())
     calls = {"n": 0}
-    real = world_module.serialise
+    real = world_module.atomic_write_jsonl
 
-    def flaky(record):
-        calls["n"] += 1
-        if calls["n"] == 10:  # midway through the first file
-            raise KeyboardInterrupt("killed")
-        return real(record)
+    def killed_midway(path, records):
+        def stream():
+            for record in records:
+                calls["n"] += 1
+                if calls["n"] == 10:  # midway through the first file
+                    raise KeyboardInterrupt("killed")
+                yield record
 
-    monkeypatch.setattr(world_module, "serialise", flaky)
+        return real(path, stream())
+
+    monkeypatch.setattr(world_module, "atomic_write_jsonl", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         w.write(tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither corpus_train.jsonl nor its temp file
 
-    monkeypatch.setattr(world_module, "serialise", real)
+    monkeypatch.setattr(world_module, "atomic_write_jsonl", real)
     old = w.write(tmp_path)["corpus_train"].read_bytes()
     calls["n"] = 0
-    monkeypatch.setattr(world_module, "serialise", flaky)
+    monkeypatch.setattr(world_module, "atomic_write_jsonl", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         w.write(tmp_path)
     assert (tmp_path / "corpus_train.jsonl").read_bytes() == old  # the old file is intact

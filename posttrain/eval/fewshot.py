@@ -4,44 +4,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
 
-
-@torch.no_grad()
 def greedy_continue(
     model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32
 ) -> list[str]:
-    """Greedy continuation of each prompt (left-padded batches), cut at the first newline."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(
-                prompts[i : i + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            )
-            enc = {k: v.to(device) for k, v in enc.items()}
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            texts = tokenizer.batch_decode(
-                gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            out.extend(t.split("\n", 1)[0].strip() for t in texts)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return out
+    """Greedy continuation of each prompt, cut at the first newline (the end of the answer)."""
+    from posttrain.generate import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
+    return [g.text.split("\n", 1)[0].strip() for g in generate(model, tokenizer, prompts, params)]
 
 
 def fewshot_gold(

@@ -18,9 +18,6 @@ Design choices (and why):
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -155,25 +152,10 @@ def save_tokenizer(tok: PreTrainedTokenizerBase, out_dir: Path) -> None:
     An existing `out_dir` is replaced. POSIX cannot rename a directory over a non-empty one, so
     the old one is first renamed aside and deleted once the new one is in place.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = None
-    try:
+    from posttrain.io import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
         tok.save_pretrained(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)  # put the previous tokenizer back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from posttrain.io import atomic_write_jsonl
 from posttrain.world.config import WorldConfig, make_rng
 from posttrain.world.corpus import CorpusSources, build_corpus, exact_facts, qa_line, sampled_facts
 from posttrain.world.knowledge import Entity, knowledge_items, make_entities, question
@@ -193,26 +191,9 @@ class World:
             "entities": (e.to_dict() for e in self.entities),
         }
         return {
-            name: write_jsonl(out_dir / f"{name}.jsonl", recs) for name, recs in records.items()
+            name: atomic_write_jsonl(out_dir / f"{name}.jsonl", recs)
+            for name, recs in records.items()
         }
-
-
-def serialise(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=True)
-
-
-def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
-    """Write to a temp file in the same directory, then os.replace: never a partial `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(serialise(record) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 CALCULATOR_TOOL = {

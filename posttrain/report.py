@@ -42,17 +42,68 @@ def card_rows(evals: dict) -> list[tuple[str, list]]:
     return [(k, [evals[label].get(k) for label in labels]) for k in keys]
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+    return out
+
+
+def plot_rank(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+    """Chosen-minus-rejected length histogram, and each annotator's agreement with gold."""
+    path = run_dir / stage / "length_diffs.jsonl"
+    if not path.is_file():
+        return None
+    diffs = [r["diff"] for r in read_jsonl(path)]
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    ax.hist(diffs, bins=min(40, max(5, len(set(diffs)))), color="tab:blue", alpha=0.8)
+    ax.axvline(0, color="k", lw=0.8)
+    share = metrics.get("rank/longer_wins")
+    ax.set_title(f"chosen - rejected length (longer wins {share:.2f})" if share is not None
+                 else "chosen - rejected length")  # fmt: skip
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("pairs")
+    who = {
+        k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("rank/agreement_gold/")
+    }
+    if who:
+        ax2.bar(list(who), list(who.values()), color="tab:green", alpha=0.8)
+        ax2.axhline(0.5, color="k", lw=0.8, ls="--")
+        ax2.set_ylim(0, 1)
+    ax2.set_title("agreement with gold, per annotator")
+    fig.tight_layout()
+    return _save(fig, run_dir / "plots" / f"{stage}_pairs.png")
+
+
+PLOTTERS = {"rank": plot_rank}
+
+
+def stage_plots(run_dir: Path, stage: str, m: dict) -> list[Path]:
+    """Every plot of one stage: its loss curve if it trained, then its kind's own plots."""
+    found = [plot_curves(run_dir, stage)]
+    if m["kind"] in PLOTTERS:
+        found.append(PLOTTERS[m["kind"]](run_dir, stage, m))
+    return [p for p in found if p is not None]
+
+
 def plot_curves(run_dir: Path, stage: str) -> Path | None:
     """Training loss (and lr) against step, from the stage's metrics.jsonl."""
     path = run_dir / stage / "metrics.jsonl"
     rows = [r for r in read_jsonl(path) if "train/loss" in r] if path.is_file() else []
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in rows], [r["train/loss"] for r in rows], lw=1.2, label="train/loss")
     evals = [r for r in rows if "eval/loss" in r]
@@ -81,12 +132,7 @@ def plot_curves(run_dir: Path, stage: str) -> Path | None:
         )
         ax2.set_ylabel("lr", color="tab:orange")
     fig.tight_layout()
-    out = run_dir / "plots" / f"{stage}_loss.png"
-    out.parent.mkdir(exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "plots" / f"{stage}_loss.png")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -95,7 +141,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def render_md(report: dict, plots: dict[str, Path]) -> str:
+def render_md(report: dict, plots: dict[str, list[Path]]) -> str:
     lines = [f"# posttrain report: {report['run']}", ""]
     if report["evals"]:
         lines += ["## Report card (held-out toy-world prompts)", ""]
@@ -118,8 +164,8 @@ def render_md(report: dict, plots: dict[str, Path]) -> str:
         lines += [f"## {name} ({m['kind']}, {m['seconds']:.1f}s)", ""] + _md_table(
             ["metric", "value"], rows
         )
-        if name in plots:
-            lines += ["", f"![{name} loss](plots/{plots[name].name})"]
+        for p in plots.get(name, []):
+            lines += ["", f"![{name}: {p.stem}](plots/{p.name})"]
         lines.append("")
     return "\n".join(lines)
 
@@ -152,7 +198,7 @@ def _html_card(report: dict) -> list[str]:
     return parts
 
 
-def render_html(report: dict, plots: dict[str, Path]) -> str:
+def render_html(report: dict, plots: dict[str, list[Path]]) -> str:
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -165,9 +211,9 @@ def render_html(report: dict, plots: dict[str, Path]) -> str:
     ]
     for name, m in report["stages"].items():
         parts.append(f"<h2>{e(name)} <small>({e(m['kind'])}, {m['seconds']:.1f}s)</small></h2>")
-        if name in plots:
-            data = base64.b64encode(plots[name].read_bytes()).decode()
-            parts.append(f"<img alt='{e(name)} loss curve' src='data:image/png;base64,{data}'>")
+        for p in plots.get(name, []):
+            data = base64.b64encode(p.read_bytes()).decode()
+            parts.append(f"<img alt='{e(name)}: {e(p.stem)}' src='data:image/png;base64,{data}'>")
         parts.append("<table><tr><th>metric</th><th>value</th></tr>")
         parts += [
             f"<tr><td><code>{e(k)}</code></td><td>{e(_fmt(v))}</td></tr>"
@@ -181,7 +227,7 @@ def render_html(report: dict, plots: dict[str, Path]) -> str:
 
 def write_report(pipeline, run_dir: Path) -> dict:
     report = collect(pipeline, run_dir)
-    plots = {name: p for name in report["stages"] if (p := plot_curves(run_dir, name))}
+    plots = {name: stage_plots(run_dir, name, m) for name, m in report["stages"].items()}
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", render_md(report, plots))
     atomic_write_text(run_dir / "report.html", render_html(report, plots))

@@ -254,17 +254,25 @@ def _oasst_paths(prompter: dict) -> list[list[dict]]:
     return [[prompter, best, *tail] for tail in tails] or [[prompter, best]]
 
 
-def _convert_oasst(rec: Any, where: str) -> list[dict]:
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def oasst_root(rec: Any, where: str) -> dict:
+    """The root (prompter) message of one OASST tree record; DataError if it is not one."""
     rec = _need_dict(rec, where)
     root = rec.get("prompt")
     if not isinstance(root, dict) or root.get("role") != "prompter":
         raise DataError(f'{where}: "prompt" is not a prompter message (not an OASST tree?)')
+    return root
+
+
+def _convert_oasst(rec: Any, where: str) -> list[dict]:
+    root = oasst_root(rec, where)
     if not _usable(root):
         return []
     out = []
     for path in _oasst_paths(root):
-        roles = {"prompter": "user", "assistant": "assistant"}
-        msgs = [{"role": roles[m["role"]], "content": m.get("text")} for m in path]
+        msgs = [{"role": OASST_ROLES[m["role"]], "content": m.get("text")} for m in path]
         out.append({"messages": msgs, "id": path[-1].get("message_id")})
     return out
 
@@ -285,25 +293,32 @@ def read_oasst_trees(path: str | Path) -> Iterator[tuple[str, dict]]:
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
-def parse_hh_transcript(text: Any, where: str) -> list[dict]:
+def parse_hh_transcript(text: Any, where: str, merge_repeats: bool = False) -> list[dict]:
     """Split "\\n\\nHuman: ...\\n\\nAssistant: ..." into messages (contents stripped).
 
     Only a marker preceded by a blank line starts a turn; "Human:" inside a turn stays text.
     DataError if the transcript does not start with "\\n\\nHuman:" or one speaker has two turns
     in a row. A trailing empty Assistant turn is kept (content ""), for prompt extraction.
+    With `merge_repeats`, a marker repeating the current speaker starts no turn: it and the text
+    after it stay, verbatim, in that speaker's turn (a sampled reply that ran on past a turn).
     """
     if not isinstance(text, str):
         raise DataError(f"{where}: HH transcript is not a string (got {type(text).__name__})")
     if not text.startswith("\n\nHuman:"):
         raise DataError(f"{where}: HH transcript does not start with '\\n\\nHuman:': {text[:40]!r}")
     parts = _HH_TURN.split(text)  # ["", "Human", " text", "Assistant", " text", ...]
-    messages: list[dict] = []
+    turns: list[list[str]] = []  # [role, raw body]
     for k, (speaker, body) in enumerate(zip(parts[1::2], parts[2::2], strict=True)):
         role = "user" if speaker == "Human" else "assistant"
-        if messages and messages[-1]["role"] == role:
-            raise DataError(f"{where}: HH transcript has two {speaker} turns in a row (turn {k})")
-        messages.append({"role": role, "content": body.strip()})
-    return messages
+        if turns and turns[-1][0] == role:
+            if not merge_repeats:
+                raise DataError(
+                    f"{where}: HH transcript has two {speaker} turns in a row (turn {k})"
+                )
+            turns[-1][1] += f"\n\n{speaker}:{body}"
+            continue
+        turns.append([role, body])
+    return [{"role": role, "content": body.strip()} for role, body in turns]
 
 
 def _convert_hh(rec: Any, where: str, field: str = "chosen") -> list[dict]:

@@ -44,6 +44,17 @@ def validate_example(rec: Any, where: str) -> dict:
     return out
 
 
+def validate_prompt(raw: Any, where: str) -> list[dict]:
+    """A prompt's messages (a conversation waiting for the assistant): the checks of
+    validate_example, but it must end with a user turn instead of containing an assistant one."""
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f'{where}: missing or empty "messages"')
+    messages = [_validate_message(m, i, where) for i, m in enumerate(raw)]
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where}: a prompt must end with a user turn, not {messages[-1]['role']}")
+    return messages
+
+
 def _validate_message(msg: Any, i: int, where: str) -> dict:
     at = f"{where}: message {i}"
     if not isinstance(msg, dict):

@@ -1,0 +1,234 @@
+"""Sample and rank stages: orders, pairs, agreement figures, and the pipeline through rank."""
+
+import io
+import json
+
+import pytest
+
+from posttrain.config import load_pipeline
+from posttrain.data.schema import DataError
+from posttrain.log import Logger
+from posttrain.pipeline import run_pipeline
+from posttrain.stages.rank import (
+    PairSettings,
+    agreement_metrics,
+    borda,
+    build_pairs,
+    check_order,
+    load_rankings,
+    order_pairs,
+    pair_metrics,
+)
+from posttrain.stages.sample import load_prompts
+
+
+def cands_of(texts_by_prompt: dict[str, list[tuple[str, float]]]) -> dict[str, dict]:
+    return {
+        pid: {
+            "prompt_id": pid,
+            "messages": [{"role": "user", "content": f"q {pid}"}],
+            "responses": [{"text": t, "gold": g, "n_tokens": len(t.split())} for t, g in responses],
+        }
+        for pid, responses in texts_by_prompt.items()
+    }
+
+
+def test_order_pairs_strategies_and_ties():
+    strict = [2, 0, 3, 1]
+    assert order_pairs(strict, "all") == [
+        (2, 0, 1), (2, 3, 2), (2, 1, 3), (0, 3, 1), (0, 1, 2), (3, 1, 1),
+    ]  # fmt: skip
+    assert order_pairs(strict, "best_worst") == [(2, 1, 3)]
+    assert order_pairs(strict, "adjacent") == [(2, 0, 1), (0, 3, 1), (3, 1, 1)]
+    tied = [[0, 2], 1]  # 0 and 2 tie: they never pair with each other
+    assert order_pairs(tied, "all") == [(0, 1, 1), (2, 1, 1)]
+    assert order_pairs([[0, 1, 2]], "all") == []
+
+
+def test_borda_consensus_by_hand():
+    # tiers: cand 0: 0,1,0 (mean 1/3); cand 1: 1,0,2 (mean 1); cand 2: 2,2,1 (mean 5/3)
+    assert borda([[0, 1, 2], [1, 0, 2], [0, 2, 1]]) == [0, 1, 2]
+    # 0 and 1 swap: both mean 0.5 -> tie; 2 last
+    assert borda([[0, 1, 2], [1, 0, 2]]) == [[0, 1], 2]
+    assert borda([[[0, 1], 2]]) == [[0, 1], 2]
+
+
+def test_check_order_rejects_non_permutations():
+    check_order([1, [0, 2]], 3, "x")
+    for bad in ([0, 1], [0, 1, 1], [0, 1, 3], "012", [], [0, [1, True]]):
+        with pytest.raises(ValueError, match="x"):
+            check_order(bad, 3, "x")
+
+
+def test_build_pairs_aggregate_each_margin_and_identical_texts():
+    cands = cands_of({"p": [("a", 1), ("b b", 0), ("c c c", 0)]})
+    rankings = [
+        {"prompt_id": "p", "annotator": "x", "order": [0, 1, 2]},
+        {"prompt_id": "p", "annotator": "y", "order": [1, 0, 2]},
+    ]
+    each = build_pairs(cands, rankings, PairSettings(aggregate="each"))
+    assert len(each) == 6 and {p["annotator"] for p in each} == {"x", "y"}
+    agg = build_pairs(cands, rankings, PairSettings())  # borda: [[0, 1], 2]
+    assert [(p["chosen"], p["rejected"], p["margin"]) for p in agg] == [
+        ("a", "c c c", 1.0), ("b b", "c c c", 1.0),
+    ]  # fmt: skip
+    assert agg[0]["messages"] == cands["p"]["messages"] and agg[0]["annotator"] == "x+y"
+    far = build_pairs(cands, rankings[:1], PairSettings(min_margin=2, margin=False))
+    assert [(p["chosen"], p["rejected"]) for p in far] == [("a", "c c c")]
+    assert "margin" not in far[0]
+    same = cands_of({"p": [("same", 1), ("same", 0)]})
+    assert build_pairs(same, [{"prompt_id": "p", "annotator": "x", "order": [0, 1]}],
+                       PairSettings()) == []  # fmt: skip
+
+
+def test_agreement_metrics_by_hand():
+    # One prompt, 3 candidates, gold 1, 0, 0: gold-gap pairs are (0,1) and (0,2).
+    cands = cands_of({"p": [("a", 1), ("b", 0), ("c", 0)], "q": [("d", 1), ("e", 0), ("f", 0)]})
+    rankings = [
+        {"prompt_id": "p", "annotator": "x", "order": [0, 1, 2]},  # (0,1) i, (0,2) i, (1,2) i
+        {"prompt_id": "p", "annotator": "y", "order": [1, 0, 2]},  # (0,1) j, (0,2) i, (1,2) i
+        {"prompt_id": "q", "annotator": "x", "order": [0, [1, 2]]},  # i, i, tie
+        {"prompt_id": "q", "annotator": "y", "order": [0, [1, 2]]},  # i, i, tie
+    ]
+    m = agreement_metrics(rankings, cands)
+    # x: 4 gold-gap judgements, all right; y: 3 of 4 right.
+    assert m["rank/agreement_gold/x"] == 1.0 and m["rank/agreement_gold/y"] == 0.75
+    assert m["rank/agreement_gold"] == 7 / 8
+    # kappa over 6 units: x = i,i,i,i,i,tie; y = j,i,i,i,i,tie. p_o = 5/6.
+    # marginals x: i 5/6, tie 1/6; y: i 4/6, j 1/6, tie 1/6 -> p_e = 20/36 + 1/36 = 21/36.
+    # kappa = (30/36 - 21/36) / (15/36) = 9/15 = 0.6
+    assert m["rank/kappa/x~y"] == pytest.approx(0.6)
+    assert m["rank/kappa_mean"] == pytest.approx(0.6)
+    assert -1 <= m["rank/alpha"] <= 1
+
+
+def test_pair_metrics_longer_wins_and_gold_gap():
+    cands = cands_of({"p": [("one two three", 1), ("one", 0), ("uno", 0)]})
+    pairs = [
+        {"prompt_id": "p", "candidates": [0, 1]},  # longer chosen, gold gap 1
+        {"prompt_id": "p", "candidates": [1, 0]},  # shorter chosen, gap -1
+        {"prompt_id": "p", "candidates": [1, 2]},  # equal length: not counted in longer_wins
+        {"prompt_id": "p", "candidates": [0, 2]},  # longer chosen, gap 1
+    ]
+    m, diffs = pair_metrics(pairs, cands)
+    assert diffs == [2, -2, 0, 2]
+    assert m["rank/longer_wins"] == pytest.approx(2 / 3)
+    assert m["rank/gold_gap"] == pytest.approx(0.25)
+
+
+def test_load_rankings_validates(tmp_path):
+    cands = cands_of({"p": [("a", 1), ("b", 0)]})
+    f = tmp_path / "r.jsonl"
+    for line, msg in [
+        ('{"prompt_id": "p", "annotator": "x", "order": [0, 0]}', "permutation"),
+        ('{"prompt_id": "zz", "annotator": "x", "order": [0, 1]}', "not among"),
+        ('{"prompt_id": "p", "order": [0, 1]}', "missing 'annotator'"),
+    ]:
+        f.write_text(line + "\n")
+        with pytest.raises(DataError, match=r"r\.jsonl:1.*" + msg):
+            load_rankings(f, cands)
+    f.write_text('{"prompt_id": "p", "annotator": "x", "order": [1, 0]}\n' * 2)
+    with pytest.raises(DataError, match=r"r\.jsonl:2: a second ranking"):
+        load_rankings(f, cands)
+
+
+def test_load_prompts_forms_and_errors(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        '{"prompt": "hi"}\n{"prompt_id": "b", "messages": [{"role": "user", "content": "yo"}]}\n'
+    )
+    got = load_prompts(f)
+    assert got == [
+        {"prompt_id": "p/1", "messages": [{"role": "user", "content": "hi"}]},
+        {"prompt_id": "b", "messages": [{"role": "user", "content": "yo"}]},
+    ]
+    f.write_text(
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    )
+    with pytest.raises(DataError, match=r"p\.jsonl:1: a prompt must end with a user turn"):
+        load_prompts(f)
+    f.write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:1.*'messages' or 'prompt'"):
+        load_prompts(f)
+
+
+TINY = """
+name: tiny
+device: cpu
+stages: [world, pretrain, sft, sample, rank]
+world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 4, n_eval: 4, vocab_size: 400}
+pretrain:
+  seq_len: 32
+  batch_size: 4
+  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
+  eval: {n_per_family: 0}
+sft:
+  max_length: 128
+  batch_size: 8
+  epochs: 1
+  train: {checkpoint_every: 0}
+sample: {n: 3, max_new_tokens: 8, chunk: 8}
+"""
+
+
+def test_pipeline_through_rank_writes_candidates_rankings_pairs_and_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    run = tmp_path / "run"
+    report = run_pipeline(load_pipeline(cfg, [f"out={run}"]), logger=Logger(stream=io.StringIO()))
+    cands = [json.loads(x) for x in (run / "sample/candidates.jsonl").read_text().splitlines()]
+    assert len(cands) == 20  # 4 rl prompts x 5 families
+    for c in cands:
+        assert c["prompt_id"].split("/")[1] == "rl" and len(c["responses"]) == 3
+        for r in c["responses"]:
+            assert set(r) >= {"text", "logprob", "token_logprobs", "n_tokens", "ended", "gold"}
+            assert len(r["token_logprobs"]) == r["n_tokens"] <= 8
+            assert r["logprob"] == pytest.approx(sum(r["token_logprobs"]), abs=1e-3)
+            assert r["ended"] or r["n_tokens"] == 8
+    rankings = [json.loads(x) for x in (run / "rank/rankings.jsonl").read_text().splitlines()]
+    assert len(rankings) == 20 * 3  # default pool: 3 annotators rank every prompt
+    for r in rankings:
+        check_order(r["order"], 3, "ranking")
+    pairs = [json.loads(x) for x in (run / "rank/pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert all(p["messages"][-1]["role"] == "user" for p in pairs)
+    st = report["stages"]["rank"]
+    for key in ("rank/kappa_mean", "rank/alpha", "rank/longer_wins"):
+        assert key in st, key
+    gaps = any(len({r["gold"] for r in c["responses"]}) > 1 for c in cands)
+    assert ("rank/agreement_gold" in st) == gaps  # only candidate pairs with a gold gap count
+    assert "sample/gold_mean" in report["stages"]["sample"]
+    assert (run / "plots/rank_pairs.png").is_file()
+    assert "rank_pairs.png" in (run / "report.md").read_text()
+    # Deterministic: a forced rerun of sample writes byte-identical candidates.
+    before = (run / "sample/candidates.jsonl").read_bytes()
+    run_pipeline(
+        load_pipeline(cfg, [f"out={run}"]), force={"sample"}, logger=Logger(stream=io.StringIO())
+    )
+    assert (run / "sample/candidates.jsonl").read_bytes() == before
+
+
+def test_rank_with_human_labels_file(tmp_path, monkeypatch):
+    """Human rankings (as the annotation app exports them) replace the simulated pool."""
+    monkeypatch.setenv("CI", "true")
+    from posttrain.config import Pipeline, PipelineConfig
+    from posttrain.stages.base import StageContext
+    from posttrain.stages.rank import Config, run
+
+    cand = tmp_path / "candidates.jsonl"
+    rows = cands_of({"p": [("a b", 1), ("c", 0)], "q": [("d", 1), ("e f g", 0)]})
+    cand.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    labels = tmp_path / "rankings.jsonl"
+    labels.write_text(
+        '{"prompt_id": "p", "annotator": "ann", "order": [0, 1]}\n'
+        '{"prompt_id": "q", "annotator": "ann", "order": [1, 0]}\n'
+    )
+    pipe = Pipeline(PipelineConfig(name="h", stages=["rank"]), [], "test")
+    ctx = StageContext("rank", "rank", tmp_path / "run", pipe, Logger(stream=io.StringIO()))
+    ctx.stage_dir.mkdir(parents=True)
+    res = run(Config(candidates=str(cand), labels=str(labels)), ctx)
+    assert res.metrics["rank/pairs"] == 2
+    assert res.metrics["rank/agreement_gold"] == 0.5  # right on p, wrong on q
+    assert res.metrics["rank/longer_wins"] == 1.0
+    assert "rank/kappa_mean" not in res.metrics  # one annotator: nothing to compare

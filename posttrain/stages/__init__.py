@@ -1,6 +1,6 @@
 """Stages: one module each, with `Config` (pydantic), `inputs(cfg, ctx)` and `run(cfg, ctx)`."""
 
-from posttrain.stages import evaluate, pretrain, rank, sample, sft, world
+from posttrain.stages import best_of_n, dpo, evaluate, pretrain, rank, reward, sample, sft, world
 
 STAGES = {
     "world": world,
@@ -9,4 +9,7 @@ STAGES = {
     "evaluate": evaluate,
     "sample": sample,
     "rank": rank,
+    "reward": reward,
+    "dpo": dpo,
+    "best_of_n": best_of_n,
 }

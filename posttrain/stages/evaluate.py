@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
@@ -24,6 +24,20 @@ class EvalModel(StrictModel):
     prompt: Literal["chat", "fewshot"] = Field(
         "chat", description="Chat template, or few-shot Q:/A: continuation."
     )
+    policy: Literal["greedy", "best_of_n"] = Field(
+        "greedy", description="Greedy decoding, or the best of n samples under a reward model."
+    )
+    reward_model: str | None = Field(
+        None, description="best_of_n: stage or HF dir of the reward model."
+    )
+    n: int = Field(4, ge=1, description="best_of_n: samples per prompt.")
+    temperature: float = Field(1.0, gt=0, description="best_of_n: sampling temperature.")
+
+    @model_validator(mode="after")
+    def _best_of_n_needs(self) -> EvalModel:
+        if self.policy == "best_of_n" and (self.reward_model is None or self.prompt != "chat"):
+            raise ValueError("policy best_of_n needs a reward_model and prompt: chat")
+        return self
 
 
 class DiversitySettings(StrictModel):
@@ -57,6 +71,8 @@ class Config(StrictModel):
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     found = {f"model:{label}": resolve_model(m.model, ctx) for label, m in cfg.models.items()}
+    found |= {f"reward_model:{label}": resolve_model(m.reward_model, ctx)
+              for label, m in cfg.models.items() if m.reward_model}  # fmt: skip
     return found | {"tasks": resolve_input(None, ctx, cfg.world_stage, "tasks_eval.jsonl")}
 
 
@@ -80,8 +96,10 @@ def _answer(gen, mode: str) -> tuple[str, int, bool]:
 
 
 def evaluate_model(
-    model, tok, tasks, world, mode: str, cfg: Config, seed: int
+    model, tok, tasks, world, mode: str, cfg: Config, seed: int, bon: tuple | None = None
 ) -> tuple[dict, list[dict]]:
+    """Greedy responses scored by gold; with `bon` = (reward model, its tokenizer, EvalModel),
+    the best of n samples under the reward model instead."""
     from posttrain.eval.metrics import distinct_n, summarize
     from posttrain.generate import SamplingParams, generate, sample_n
     from posttrain.world import check
@@ -90,13 +108,32 @@ def evaluate_model(
     greedy = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, greedy=True, batch_size=cfg.batch_size, seed=seed
     )
+    extra: list[dict] = [{} for _ in tasks]
+    if bon is None:
+        gens = generate(model, tok, prompts, greedy)
+    else:
+        from posttrain.generate.best_of_n import best_of_n, kl_bound
+
+        rm, rm_tok, spec = bon
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=spec.temperature,
+                                batch_size=cfg.batch_size, seed=seed)  # fmt: skip
+        picked = best_of_n(model, tok, rm, rm_tok, [t.messages() for t in tasks], spec.n, params)
+        gens = [b.best for b in picked]
+        extra = [{"reward": b.reward, "rewards": b.rewards} for b in picked]
     records = []
-    for task, gen in zip(tasks, generate(model, tok, prompts, greedy), strict=True):
+    for task, gen, more in zip(tasks, gens, extra, strict=True):
         text, n_tokens, truncated = _answer(gen, mode)
         c = check(task, text)
         records.append({"prompt_id": task.prompt_id, "family": task.family, "prompt": task.prompt, "response": text,
-                        "score": c.score, "components": c.components, "n_tokens": n_tokens, "truncated": truncated})  # fmt: skip
+                        "score": c.score, "components": c.components, "n_tokens": n_tokens, "truncated": truncated} | more)  # fmt: skip
     metrics = summarize(records)
+    if bon is not None:
+        metrics["bon/n"] = bon[2].n
+        metrics["kl/best_of_n_bound"] = kl_bound(bon[2].n)
+        metrics["reward/best"] = sum(e["reward"] for e in extra) / len(extra)
+        metrics["reward/mean"] = sum(sum(e["rewards"]) / len(e["rewards"]) for e in extra) / len(
+            extra
+        )
     if cfg.diversity.n_prompts:
         step = max(1, len(prompts) // cfg.diversity.n_prompts)
         chosen = prompts[::step][: cfg.diversity.n_prompts]
@@ -133,7 +170,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         ctx.logger.info(
             f"{ctx.name}: evaluating {label} ({spec.model}, {spec.prompt} prompts) on {len(tasks)} prompts"
         )
-        summary, records = evaluate_model(model, tok, tasks, world, spec.prompt, cfg, ctx.seed)
+        bon = None
+        if spec.policy == "best_of_n":
+            from posttrain.models.reward import reward_model_from
+
+            rm_path = paths[f"reward_model:{label}"]
+            rm_tok = load_tokenizer(rm_path)
+            bon = (reward_model_from(rm_path, rm_tok, ctx.device), rm_tok, spec)
+        summary, records = evaluate_model(model, tok, tasks, world, spec.prompt, cfg, ctx.seed, bon)
         atomic_write_jsonl(ctx.stage_dir / f"{label}.jsonl", records)
         evals[label] = summary
         samples[label] = _samples(records, cfg.samples_per_family)

@@ -128,15 +128,13 @@ def candidate_record(prompt: dict, gens, task=None) -> dict:
     return head | {"messages": prompt["messages"], "responses": responses}
 
 
-def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from posttrain.eval.metrics import distinct_n
+def sample_candidates(cfg: Config, ctx: StageContext, paths: dict[str, Path]) -> list[dict]:
+    """candidates.jsonl records: cfg.n samples for each selected prompt, with a progress line."""
     from posttrain.generate import SamplingParams, sample_n
-    from posttrain.io import atomic_write_jsonl
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
     from posttrain.world import Task
 
-    paths = inputs(cfg, ctx)
     from_world = cfg.prompts is None
     prompts = _select(load_prompts(paths["prompts"]), cfg, from_world)
     if not prompts:
@@ -181,14 +179,23 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                                "sample/tokens_per_s": n_tokens / (time.perf_counter() - t0)})  # fmt: skip
     finally:
         steplog.close()
+    return records
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.io import atomic_write_jsonl
+
+    records = sample_candidates(cfg, ctx, inputs(cfg, ctx))
     atomic_write_jsonl(ctx.stage_dir / "candidates.jsonl", records)
     return StageResult(
-        summarize_candidates(records, distinct_n), {"candidates": f"{ctx.name}/candidates.jsonl"}
+        summarize_candidates(records), {"candidates": f"{ctx.name}/candidates.jsonl"}
     )
 
 
-def summarize_candidates(records: list[dict], distinct_n) -> dict:
+def summarize_candidates(records: list[dict]) -> dict:
     """Stage metrics: size, length, no-EOS share, within-prompt diversity, gold mean and best-of-n."""
+    from posttrain.eval.metrics import distinct_n
+
     resps = [r for rec in records for r in rec["responses"]]
     m = {
         "sample/prompts": len(records),

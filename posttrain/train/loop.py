@@ -90,6 +90,7 @@ class TrainResult:
     seconds: float
     resumed_from: int | None
     eval: dict = field(default_factory=dict)  # the last held-out evaluation's metrics
+    last: dict = field(default_factory=dict)  # the objective's own metrics at the last step
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainSettings) -> torch.optim.AdamW:
@@ -173,6 +174,7 @@ def train(
     last_good = last
     final_loss = float("nan")
     last_eval: dict = {}
+    last_objective: dict = {}
     t_start = time.perf_counter()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -199,7 +201,11 @@ def train(
             "train/grad_norm": grad_norm,
             "train/tokens_per_s": out["tokens"] / dt if dt > 0 else 0.0,
             "train/tokens": tokens_total,
-        } | {f"train/{k}": v for k, v in out.items() if k not in ("loss", "tokens", "weight")}
+        }
+        # The objective's metrics: already-namespaced keys ("rewards/margin") are kept as they are.
+        last_objective = {(k if "/" in k else f"train/{k}"): v for k, v in out.items()
+                          if k not in ("loss", "tokens", "weight")}  # fmt: skip
+        metrics |= last_objective
         done = step + 1
         if (
             evaluate is not None
@@ -225,7 +231,13 @@ def train(
             "loss", final_loss
         )
     return TrainResult(
-        cfg.steps, final_loss, tokens_total, time.perf_counter() - t_start, resumed_from, last_eval
+        cfg.steps,
+        final_loss,
+        tokens_total,
+        time.perf_counter() - t_start,
+        resumed_from,
+        last_eval,
+        last_objective,
     )
 
 

@@ -1,0 +1,213 @@
+"""Preference pairs as model inputs: tokenised chosen/rejected sequences and their batches.
+
+A pair {"messages", "chosen", "rejected"} becomes two chat examples (prompt + one reply) whose
+loss mask covers exactly the final assistant turn (content and end-of-turn), derived from the
+tokenizer's chat template like SFT. A micro-batch of B pairs holds its 2B sequences in one
+tensor (chosen 0..B-1, then rejected 0..B-1) so one forward pass serves both, either
+right-padded or packed several to a row (positions restart per sequence, no padding between).
+
+`SeqBatch.target_seq` maps every target position (row-major over labels != IGNORE_INDEX, the
+order `models.forward.target_logits` returns) to its sequence, so per-sequence sums are one
+`index_add`, whatever the layout; `last` holds (row, column) of each sequence's final token,
+where a reward head reads.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.data.chat import TokenizedExample, tokenize_chat
+from posttrain.data.collate import Batch, pack_rows, packed_batch, pad_batch
+from posttrain.ops.lm import IGNORE_INDEX
+
+
+@dataclass
+class TokenizedPair:
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    margin: float | None = None
+    prompt_id: str = ""
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+
+    def metrics(self) -> dict:
+        return {f"data/{k}": v for k, v in self.__dict__.items() if k != "pairs"}
+
+
+def tokenize_reply(tokenizer, messages: list[dict], reply: str) -> TokenizedExample:
+    """Prompt messages + one assistant reply, trained on the reply only; the sequence ends at the
+    reply's last trained token (its end-of-turn), where a reward head reads, not at whatever the
+    template renders after it (a newline)."""
+    ex = tokenize_chat(
+        tokenizer, {"messages": [*messages, {"role": "assistant", "content": reply}]},
+        "last_assistant",
+    )  # fmt: skip
+    end = max((t for t, m in enumerate(ex.loss_mask) if m), default=len(ex) - 1) + 1
+    return TokenizedExample(ex.input_ids[:end], ex.loss_mask[:end], ex.truncated)
+
+
+def _fit(ex: TokenizedExample, max_length: int, overlong: str) -> TokenizedExample | None:
+    """Keep the prompt and cut the reply's end; None if the prompt alone fills max_length."""
+    if len(ex) <= max_length:
+        return ex
+    if overlong == "drop":
+        return None
+    cut = TokenizedExample(ex.input_ids[:max_length], ex.loss_mask[:max_length], truncated=True)
+    return cut if cut.n_trained > 0 else None
+
+
+def tokenize_pairs(
+    tokenizer, pairs: list[dict], max_length: int, overlong: str = "truncate"
+) -> tuple[list[TokenizedPair], PairStats]:
+    stats = PairStats(pairs=len(pairs))
+    out = []
+    for p in pairs:
+        c = _fit(tokenize_reply(tokenizer, p["messages"], p["chosen"]), max_length, overlong)
+        r = _fit(tokenize_reply(tokenizer, p["messages"], p["rejected"]), max_length, overlong)
+        if c is None or r is None:
+            stats.dropped_overlong += 1
+            continue
+        stats.truncated += c.truncated or r.truncated
+        out.append(TokenizedPair(c, r, p.get("margin"), str(p.get("prompt_id", ""))))
+    stats.kept = len(out)
+    if not out:
+        raise ValueError(
+            f"no preference pairs left (of {len(pairs)}) within max_length {max_length}: "
+            "every prompt fills the context"
+        )
+    return out, stats
+
+
+@dataclass
+class SeqBatch:
+    batch: Batch  # (R, T) rows holding the sequences, padded or packed
+    target_seq: torch.Tensor  # (N,) sequence index of each target position, row-major
+    last: torch.Tensor  # (S, 2) row and column of each sequence's last token
+    n_seqs: int
+    index: torch.Tensor  # (B,) indices of the pairs in this micro-batch (into the pair list)
+    margin: torch.Tensor | None = None  # (B,) per-pair margins, when every pair has one
+
+    def to(self, device) -> SeqBatch:
+        return SeqBatch(
+            self.batch.to(device), self.target_seq.to(device), self.last.to(device), self.n_seqs,
+            self.index, None if self.margin is None else self.margin.to(device),
+        )  # fmt: skip
+
+    @property
+    def n_pairs(self) -> int:
+        return self.n_seqs // 2
+
+
+def sequence_batch(
+    seqs: list[TokenizedExample], pad_id: int, packing: bool = False, row_len: int | None = None
+) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """(batch, target_seq, last) for a list of sequences, padded one per row or packed."""
+    if packing:
+        rows = pack_rows([len(s) for s in seqs], row_len or max(len(s) for s in seqs))
+        batch = packed_batch([[seqs[i] for i in row] for row in rows], pad_id, row_len)
+    else:
+        rows = [[i] for i in range(len(seqs))]
+        batch = pad_batch(seqs, pad_id)
+    seg = torch.full(batch.labels.shape, -1, dtype=torch.long)
+    last = torch.zeros((len(seqs), 2), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(seqs[i])
+            seg[r, at : at + n] = i
+            last[i] = torch.tensor([r, at + n - 1])
+            at += n
+    target_seq = seg[batch.labels != IGNORE_INDEX]
+    return batch, target_seq, last
+
+
+def pair_batch(
+    pairs: list[TokenizedPair], index: list[int], pad_id: int, packing: bool, row_len: int | None
+) -> SeqBatch:
+    """The 2B sequences of B pairs: chosen first, then rejected, in pair order."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    batch, target_seq, last = sequence_batch(seqs, pad_id, packing, row_len)
+    margins = [p.margin for p in pairs]
+    margin = None if any(m is None for m in margins) else torch.tensor(margins, dtype=torch.float)
+    return SeqBatch(batch, target_seq, last, len(seqs), torch.tensor(index), margin)
+
+
+class PairBatches:
+    """Micro-batches of `batch_size` pairs in a seeded order, reshuffled each epoch (length-
+    grouped when padded); micro-batch k is a pure function of k, so resume sees the same data."""
+
+    def __init__(self, pairs: list[TokenizedPair], *, batch_size: int, pad_id: int,
+                 packing: bool, row_len: int, seed: int):  # fmt: skip
+        self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
+        self.packing, self.row_len, self.seed = packing, row_len, seed
+        self.per_epoch = math.ceil(len(pairs) / batch_size)
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            rng = random.Random(self.seed * 7919 + epoch)
+            idx = list(range(len(self.pairs)))
+            rng.shuffle(idx)
+            if not self.packing:  # similar lengths together: less padding
+                size = lambda i: max(len(self.pairs[i].chosen), len(self.pairs[i].rejected))  # noqa: E731
+                mega = self.batch_size * 50
+                idx = [
+                    j for c in range(0, len(idx), mega) for j in sorted(idx[c : c + mega], key=size)
+                ]
+            plan = [idx[b : b + self.batch_size] for b in range(0, len(idx), self.batch_size)]
+            rng.shuffle(plan)
+            self._cache = {epoch: plan}
+        return self._cache[epoch]
+
+    def micro(self, k: int) -> SeqBatch:
+        epoch, i = divmod(k, self.per_epoch)
+        index = self._plan(epoch)[i]
+        return pair_batch(
+            [self.pairs[j] for j in index], index, self.pad_id, self.packing, self.row_len
+        )
+
+    def all(self, batch_size: int | None = None) -> list[SeqBatch]:
+        """Every pair once, in file order (for evaluation and reference log-probs)."""
+        bs = batch_size or self.batch_size
+        return [
+            pair_batch(
+                self.pairs[s : s + bs],
+                list(range(s, min(s + bs, len(self.pairs)))),
+                self.pad_id,
+                self.packing,
+                self.row_len,
+            )  # fmt: skip
+            for s in range(0, len(self.pairs), bs)
+        ]
+
+    def steps_for(self, epochs: float, grad_accum: int) -> int:
+        return max(1, math.ceil(epochs * self.per_epoch / grad_accum))
+
+
+def sequence_logps(model, sb: SeqBatch, mean: bool = False) -> torch.Tensor:
+    """Summed (or mean) log-prob of each sequence's trained tokens: (S,). Only target positions
+    go through the LM head, and padding never enters any sum."""
+    import torch.nn.functional as F
+
+    from posttrain.models.forward import target_logits
+
+    b = sb.batch
+    logits, targets = target_logits(model, b.input_ids, b.labels, b.attention_mask, b.position_ids)
+    lp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    sums = torch.zeros(sb.n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, sb.target_seq, lp)
+    if not mean:
+        return sums
+    counts = torch.zeros(sb.n_seqs, dtype=lp.dtype, device=lp.device).index_add(
+        0, sb.target_seq, torch.ones_like(lp)
+    )
+    return sums / counts.clamp(min=1)

@@ -1,0 +1,56 @@
+"""Best-of-n: sample n responses, score them with a reward model, keep the best.
+
+The simplest use of a reward model, and a strong baseline for RL: its KL from the sampling
+policy is at most log n - (n - 1) / n (Stiennon et al. 2020; Beirami et al. 2024 show it is
+an upper bound), so n fixes how far it can move from the policy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from posttrain.generate.decode import Generation
+
+
+def kl_bound(n: int) -> float:
+    """The analytic KL(best-of-n || policy) bound log n - (n - 1) / n; 0 at n = 1."""
+    if n < 1:
+        raise ValueError(f"best-of-n: n={n} must be >= 1")
+    return math.log(n) - (n - 1) / n
+
+
+@dataclass
+class BestOfN:
+    best: Generation
+    index: int  # which of the n samples won
+    rewards: list[float]  # reward of every sample, in sample order
+    samples: list[Generation]
+
+    @property
+    def reward(self) -> float:
+        return self.rewards[self.index]
+
+
+def best_of_n(policy, tokenizer, reward_model, rm_tokenizer, conversations: list[list[dict]],
+              n: int, params) -> list[BestOfN]:  # fmt: skip
+    """For each conversation (ending with a user turn): n samples, their rewards, the best (the
+    first of equals)."""
+    from posttrain.generate.decode import sample_n
+    from posttrain.models.reward import score
+
+    prompts = [
+        tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+        for m in conversations
+    ]
+    groups = sample_n(policy, tokenizer, prompts, n, params)
+    flat_convs = [c for c in conversations for _ in range(n)]
+    rewards = score(
+        reward_model, rm_tokenizer, flat_convs, [g.text.strip() for grp in groups for g in grp]
+    )
+    out = []
+    for i, grp in enumerate(groups):
+        rs = rewards[i * n : (i + 1) * n]
+        k = max(range(n), key=lambda j: (rs[j], -j))
+        out.append(BestOfN(grp[k], k, rs, grp))
+    return out

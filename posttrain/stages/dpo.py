@@ -1,0 +1,209 @@
+"""The DPO stage: optimise the policy directly on preference pairs (DPO and relatives).
+
+Losses are pure functions chosen by name from posttrain.ops.preference.DPO_LOSSES: `sigmoid`
+(DPO; with `label_smoothing` > 0, conservative DPO), `ipo`, `hinge` (SLiC) and `simpo`
+(reference-free, length-normalised). Each micro-batch of B pairs is one forward pass over its 2B
+sequences (chosen then rejected), log-probs summed over the response tokens and end-of-turn,
+with the LM head applied only at those positions. The reference log-probs are computed once
+before training (`precompute_ref`, default) with the frozen initial model, so no second model
+sits in memory during training; otherwise a frozen copy runs beside the policy.
+
+Logged per step: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy (implicit
+rewards beta * log-ratio), and kl/ref: the mean of the policy-minus-reference log-ratio over the
+pair's two responses, an estimate of KL(policy || ref) on the preference data (not on the
+policy's own samples, which the evaluate stage measures).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from posttrain.config import StrictModel
+from posttrain.stages._prefs import PairData, load_split_pairs, pairs_path
+from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
+from posttrain.train.loop import TrainSettings
+
+
+class Config(StrictModel):
+    model: str = Field("sft", description="Stage or HF dir of the initial policy.")
+    ref_model: str | None = Field(
+        None, description="Reference model (default: the initial policy)."
+    )
+    data: PairData = Field(default_factory=PairData, description="Preference data.")
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+        "sigmoid", description="DPO-family loss (posttrain.ops.preference.DPO_LOSSES)."
+    )
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward.")
+    label_smoothing: float = Field(
+        0.0, ge=0, le=0.5, description="sigmoid: assumed label-noise rate (conservative DPO)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma.")
+    precompute_ref: bool = Field(
+        True, description="Reference log-probs once before training (no reference in memory)."
+    )
+    batch_size: int = Field(8, ge=1, description="Pairs per micro-batch.")
+    packing: bool = Field(False, description="Pack the 2B sequences into rows instead of padding.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the pairs (overrides steps).")
+    train: TrainSettings = Field(
+        default_factory=lambda: TrainSettings(lr=5e-6, warmup_steps=5, weight_decay=0.0),
+        description="Optimiser settings.",
+    )
+
+
+def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
+    found = {"model": resolve_model(cfg.model, ctx), "pairs": pairs_path(cfg.data, ctx)}
+    if cfg.ref_model:
+        found["ref_model"] = resolve_model(cfg.ref_model, ctx)
+    return found
+
+
+@torch.no_grad()
+def reference_logps(model, batches, device, n_pairs: int, mean: bool = False) -> torch.Tensor:
+    """(n_pairs, 2) chosen/rejected log-probs under `model`, indexed by pair."""
+    from posttrain.data.pairs import sequence_logps
+
+    was_training = model.training
+    model.eval()
+    out = torch.zeros((n_pairs, 2))
+    for sb in batches:
+        lp = sequence_logps(model, sb.to(device), mean=mean).cpu()
+        out[sb.index, 0], out[sb.index, 1] = lp[: sb.n_pairs], lp[sb.n_pairs :]
+    model.train(was_training)
+    return out
+
+
+class DPOObjective:
+    def __init__(self, cfg: Config, data, device, ref_logps=None, ref_model=None):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.ref_logps, self.ref_model = ref_logps, ref_model
+        self.grad_accum = cfg.train.grad_accum
+
+    def batches(self, step: int):
+        return [
+            self.data.micro(step * self.grad_accum + i).to(self.device)
+            for i in range(self.grad_accum)
+        ]
+
+    def weight(self, sb) -> float:
+        return sb.n_pairs
+
+    def tokens(self, sb) -> int:
+        return sb.batch.n_tokens
+
+    def _ref(self, sb) -> tuple[torch.Tensor, torch.Tensor]:
+        from posttrain.data.pairs import sequence_logps
+
+        if self.ref_logps is not None:
+            ref = self.ref_logps[sb.index].to(self.device)
+            return ref[:, 0], ref[:, 1]
+        with torch.no_grad():
+            lp = sequence_logps(self.ref_model, sb)
+        return lp[: sb.n_pairs], lp[sb.n_pairs :]
+
+    def loss(self, model, sb):
+        from posttrain.data.pairs import sequence_logps
+        from posttrain.ops.preference import dpo_loss
+
+        cfg, B = self.cfg, sb.n_pairs
+        lp = sequence_logps(model, sb)
+        pc, pr = lp[:B], lp[B:]
+        has_ref = self.ref_logps is not None or self.ref_model is not None
+        rc, rr = self._ref(sb) if has_ref else (None, None)
+        if cfg.loss == "simpo":
+            n_tok = (
+                torch.zeros(sb.n_seqs, device=lp.device)
+                .index_add(0, sb.target_seq, torch.ones_like(sb.target_seq, dtype=torch.float))
+                .clamp(min=1)
+            )
+            loss, m = dpo_loss(
+                "simpo", pc / n_tok[:B], pr / n_tok[B:], None, None, cfg.beta, gamma=cfg.simpo_gamma
+            )
+        else:
+            kw = {"label_smoothing": cfg.label_smoothing} if cfg.loss == "sigmoid" else {}
+            loss, m = dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, **kw)
+        metrics = {k: v * B for k, v in m.items()}
+        if rc is not None:
+            metrics["kl/ref"] = (((pc - rc) + (pr - rr)) / 2).detach().sum()
+        return loss.sum(), metrics
+
+
+@torch.no_grad()
+def evaluate_pairs(model, objective: DPOObjective, batches) -> dict:
+    """Held-out pairs: the loss and implicit-reward metrics, averaged over pairs."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    total, n = 0.0, 0
+    for sb in batches:
+        sb = sb.to(objective.device)
+        loss, m = objective.loss(model, sb)
+        total += loss.item()
+        n += sb.n_pairs
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    model.train(was_training)
+    return {"eval/loss": total / n} | {f"eval/{k}": v / n for k, v in sums.items()}
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.data.collate import check_packing_isolation
+    from posttrain.data.pairs import PairBatches, tokenize_pairs
+    from posttrain.models.load import load_model, save_model
+    from posttrain.models.tokenizer import load_tokenizer
+
+    paths = inputs(cfg, ctx)
+    tok = load_tokenizer(paths["model"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    train_pairs, val_pairs, read_stats = load_split_pairs(cfg.data, ctx)
+    tokenized, stats = tokenize_pairs(tok, train_pairs, cfg.data.max_length, cfg.data.overlong)
+    model = load_model(paths["model"], ctx.device)
+    row_len = 2 * cfg.data.max_length
+    data = PairBatches(tokenized, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
+                       row_len=row_len, seed=ctx.seed)  # fmt: skip
+    if cfg.packing:
+        check_packing_isolation(model, [tokenized[0].chosen, tokenized[0].rejected], pad)
+    val = []
+    if val_pairs:
+        val_tok, _ = tokenize_pairs(tok, val_pairs, cfg.data.max_length, cfg.data.overlong)
+        val = PairBatches(val_tok, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
+                          row_len=row_len, seed=0).all()  # fmt: skip
+    ref_model = ref_logps = val_ref = None
+    if cfg.loss != "simpo":
+        ref = load_model(paths["ref_model"], ctx.device) if cfg.ref_model else model
+        if cfg.precompute_ref:
+            ctx.logger.info(
+                f"{ctx.name}: reference log-probs of {len(tokenized) + len(val_pairs)} pairs"
+            )
+            ref_logps = reference_logps(ref, data.all(), ctx.device, len(tokenized))
+            if val:
+                val_ref = reference_logps(ref, val, ctx.device, len(val_tok))
+            del ref
+        else:
+            ref_model = copy.deepcopy(ref) if ref is model else ref
+            ref_model.eval().requires_grad_(False)
+    settings = cfg.train
+    if cfg.epochs is not None:
+        settings = settings.model_copy(
+            update={"steps": data.steps_for(cfg.epochs, settings.grad_accum)}
+        )
+    ctx.logger.info(f"{ctx.name}: {cfg.loss} (beta {cfg.beta}) on {len(tokenized)} pairs "
+                    f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip
+    objective = DPOObjective(cfg, data, ctx.device, ref_logps, ref_model)
+    evaluate = None
+    if val:
+        val_obj = DPOObjective(cfg, None, ctx.device, val_ref, ref_model)
+        evaluate = partial(evaluate_pairs, objective=val_obj, batches=val)
+        if not settings.eval_every:
+            settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
+    result = train_with_progress(ctx, model, objective, settings, evaluate)
+    save_model(model, tok, ctx.stage_dir / "model")
+    metrics = {"train/loss": result.final_loss, "train/steps": result.steps,
+               "train/seconds": round(result.seconds, 2)}  # fmt: skip
+    metrics |= result.last | stats.metrics() | read_stats | result.eval
+    return StageResult(metrics, {"model": f"{ctx.name}/model"})

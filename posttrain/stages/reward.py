@@ -1,0 +1,299 @@
+"""The reward stage: fit a reward model to preferences (step 3 of RLHF).
+
+The model is the SFT model with a scalar head read at the last token of the response (see
+posttrain.models.reward). Losses (posttrain.ops.preference): Bradley-Terry on pairs, with the
+pair's margin subtracted when `use_margin` (Llama 2), or Plackett-Luce on each annotator's full
+ranking of the sampled candidates (`loss: plackett_luce`; ties broken by a seeded shuffle).
+
+Evaluated on held-out prompts (pairs split by prompt): accuracy, mean margin, calibration of
+P(chosen > rejected) = sigmoid(r_c - r_r) (expected calibration error over 10 confidence bins),
+and, on the toy world, agreement with gold on every candidate pair of the held-out prompts that
+has a gold gap, and the correlation of reward with response length (a length-hacking warning).
+Saves `model/`, loadable with AutoModelForSequenceClassification.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from posttrain.config import StrictModel
+from posttrain.stages._prefs import PairData, candidate_gold, held_out, load_split_pairs, pairs_path
+from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
+from posttrain.train.loop import TrainSettings
+
+
+class Config(StrictModel):
+    model: str = Field("sft", description="Stage or HF dir the reward model starts from.")
+    data: PairData = Field(default_factory=PairData, description="Preference data.")
+    loss: Literal["bradley_terry", "plackett_luce"] = Field(
+        "bradley_terry", description="Pairwise Bradley-Terry, or Plackett-Luce on full rankings."
+    )
+    use_margin: bool = Field(
+        False, description="Bradley-Terry: subtract each pair's margin (Llama 2's margin loss)."
+    )
+    batch_size: int = Field(16, ge=1, description="Pairs (or rankings) per micro-batch.")
+    packing: bool = Field(False, description="Pack sequences into rows instead of padding.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the pairs (overrides steps).")
+    train: TrainSettings = Field(
+        default_factory=lambda: TrainSettings(lr=1e-4, warmup_steps=5, weight_decay=0.0),
+        description="Optimiser settings.",
+    )
+
+
+def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
+    found = {"model": resolve_model(cfg.model, ctx), "pairs": pairs_path(cfg.data, ctx)}
+    cands = ctx.stage_path(cfg.data.sample_stage, "candidates.jsonl")
+    if cands.is_file():
+        found["candidates"] = cands
+    if cfg.loss == "plackett_luce":
+        found["rankings"] = ctx.stage_path(cfg.data.rank_stage, "rankings.jsonl")
+    return found
+
+
+class BTObjective:
+    """Bradley-Terry over a micro-batch of pairs; the step's loss is the mean over its pairs."""
+
+    def __init__(self, data, grad_accum: int, device, use_margin: bool):
+        self.data, self.grad_accum, self.device, self.use_margin = (
+            data,
+            grad_accum,
+            device,
+            use_margin,
+        )
+
+    def batches(self, step: int):
+        return [
+            self.data.micro(step * self.grad_accum + i).to(self.device)
+            for i in range(self.grad_accum)
+        ]
+
+    def weight(self, sb) -> float:
+        return sb.n_pairs
+
+    def tokens(self, sb) -> int:
+        return sb.batch.n_tokens
+
+    def loss(self, model, sb):
+        from posttrain.models.reward import sequence_rewards
+        from posttrain.ops.preference import bradley_terry_loss
+
+        r = sequence_rewards(model, sb)
+        rc, rr = r[: sb.n_pairs], r[sb.n_pairs :]
+        margin = sb.margin if self.use_margin else None
+        loss, m = bradley_terry_loss(rc, rr, margin)
+        return loss.sum(), {f"reward/{k}": v * sb.n_pairs for k, v in m.items()}
+
+
+class PLObjective:
+    """Plackett-Luce over micro-batches of rankings (K candidates each, best first)."""
+
+    def __init__(self, rankings: list[list], batch_size: int, pad_id: int, seed: int, grad_accum: int, device):  # fmt: skip
+        self.rankings, self.batch_size, self.pad_id = rankings, batch_size, pad_id
+        self.seed, self.grad_accum, self.device = seed, grad_accum, device
+        self.per_epoch = -(-len(rankings) // batch_size)
+
+    def micro(self, k: int):
+        from posttrain.data.pairs import SeqBatch, sequence_batch
+
+        epoch, i = divmod(k, self.per_epoch)
+        idx = list(range(len(self.rankings)))
+        random.Random(self.seed * 7919 + epoch).shuffle(idx)
+        group = [self.rankings[j] for j in idx[i * self.batch_size : (i + 1) * self.batch_size]]
+        seqs = [s for g in group for s in g]
+        batch, target_seq, last = sequence_batch(seqs, self.pad_id)
+        sb = SeqBatch(batch, target_seq, last, len(seqs), torch.tensor([len(g) for g in group]))
+        return sb
+
+    def batches(self, step: int):
+        return [
+            self.micro(step * self.grad_accum + i).to(self.device) for i in range(self.grad_accum)
+        ]
+
+    def weight(self, sb) -> float:
+        return len(sb.index)
+
+    def tokens(self, sb) -> int:
+        return sb.batch.n_tokens
+
+    def loss(self, model, sb):
+        from posttrain.models.reward import sequence_rewards
+        from posttrain.ops.preference import plackett_luce_loss
+
+        r = sequence_rewards(model, sb)
+        sizes = sb.index.tolist()
+        K = max(sizes)
+        rewards = torch.zeros((len(sizes), K), device=r.device)
+        mask = torch.zeros((len(sizes), K), dtype=torch.bool, device=r.device)
+        at = 0
+        for b, n in enumerate(sizes):
+            rewards[b, :n] = r[at : at + n]
+            mask[b, :n] = True
+            at += n
+        order = torch.arange(K, device=r.device).expand(len(sizes), K)  # sequences are best first
+        return plackett_luce_loss(rewards, order, mask).sum(), {}
+
+
+def _ece(conf: list[float], correct: list[bool], bins: int = 10) -> float:
+    """Expected calibration error of confidence max(p, 1-p) against correctness, bins over [0.5, 1]."""
+    total, err = len(conf), 0.0
+    for b in range(bins):
+        lo, hi = 0.5 + 0.5 * b / bins, 0.5 + 0.5 * (b + 1) / bins
+        idx = [i for i, c in enumerate(conf) if lo <= c < hi or (b == bins - 1 and c == hi)]
+        if idx:
+            acc = sum(correct[i] for i in idx) / len(idx)
+            avg = sum(conf[i] for i in idx) / len(idx)
+            err += len(idx) / total * abs(acc - avg)
+    return err
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / (sxx * syy) ** 0.5
+
+
+@torch.no_grad()
+def evaluate_pairs(model, batches, device) -> dict:
+    """Held-out pair metrics: accuracy, mean margin, Bradley-Terry loss, calibration (ECE)."""
+    from posttrain.models.reward import sequence_rewards
+
+    was_training = model.training
+    model.eval()
+    deltas = []
+    for sb in batches:
+        r = sequence_rewards(model, sb.to(device))
+        deltas += (r[: sb.n_pairs] - r[sb.n_pairs :]).tolist()
+    model.train(was_training)
+    t = torch.tensor(deltas)
+    p = torch.sigmoid(t)
+    conf = torch.maximum(p, 1 - p).tolist()
+    return {
+        "eval/accuracy": float((t > 0).float().mean()),
+        "eval/margin": float(t.mean()),
+        "eval/loss": float(-torch.nn.functional.logsigmoid(t).mean()),
+        "eval/ece": _ece(conf, (t > 0).tolist()),
+    }
+
+
+def gold_metrics(model, tok, cands: dict[str, dict], prompt_ids: list[str]) -> dict:
+    """Toy world: agreement with gold on all candidate pairs with a gold gap, for held-out
+    prompts; correlation of reward with response length."""
+    from posttrain.models.reward import score
+
+    convs, texts, owners = [], [], []
+    for pid in prompt_ids:
+        for k, r in enumerate(cands[pid]["responses"]):
+            convs.append(cands[pid]["messages"])
+            texts.append(r["text"])
+            owners.append((pid, k))
+    if not texts:
+        return {}
+    rewards = score(model, tok, convs, texts)
+    by = {o: rw for o, rw in zip(owners, rewards, strict=True)}
+    hits = []
+    for pid in prompt_ids:
+        resp = cands[pid]["responses"]
+        for i in range(len(resp)):
+            for j in range(i + 1, len(resp)):
+                if resp[i]["gold"] != resp[j]["gold"]:
+                    better_i = resp[i]["gold"] > resp[j]["gold"]
+                    d = by[(pid, i)] - by[(pid, j)]
+                    hits.append(0.5 if d == 0 else float((d > 0) == better_i))
+    lengths = [cands[pid]["responses"][k].get("n_tokens", len(cands[pid]["responses"][k]["text"].split()))
+               for pid, k in owners]  # fmt: skip
+    m = {"eval/length_corr": _pearson([float(x) for x in lengths], rewards)}
+    if hits:
+        m["eval/gold_agreement"] = sum(hits) / len(hits)
+        m["eval/gold_pairs"] = len(hits)
+    return {k: v for k, v in m.items() if v is not None}
+
+
+def _rankings_as_sequences(ctx, cfg: Config, tok, seed: int) -> tuple[list[list], list[str]]:
+    """Each annotator's ranking of a prompt's candidates, tokenised best first (ties shuffled)."""
+    from posttrain.data.pairs import tokenize_reply
+    from posttrain.io import read_jsonl
+    from posttrain.stages.rank import tiers
+
+    cands = {
+        r["prompt_id"]: r
+        for r in read_jsonl(ctx.stage_path(cfg.data.sample_stage, "candidates.jsonl"))
+    }
+    out, pids = [], []
+    for n, rec in enumerate(read_jsonl(ctx.stage_path(cfg.data.rank_stage, "rankings.jsonl"))):
+        if held_out(rec["prompt_id"], cfg.data.val_fraction, seed):
+            continue
+        rng = random.Random(seed * 31 + n)
+        flat = []
+        for t in tiers(rec["order"]):
+            rng.shuffle(t)
+            flat += t
+        c = cands[rec["prompt_id"]]
+        seqs = [tokenize_reply(tok, c["messages"], c["responses"][k]["text"]) for k in flat]
+        out.append(
+            [
+                type(s)(s.input_ids[: cfg.data.max_length], s.loss_mask[: cfg.data.max_length])
+                for s in seqs
+            ]
+        )
+        pids.append(rec["prompt_id"])
+    return out, pids
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.data.pairs import PairBatches, tokenize_pairs
+    from posttrain.models.load import save_model
+    from posttrain.models.reward import reward_model_from
+    from posttrain.models.tokenizer import load_tokenizer
+
+    paths = inputs(cfg, ctx)
+    tok = load_tokenizer(paths["model"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    train_pairs, val_pairs, read_stats = load_split_pairs(cfg.data, ctx)
+    tokenized, stats = tokenize_pairs(tok, train_pairs, cfg.data.max_length, cfg.data.overlong)
+    model = reward_model_from(paths["model"], tok, ctx.device)
+    data = PairBatches(tokenized, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
+                       row_len=2 * cfg.data.max_length, seed=ctx.seed)  # fmt: skip
+    settings = cfg.train
+    if cfg.loss == "plackett_luce":
+        rankings, _ = _rankings_as_sequences(ctx, cfg, tok, ctx.seed)
+        objective = PLObjective(
+            rankings, cfg.batch_size, pad, ctx.seed, settings.grad_accum, ctx.device
+        )
+        per_epoch = objective.per_epoch
+    else:
+        objective = BTObjective(data, settings.grad_accum, ctx.device, cfg.use_margin)
+        per_epoch = data.per_epoch
+    if cfg.epochs is not None:
+        steps = max(1, -(-int(cfg.epochs * per_epoch) // settings.grad_accum))
+        settings = settings.model_copy(update={"steps": steps})
+    ctx.logger.info(f"{ctx.name}: {cfg.loss} on {len(tokenized)} pairs "
+                    f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip
+    evaluate = None
+    if val_pairs:
+        val_tok, _ = tokenize_pairs(tok, val_pairs, cfg.data.max_length, cfg.data.overlong)
+        val_batches = PairBatches(val_tok, batch_size=cfg.batch_size, pad_id=pad, packing=False,
+                                  row_len=2 * cfg.data.max_length, seed=0).all()  # fmt: skip
+        evaluate = partial(evaluate_pairs, batches=val_batches, device=ctx.device)
+        if not settings.eval_every:
+            settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
+    result = train_with_progress(ctx, model, objective, settings, evaluate)
+    metrics = {"train/loss": result.final_loss, "train/steps": result.steps,
+               "train/seconds": round(result.seconds, 2)} | stats.metrics() | read_stats | result.eval  # fmt: skip
+    cands = candidate_gold(ctx, cfg.data.sample_stage) if cfg.data.path is None else {}
+    val_prompts = sorted({p["prompt_id"] for p in val_pairs if p["prompt_id"] in cands})
+    if val_prompts:
+        metrics |= gold_metrics(model, tok, cands, val_prompts)
+    save_model(model, tok, ctx.stage_dir / "model")
+    return StageResult(metrics, {"model": f"{ctx.name}/model"})

@@ -1,0 +1,232 @@
+"""Reward model and DPO: sequence log-probs and rewards under padding/packing, HF loading,
+the stages end to end on a tiny pipeline."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from posttrain.data.pairs import (
+    PairBatches,
+    SeqBatch,
+    sequence_batch,
+    sequence_logps,
+    tokenize_pairs,
+    tokenize_reply,
+)
+from posttrain.models.presets import build_model
+from posttrain.ops.lm import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(small_tokenizer):
+    torch.manual_seed(0)
+    model = build_model("toy-xs", small_tokenizer, max_position_embeddings=256)
+    model.eval()
+    return model, small_tokenizer
+
+
+PAIRS = [
+    {"prompt_id": "a", "messages": [{"role": "user", "content": "What is 2 plus 2?"}],
+     "chosen": "4", "rejected": "I think it is 5 or so."},
+    {"prompt_id": "b", "messages": [{"role": "user", "content": "Name a colour."},
+                                    {"role": "assistant", "content": "Blue."},
+                                    {"role": "user", "content": "Another?"}],
+     "chosen": "Red is another colour.", "rejected": "No."},
+    {"prompt_id": "c", "messages": [{"role": "user", "content": "Hi"}],
+     "chosen": "Hello! How can I help?", "rejected": "Go away."},
+]  # fmt: skip
+
+
+def _alone_logp(model, ex) -> float:
+    """Summed log-prob of the trained tokens, by a plain forward of one unpadded sequence."""
+    ids = torch.tensor([ex.input_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return sum(lp[t - 1, ex.input_ids[t]].item() for t in range(1, len(ex)) if ex.loss_mask[t])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sequence_logps_equal_unpadded_forward(tiny_lm, packing):
+    model, tok = tiny_lm
+    pairs, stats = tokenize_pairs(tok, PAIRS, max_length=128)
+    assert stats.kept == 3
+    sb = PairBatches(pairs, batch_size=3, pad_id=tok.pad_token_id, packing=packing, row_len=256,
+                     seed=0).all()[0]  # fmt: skip
+    with torch.no_grad():
+        got = sequence_logps(model, sb)
+    want = [_alone_logp(model, p.chosen) for p in pairs] + [
+        _alone_logp(model, p.rejected) for p in pairs
+    ]
+    assert got.tolist() == pytest.approx(want, abs=1e-4)
+    if packing:
+        assert sb.batch.input_ids.shape[0] < 6  # several sequences share a row
+
+
+def test_pair_mask_covers_exactly_the_final_reply(tiny_lm):
+    _, tok = tiny_lm
+    ex = tokenize_reply(tok, PAIRS[1]["messages"], "Red is another colour.")
+    trained = tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m])
+    assert trained.startswith("Red is another colour.") and "Blue" not in trained
+    assert trained.endswith(tok.decode(ex.input_ids[-1:])) and sum(ex.loss_mask) < len(ex)
+
+
+def test_padding_content_does_not_change_logps(tiny_lm):
+    model, tok = tiny_lm
+    pairs, _ = tokenize_pairs(tok, PAIRS, max_length=128)
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    batch, target_seq, last = sequence_batch(seqs, tok.pad_token_id)
+    sb = SeqBatch(batch, target_seq, last, 6, torch.arange(3))
+    with torch.no_grad():
+        base = sequence_logps(model, sb)
+        pad = batch.attention_mask == 0
+        batch.input_ids[pad] = 7  # any other token id in the padding
+        assert (batch.labels[pad] == IGNORE_INDEX).all()
+        again = sequence_logps(model, sb)
+    assert torch.allclose(base, again, atol=1e-5)
+
+
+def test_truncation_keeps_prompt_and_drops_pairs_whose_prompt_fills_the_context(tiny_lm):
+    _, tok = tiny_lm
+    long = [{"prompt_id": "x", "messages": [{"role": "user", "content": "q"}],
+             "chosen": "word " * 200, "rejected": "no"}]  # fmt: skip
+    pairs, stats = tokenize_pairs(tok, long, max_length=32)
+    assert stats.truncated == 1 and len(pairs[0].chosen) == 32
+    huge = [{"prompt_id": "y", "messages": [{"role": "user", "content": "q " * 200}],
+             "chosen": "a", "rejected": "b"}]  # fmt: skip
+    with pytest.raises(ValueError, match="no preference pairs left"):
+        tokenize_pairs(tok, huge, max_length=32)
+
+
+def test_reward_model_matches_hf_sequence_classification_loading(tiny_lm, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models.load import save_model
+    from posttrain.models.reward import reward_model_from, score, sequence_rewards
+
+    model, tok = tiny_lm
+    save_model(model, tok, tmp_path / "lm")
+    rm = reward_model_from(tmp_path / "lm", tok)
+    msgs = [p["messages"] for p in PAIRS]
+    assert score(rm, tok, msgs, [p["chosen"] for p in PAIRS]) == [0.0, 0.0, 0.0]  # zero head
+    torch.nn.init.normal_(rm.score.weight)
+    save_model(rm, tok, tmp_path / "rm")
+    ours = score(rm, tok, msgs, [p["chosen"] for p in PAIRS])
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "rm", local_files_only=True
+    ).eval()
+    seqs = [tokenize_reply(tok, m, p["chosen"]) for m, p in zip(msgs, PAIRS, strict=True)]
+    batch, target_seq, last = sequence_batch(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        theirs = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+    assert ours == pytest.approx(theirs.tolist(), abs=1e-4)
+    # packed rows give the same rewards
+    pbatch, pts, plast = sequence_batch(seqs, tok.pad_token_id, packing=True, row_len=256)
+    with torch.no_grad():
+        packed = sequence_rewards(rm.eval(), SeqBatch(pbatch, pts, plast, 3, torch.arange(3)))
+    assert packed.tolist() == pytest.approx(ours, abs=1e-4)
+    # reloading the saved RM with posttrain keeps the trained head
+    again = reward_model_from(tmp_path / "rm", tok)
+    assert score(again, tok, msgs, [p["chosen"] for p in PAIRS]) == pytest.approx(ours, abs=1e-5)
+
+
+TINY = """
+name: tiny
+device: cpu
+stages: [world, pretrain, sft, sample, rank, reward, dpo]
+world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 8, n_eval: 4, vocab_size: 400}
+pretrain:
+  seq_len: 32
+  batch_size: 4
+  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
+  eval: {n_per_family: 0}
+sft:
+  max_length: 128
+  batch_size: 8
+  epochs: 1
+  train: {checkpoint_every: 0}
+sample: {n: 3, max_new_tokens: 8, chunk: 16}
+reward:
+  data: {val_fraction: 0.3, max_length: 96}
+  batch_size: 8
+  train: {lr: 1.0e-3, checkpoint_every: 0}
+dpo:
+  data: {val_fraction: 0.3, max_length: 96}
+  batch_size: 8
+  train: {lr: 1.0e-4, checkpoint_every: 0}
+"""
+
+
+def test_pipeline_through_reward_and_dpo(tmp_path, monkeypatch):
+    from posttrain.config import load_pipeline
+    from posttrain.log import Logger
+    from posttrain.pipeline import run_pipeline
+
+    monkeypatch.setenv("CI", "true")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    run = tmp_path / "run"
+    report = run_pipeline(load_pipeline(cfg, [f"out={run}"]), logger=Logger(stream=io.StringIO()))
+    rm = report["stages"]["reward"]
+    for key in ("train/loss", "eval/accuracy", "eval/margin", "eval/ece", "eval/loss"):
+        assert key in rm, key
+    assert (run / "reward/model/config.json").is_file()
+    assert (
+        "ForSequenceClassification"
+        in json.loads((run / "reward/model/config.json").read_text())["architectures"][0]
+    )
+    d = report["stages"]["dpo"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "kl/ref",
+                "eval/rewards/accuracy", "eval/loss"):  # fmt: skip
+        assert key in d, key
+    lines = [json.loads(x) for x in (run / "dpo/metrics.jsonl").read_text().splitlines()]
+    # Step 1: policy == reference, so the implicit rewards are 0 and the loss is log 2.
+    assert lines[0]["train/loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert lines[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
+    assert lines[0]["kl/ref"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_dpo_precomputed_reference_equals_live_reference(tmp_path, tiny_lm, monkeypatch):
+    """The same training with reference log-probs precomputed or from a frozen copy."""
+    from posttrain.config import load_pipeline
+    from posttrain.log import Logger
+    from posttrain.models.load import save_model
+    from posttrain.pipeline import run_pipeline
+
+    monkeypatch.setenv("CI", "true")
+    model, tok = tiny_lm
+    save_model(model, tok, tmp_path / "lm")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS * 4))
+    losses = {}
+    for pre in (True, False):
+        cfg = tmp_path / f"d{pre}.yaml"
+        cfg.write_text(
+            f"name: d\ndevice: cpu\nstages: [dpo]\ndpo:\n  model: {tmp_path / 'lm'}\n"
+            f"  data: {{path: {data}, val_fraction: 0}}\n  precompute_ref: {str(pre).lower()}\n"
+            "  batch_size: 4\n  epochs: 2\n  train: {lr: 1.0e-3, checkpoint_every: 0}\n"
+        )
+        run_pipeline(
+            load_pipeline(cfg, [f"out={tmp_path / str(pre)}"]), logger=Logger(stream=io.StringIO())
+        )
+        rows = [
+            json.loads(x)
+            for x in (tmp_path / str(pre) / "dpo/metrics.jsonl").read_text().splitlines()
+        ]
+        losses[pre] = [r["train/loss"] for r in rows]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert losses[True][-1] < losses[True][0]  # it learns
+
+
+def test_ece_and_pearson_by_hand():
+    from posttrain.stages.reward import _ece, _pearson
+
+    # Bin [0.6, 0.65): conf 0.6, 0.6 with 1 of 2 right -> |0.5 - 0.6| = 0.1, weight 2/4;
+    # bin [0.9, 0.95): conf 0.9, 0.9 both right -> |1 - 0.9| = 0.1, weight 2/4. ECE = 0.1.
+    assert _ece([0.6, 0.6, 0.9, 0.9], [True, False, True, True]) == pytest.approx(0.1)
+    assert _ece([1.0, 1.0], [True, True]) == 0.0
+    assert _pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert _pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert _pearson([1, 2, 3], [5, 5, 5]) is None  # undefined for a constant

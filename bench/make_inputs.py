@@ -6,6 +6,11 @@ The model is a Llama-architecture model with an 8,192-token BPE vocabulary train
 (hidden 256, 4 layers, untied head: ~7.4M parameters, about half of them in the embedding and
 LM head), random-init: a small model on which the LM head matters, as on real small models.
 The data is GSM8K train as {"prompt": question, "completion": answer}.
+
+It also writes hh_pairs.jsonl, preference pairs for bench/dpo.py: HH-RLHF harmless-base test
+(`--hh`; skipped when the file is absent) read with `posttrain.data.preferences.read_hh_pairs`,
+as text {"prompt": "Human: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:", "chosen": " " +
+chosen reply, "rejected": " " + rejected reply}. The model and tokenizer do not depend on it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ def main() -> None:
         default=str(Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/train.jsonl"),
     )
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument(
+        "--hh",
+        default=str(
+            Path(__file__).resolve().parents[1].parent
+            / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+        ),
+    )
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -46,15 +58,33 @@ def main() -> None:
     with open(out / "gsm8k_pc.jsonl", "w") as f:
         for p in pairs:
             f.write(json.dumps(p) + "\n")
-    print(
-        json.dumps(
-            {
-                "model": str(out / "model"),
-                "data": str(out / "gsm8k_pc.jsonl"),
-                "examples": len(pairs),
-            }
-        )
-    )
+    made = {
+        "model": str(out / "model"),
+        "data": str(out / "gsm8k_pc.jsonl"),
+        "examples": len(pairs),
+    }
+    if Path(args.hh).is_file():
+        made |= write_hh_pairs(args.hh, out / "hh_pairs.jsonl")
+    print(json.dumps(made))
+
+
+def hh_text(messages: list[dict]) -> str:
+    """Chat messages back to HH's plain-text form, ending with the cue for the next reply."""
+    turns = [f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"])
+
+
+def write_hh_pairs(src: str, dst: Path) -> dict:
+    """HH-RLHF pairs as {"prompt", "chosen", "rejected"} text, for bench/dpo.py."""
+    from posttrain.data.preferences import read_hh_pairs
+
+    hh, _ = read_hh_pairs(src)
+    with open(dst, "w") as f:
+        for p in hh:
+            rec = {"prompt": hh_text(p["messages"]), "chosen": " " + p["chosen"],
+                   "rejected": " " + p["rejected"]}  # fmt: skip
+            f.write(json.dumps(rec) + "\n")
+    return {"pairs": str(dst), "n_pairs": len(hh)}
 
 
 if __name__ == "__main__":

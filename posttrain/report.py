@@ -86,7 +86,71 @@ def plot_rank(run_dir: Path, stage: str, metrics: dict) -> Path | None:
     return _save(fig, run_dir / "plots" / f"{stage}_pairs.png")
 
 
-PLOTTERS = {"rank": plot_rank}
+def _series(run_dir: Path, stage: str, key: str) -> tuple[list, list]:
+    path = run_dir / stage / "metrics.jsonl"
+    rows = [r for r in read_jsonl(path) if key in r] if path.is_file() else []
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def plot_lines(run_dir: Path, stage: str, keys: list[str], title: str, name: str) -> Path | None:
+    """Several metrics of one stage against step, on one axis."""
+    series = {k: _series(run_dir, stage, k) for k in keys}
+    if not any(xs for xs, _ in series.values()):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for k, (xs, ys) in series.items():
+        if xs:
+            ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", ms=3, lw=1.2, label=k)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("step")
+    ax.set_title(f"{stage}: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, run_dir / "plots" / f"{stage}_{name}.png")
+
+
+def plot_reward(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+    return plot_lines(run_dir, stage, ["train/reward/accuracy", "reward/accuracy", "eval/accuracy",
+                                       "eval/gold_agreement"], "reward-model accuracy", "accuracy")  # fmt: skip
+
+
+def plot_dpo(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+    return plot_lines(run_dir, stage, ["rewards/chosen", "rewards/rejected", "rewards/margin",
+                                       "eval/rewards/margin"], "implicit rewards", "rewards")  # fmt: skip
+
+
+def plot_rl(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+    """Reward, gold and KL to the reference over steps: one figure per RL method."""
+    keys = {"reward/mean": "reward (rollouts)", "gold/mean": "gold (rollouts)", "eval/reward": "reward (held-out)",
+            "eval/gold": "gold (held-out)"}  # fmt: skip
+    series = {k: _series(run_dir, stage, k) for k in [*keys, "kl/ref"]}
+    if not series["reward/mean"][0]:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=100)
+    for k, label in keys.items():
+        xs, ys = series[k]
+        if xs:
+            ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", ms=3, lw=1.2, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / gold")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    xs, ys = series["kl/ref"]
+    ax2.plot(xs, ys, color="tab:red", lw=1, ls="--", label="KL to reference")
+    ax2.set_ylabel("KL (sequence)", color="tab:red")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
+    ax.set_title(f"{stage} ({metrics['kind']}): reward, gold and KL")
+    fig.tight_layout()
+    return _save(fig, run_dir / "plots" / f"{stage}_rl.png")
+
+
+PLOTTERS = {"rank": plot_rank, "reward": plot_reward, "dpo": plot_dpo, "ppo": plot_rl, "grpo": plot_rl,
+            "rloo": plot_rl}  # fmt: skip
 
 
 def stage_plots(run_dir: Path, stage: str, m: dict) -> list[Path]:

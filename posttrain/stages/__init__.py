@@ -1,6 +1,17 @@
 """Stages: one module each, with `Config` (pydantic), `inputs(cfg, ctx)` and `run(cfg, ctx)`."""
 
-from posttrain.stages import best_of_n, dpo, evaluate, pretrain, rank, reward, sample, sft, world
+from posttrain.stages import (
+    best_of_n,
+    dpo,
+    evaluate,
+    pretrain,
+    rank,
+    reward,
+    rl,
+    sample,
+    sft,
+    world,
+)
 
 STAGES = {
     "world": world,
@@ -12,4 +23,7 @@ STAGES = {
     "reward": reward,
     "dpo": dpo,
     "best_of_n": best_of_n,
+    "ppo": rl.PPO,
+    "grpo": rl.GRPO,
+    "rloo": rl.RLOO,
 }

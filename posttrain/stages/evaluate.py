@@ -64,6 +64,11 @@ class Config(StrictModel):
     diversity: DiversitySettings = Field(
         default_factory=DiversitySettings, description="Diversity measurement."
     )
+    reward_model: str | None = Field(
+        None,
+        description="Also score every response with this reward model (stage or HF dir): "
+        "reward/mean per evaluated model.",
+    )
     samples_per_family: int = Field(
         2, ge=0, description="Sample responses per family shown in the report."
     )
@@ -73,6 +78,8 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     found = {f"model:{label}": resolve_model(m.model, ctx) for label, m in cfg.models.items()}
     found |= {f"reward_model:{label}": resolve_model(m.reward_model, ctx)
               for label, m in cfg.models.items() if m.reward_model}  # fmt: skip
+    if cfg.reward_model:
+        found["reward_model"] = resolve_model(cfg.reward_model, ctx)
     return found | {"tasks": resolve_input(None, ctx, cfg.world_stage, "tasks_eval.jsonl")}
 
 
@@ -130,10 +137,9 @@ def evaluate_model(
     if bon is not None:
         metrics["bon/n"] = bon[2].n
         metrics["kl/best_of_n_bound"] = kl_bound(bon[2].n)
-        metrics["reward/best"] = sum(e["reward"] for e in extra) / len(extra)
-        metrics["reward/mean"] = sum(sum(e["rewards"]) / len(e["rewards"]) for e in extra) / len(
-            extra
-        )
+        metrics["bon/reward_best"] = sum(e["reward"] for e in extra) / len(extra)
+        per_prompt = [sum(e["rewards"]) / len(e["rewards"]) for e in extra]
+        metrics["bon/reward_samples"] = sum(per_prompt) / len(per_prompt)
     if cfg.diversity.n_prompts:
         step = max(1, len(prompts) // cfg.diversity.n_prompts)
         chosen = prompts[::step][: cfg.diversity.n_prompts]
@@ -164,6 +170,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         ]
     world = ctx.world()
     evals, samples, metrics = {}, {}, {}
+    scorer = None
+    if cfg.reward_model:
+        from posttrain.rl.rewards import ModelReward
+
+        scorer = ModelReward(paths["reward_model"], ctx.device)
     for label, spec in cfg.models.items():
         path = paths[f"model:{label}"]
         model, tok = load_model(path, ctx.device), load_tokenizer(path)
@@ -178,6 +189,13 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             rm_tok = load_tokenizer(rm_path)
             bon = (reward_model_from(rm_path, rm_tok, ctx.device), rm_tok, spec)
         summary, records = evaluate_model(model, tok, tasks, world, spec.prompt, cfg, ctx.seed, bon)
+        if scorer is not None:  # the learned reward of each response (chat form of the prompt)
+            scored = scorer(
+                [{"messages": t.messages()} for t in tasks], [r["response"] for r in records]
+            )
+            for r, sc in zip(records, scored, strict=True):
+                r["reward"] = sc["reward"]
+            summary["reward/mean"] = sum(sc["reward"] for sc in scored) / len(scored)
         atomic_write_jsonl(ctx.stage_dir / f"{label}.jsonl", records)
         evals[label] = summary
         samples[label] = _samples(records, cfg.samples_per_family)

@@ -87,7 +87,7 @@ class BTObjective:
         rc, rr = r[: sb.n_pairs], r[sb.n_pairs :]
         margin = sb.margin if self.use_margin else None
         loss, m = bradley_terry_loss(rc, rr, margin)
-        return loss.sum(), {f"reward/{k}": v * sb.n_pairs for k, v in m.items()}
+        return loss.sum(), {k.replace("rewards/", "reward/"): v * sb.n_pairs for k, v in m.items()}
 
 
 class PLObjective:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,6 +55,11 @@ class WorldConfig(BaseModel):
         ge=0,
         le=200_000,
         description="Pre-training documents that are Q/A in chat form (mid-training).",
+    )
+    qa_weighting: Literal["mentions", "sqrt", "uniform"] = Field(
+        "mentions",
+        description="How often a known fact is drawn for Q/A and chat documents: in proportion "
+        "to its entity's mentions (tail facts rare), their square root, or uniformly.",
     )
     tool_every: int = Field(
         10,

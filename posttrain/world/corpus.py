@@ -36,6 +36,7 @@ class CorpusSources(NamedTuple):
     strings: list[tuple]  # (op, arg) instances
     qa: dict[str, list[tuple[str, str]]]  # family -> (question, answer) pairs (arith, string)
     knowledge_qa: list[tuple[str, str, int]]  # (question, answer, mentions) of known facts
+    qa_weights: list[float]  # how often each knowledge_qa item is drawn (WorldConfig.qa_weighting)
 
 
 def qa_line(question: str, answer: str) -> str:
@@ -85,7 +86,7 @@ def _skill_doc(rng: random.Random, src: CorpusSources, kind: str) -> str:
 
 def _qa_doc(rng: random.Random, src: CorpusSources) -> str:
     pairs = []
-    weights = [m for _, _, m in src.knowledge_qa]
+    weights = src.qa_weights
     for _ in range(rng.randint(6, 16)):
         kind = rng.choice(("arithmetic", "string", "knowledge"))
         if kind == "knowledge" and src.knowledge_qa:

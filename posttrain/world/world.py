@@ -91,6 +91,10 @@ class World:
                 "string": [(p, r) for _, (p, r, _) in string_items if p not in banned],
             },
             knowledge_qa=knowledge_qa,
+            qa_weights=[
+                {"mentions": float(m), "sqrt": m**0.5, "uniform": 1.0}[self.cfg.qa_weighting]
+                for _, _, m in knowledge_qa
+            ],
         )
 
     def corpus(self, split: str = "train") -> list[str]:
@@ -143,7 +147,7 @@ class World:
         format, so that SFT teaches behaviour rather than the format's special tokens."""
         rng = make_rng(self.cfg.seed, "corpus", "chat")
         src = self._sources
-        weights = [m for _, _, m in src.knowledge_qa]
+        weights = src.qa_weights
         convs = []
         for _ in range(self.cfg.chat_docs):
             msgs = []

@@ -1,0 +1,1 @@
+"""Online RL: rollouts, rewards, and the PPO / GRPO / RLOO update (see posttrain.stages.rl)."""

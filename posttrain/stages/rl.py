@@ -1,0 +1,511 @@
+"""Online RL stages: PPO with a KL constraint, GRPO and RLOO (one file, three stage kinds).
+
+Each step: take a batch of prompts; sample k responses each from the current policy
+(`rollout.temperature`); score them (a learned reward model, the toy world's verifier, or the
+GSM8K verifier), minus `no_eos_penalty` for a response that never ended; compute, over the
+response tokens only, the old log-probs (at the sampling temperature, the same one used when
+log-probs are recomputed during the update), the reference log-probs and, for PPO, the values;
+then advantages, and `epochs` passes of minibatch updates.
+
+- ppo: per-token reward -beta * KL_k1 plus the score at the last token (`kl.where: reward`, the
+  Ziegler/InstructGPT form) or KL as a loss term; GAE(gamma, lambda) with a value model
+  (initialised from the reward model when the reward is one, else from the policy with a fresh
+  head), advantage whitening, clipped policy and value losses, fixed or adaptive KL coefficient
+  (target KL and horizon, Ziegler et al. 2019).
+- grpo: k samples per prompt, group-normalised advantages (optionally without the std division
+  and with a constant normaliser, Dr. GRPO), KL to the reference as a k3 loss term.
+- rloo: k samples per prompt, leave-one-out baseline on (score - beta * sequence KL).
+
+Logged every step: reward/mean, reward/std, rollout/mean_length, rollout/no_eos_frac, kl/ref,
+kl/coef, policy/entropy, policy/clip_frac, policy/approx_kl, value/loss,
+value/explained_variance (PPO), reward/frac_zero_std (group methods), gold/mean (toy world);
+KL and entropy over response tokens only. RL steps are not resumable: a stopped run restarts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from posttrain.config import StrictModel
+from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+
+
+class RewardSettings(StrictModel):
+    kind: Literal["reward_model", "verifier", "gsm8k"] = Field(
+        "reward_model",
+        description="A learned reward model, the toy world's gold checker, or the GSM8K verifier.",
+    )
+    model: str = Field("reward", description="reward_model: stage or HF dir of the reward model.")
+
+
+class KLSettings(StrictModel):
+    coef: float = Field(0.05, ge=0, description="Initial KL coefficient beta.")
+    where: Literal["reward", "loss"] = Field(
+        "reward", description="KL penalty in the per-token reward, or as a loss term."
+    )
+    estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="KL estimator (Schulman): k1 in the reward, k3 as a loss is usual."
+    )
+    target: float | None = Field(
+        None, gt=0, description="Adaptive coefficient: target sequence KL (null: fixed coef)."
+    )
+    horizon: int = Field(10000, ge=1, description="Adaptive coefficient: horizon in samples.")
+
+
+class RolloutSettings(StrictModel):
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout batch.")
+    k: int = Field(1, ge=1, description="Responses sampled per prompt.")
+    temperature: float = Field(1.0, gt=0, description="Sampling (and log-prob) temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(48, ge=1, description="Most tokens per response.")
+
+
+class Config(StrictModel):
+    algo: Literal["ppo", "grpo", "rloo"] = Field("ppo", description="The RL algorithm.")
+    model: str = Field("sft", description="Stage or HF dir of the initial policy.")
+    ref_model: str | None = Field(None, description="Reference model (default: initial policy).")
+    value_model: str | None = Field(
+        None, description="PPO: value model init (default: the reward model, else the policy)."
+    )
+    reward: RewardSettings = Field(default_factory=RewardSettings, description="The reward.")
+    prompts: str | None = Field(
+        None, description="JSONL of prompts (null: the toy world's split); for gsm8k: GSM8K JSONL."
+    )
+    world_stage: str = Field("world", description="Stage holding the world's task files.")
+    split: Literal["train", "rl", "eval"] = Field("rl", description="World split for training.")
+    families: list[str] | None = Field(None, description="World families to train on (null: all).")
+    steps: int = Field(30, ge=1, description="Rollout-and-update iterations.")
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Sampling.")
+    epochs: int = Field(2, ge=1, description="Update passes over each rollout batch.")
+    minibatch_size: int = Field(16, ge=1, description="Sequences per optimiser step.")
+    micro_batch_size: int = Field(
+        16, ge=1, description="Sequences per forward/backward (gradient accumulation)."
+    )
+    lr: float = Field(1e-5, gt=0, description="Policy learning rate (AdamW, constant).")
+    value_lr: float = Field(1e-4, gt=0, description="PPO: value model learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip epsilon.")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 (null: off).")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO value clip (null: unclipped).")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    kl: KLSettings = Field(default_factory=KLSettings, description="KL to the reference.")
+    no_eos_penalty: float = Field(
+        1.0, ge=0, description="Subtracted from the score of a response that never ended."
+    )
+    whiten_rewards: bool = Field(False, description="PPO: whiten scores over the batch.")
+    whiten_advantages: bool = Field(True, description="PPO: whiten advantages over the batch.")
+    std_normalize: bool = Field(True, description="GRPO: divide by the group std (off: Dr. GRPO).")
+    loss_reduction: Literal["token_mean", "seq_mean", "constant"] = Field(
+        "token_mean",
+        description="Policy-loss reduction; constant divides by max_new_tokens x sequences.",
+    )
+    eval_every: int = Field(0, ge=0, description="Held-out greedy eval every N steps (0: end).")
+    eval_prompts: int = Field(20, ge=0, description="Held-out prompts per family to evaluate.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.algo in ("grpo", "rloo") and self.rollout.k < 2:
+            raise ValueError(f"{self.algo} needs rollout.k >= 2 samples per prompt")
+        if (
+            self.minibatch_size % self.micro_batch_size
+            and self.micro_batch_size < self.minibatch_size
+        ):
+            raise ValueError("minibatch_size must be a multiple of micro_batch_size")
+        return self
+
+
+DEFAULTS = {
+    "ppo": {},
+    "grpo": {"rollout": {"k": 4, "prompts_per_step": 8}, "reward": {"kind": "verifier"},
+             "kl": {"coef": 0.04, "where": "loss", "estimator": "k3"}},
+    "rloo": {"rollout": {"k": 4, "prompts_per_step": 8}},
+}  # fmt: skip
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _config_for(algo: str) -> type[Config]:
+    """The stage config of one algorithm: its defaults under the user's settings."""
+
+    class AlgoConfig(Config):
+        @model_validator(mode="before")
+        @classmethod
+        def _algo_defaults(cls, data):
+            data = dict(data or {})
+            if data.get("algo", algo) != algo:
+                raise ValueError(f"this is a {algo} stage; 'algo' must be {algo!r} or left out")
+            return _merge(DEFAULTS[algo], data) | {"algo": algo}
+
+    AlgoConfig.__name__ = AlgoConfig.__qualname__ = f"{algo.upper()}Config"
+    return AlgoConfig
+
+
+PPOConfig, GRPOConfig, RLOOConfig = (_config_for(a) for a in ("ppo", "grpo", "rloo"))
+
+
+def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
+    found = {"model": resolve_model(cfg.model, ctx)}
+    if cfg.ref_model:
+        found["ref_model"] = resolve_model(cfg.ref_model, ctx)
+    if cfg.reward.kind == "reward_model":
+        found["reward_model"] = resolve_model(cfg.reward.model, ctx)
+    if cfg.value_model:
+        found["value_model"] = resolve_model(cfg.value_model, ctx)
+    if cfg.prompts:
+        found["prompts"] = Path(cfg.prompts)
+    else:
+        found["prompts"] = resolve_input(None, ctx, cfg.world_stage, f"tasks_{cfg.split}.jsonl")
+        found["eval_prompts"] = resolve_input(None, ctx, cfg.world_stage, "tasks_eval.jsonl")
+    return found
+
+
+def _load_prompts(cfg: Config, path: Path, families) -> list[dict]:
+    if cfg.reward.kind == "gsm8k":
+        from posttrain.rl.rewards import load_gsm8k_prompts
+
+        return load_gsm8k_prompts(path)
+    from posttrain.stages.sample import load_prompts
+
+    recs = load_prompts(path)
+    if families:
+        recs = [r for r in recs if r.get("family") in families]
+    if not recs:
+        raise ValueError(
+            f"no prompts in {path}" + (f" for families {families}" if families else "")
+        )
+    return recs
+
+
+def _reward_fn(cfg: Config, paths, device):
+    from posttrain.rl import rewards
+
+    if cfg.reward.kind == "reward_model":
+        return rewards.ModelReward(paths["reward_model"], device)
+    return rewards.GSM8KVerifier() if cfg.reward.kind == "gsm8k" else rewards.WorldVerifier()
+
+
+def _value_model(cfg: Config, paths, tok, device):
+    from posttrain.models.reward import reward_model_from
+
+    src = paths.get("value_model") or paths.get("reward_model") or paths["model"]
+    return reward_model_from(src, tok, device)
+
+
+class RLTrainer:
+    def __init__(self, cfg: Config, ctx: StageContext, paths: dict):
+        from posttrain.models.load import load_model
+        from posttrain.models.tokenizer import load_tokenizer
+        from posttrain.train.loop import TrainSettings, make_optimizer
+
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.tok = load_tokenizer(paths["model"])
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.policy = load_model(paths["model"], self.device).eval()  # no dropout in RL
+        ref_src = paths.get("ref_model", paths["model"])
+        self.ref = load_model(ref_src, self.device).eval().requires_grad_(False)
+        self.reward_fn = _reward_fn(cfg, paths, self.device)
+        opt = TrainSettings(lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        self.opt = make_optimizer(self.policy, opt)
+        self.value = None
+        if cfg.algo == "ppo":
+            self.value = _value_model(cfg, paths, self.tok, self.device).eval()
+            self.value_opt = make_optimizer(self.value, opt.model_copy(update={"lr": cfg.value_lr}))
+        self.kl_coef = cfg.kl.coef
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, prompts: list[dict], seed: int):
+        from posttrain.generate import SamplingParams
+        from posttrain.ops import rl as ops
+        from posttrain.rl.rewards import gold_scores
+        from posttrain.rl.rollout import (
+            batch_of,
+            from_flat,
+            sample_rollout,
+            token_logps,
+            token_values,
+        )
+
+        cfg, r = self.cfg, self.cfg.rollout
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                batch_size=64, seed=seed)  # fmt: skip
+        ro = sample_rollout(self.policy, self.tok, prompts, r.k, params)
+        comps = self.reward_fn(ro.prompts, ro.texts)
+        ro.components = comps
+        scores = torch.tensor([c["reward"] for c in comps], dtype=torch.float)
+        raw_scores = scores.clone()
+        scores = scores - cfg.no_eos_penalty * (~ro.finished).float()
+        old, ref, vals = [], [], []
+        for s in range(0, len(ro.seqs), cfg.micro_batch_size):
+            b = batch_of(ro.seqs[s : s + cfg.micro_batch_size], self.pad, self.device)
+            old.append(token_logps(self.policy, b, r.temperature)[0])
+            ref.append(token_logps(self.ref, b, r.temperature)[0])
+            if self.value is not None:
+                vals.append(token_values(self.value, b))
+        mask = ro.mask.to(self.device)
+        ro.mask = mask
+        ro.old_logp, ro.ref_logp = from_flat(torch.cat(old), mask), from_flat(torch.cat(ref), mask)
+        kl_tok = ops.kl_estimate(ro.old_logp, ro.ref_logp, cfg.kl.estimator, mask=mask)
+        kl_seq = (kl_tok * mask).sum(-1)
+        scores = scores.to(self.device)
+        if cfg.algo == "ppo":
+            ro.values = from_flat(torch.cat(vals), mask)
+            sc = (
+                ops.masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool))
+                if cfg.whiten_rewards
+                else scores
+            )
+            rewards = torch.zeros_like(ro.old_logp)
+            if cfg.kl.where == "reward":
+                rewards = rewards - self.kl_coef * kl_tok
+            last = mask.sum(-1) - 1
+            rewards[torch.arange(len(last)), last] += sc
+            ro.rewards = rewards
+            adv, ret = ops.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = ops.masked_whiten(adv, mask)
+            ro.advantages, ro.returns = adv, ret
+        else:
+            G, K = len(prompts), r.k
+            seq_reward = scores - self.kl_coef * kl_seq if cfg.kl.where == "reward" else scores
+            grid = seq_reward.view(G, K)
+            if cfg.algo == "grpo":
+                adv = ops.group_advantages(grid, std_normalize=cfg.std_normalize).view(-1)
+            else:
+                adv = ops.rloo_advantages(grid).view(-1)
+            ro.advantages = adv[:, None].expand_as(ro.old_logp) * mask
+        ro.scores = scores
+        m = {
+            "reward/mean": float(raw_scores.mean()),
+            "reward/std": float(raw_scores.std(unbiased=False)),
+            "reward/score_mean": float(scores.mean()),
+            "rollout/mean_length": float(mask.sum(-1).float().mean()),
+            "rollout/no_eos_frac": float((~ro.finished).float().mean()),
+            "kl/ref": float(kl_seq.mean()),
+            "kl/coef": self.kl_coef,
+        }
+        if cfg.algo != "ppo":
+            m["reward/frac_zero_std"] = float(ops.frac_zero_std(scores.view(len(prompts), r.k)))
+        gold = gold_scores(ro.prompts, ro.texts)
+        if gold is not None:
+            m["gold/mean"] = sum(gold) / len(gold)
+        if self.value is not None:
+            m["value/explained_variance"] = float(
+                ops.explained_variance(ro.values, ro.returns, mask)
+            )
+        return ro, m, float(kl_seq.mean())
+
+    # ------------------------------------------------------------------ update
+    def _denominator(self, mask: torch.Tensor) -> float:
+        cfg = self.cfg
+        if cfg.loss_reduction == "token_mean":
+            return float(mask.sum().clamp(min=1))
+        if cfg.loss_reduction == "seq_mean":
+            return float(mask.shape[0])
+        return float(cfg.rollout.max_new_tokens * mask.shape[0])
+
+    def _reduce(self, per_tok: torch.Tensor, mask: torch.Tensor, denom: float) -> torch.Tensor:
+        from posttrain.ops.reduce import masked_sum
+
+        if self.cfg.loss_reduction == "seq_mean":  # each sequence's token mean, summed / n seqs
+            per_seq = masked_sum(per_tok, mask, -1) / mask.sum(-1).clamp(min=1)
+            return per_seq.sum() / denom
+        return masked_sum(per_tok, mask) / denom
+
+    def update(self, ro) -> dict:
+        from posttrain.ops import rl as ops
+        from posttrain.ops.reduce import masked_sum
+        from posttrain.rl.rollout import batch_of, from_flat, token_logps, token_values
+        from posttrain.train.loop import TrainingDiverged
+
+        cfg = self.cfg
+        S = len(ro.seqs)
+        sums: dict[str, list[float]] = {}
+        rng = random.Random(self.ctx.seed + int(ro.old_logp.numel()))
+        for _ in range(cfg.epochs):
+            order = list(range(S))
+            rng.shuffle(order)
+            for mb in range(0, S, cfg.minibatch_size):
+                idx_mb = order[mb : mb + cfg.minibatch_size]
+                denom = self._denominator(ro.mask[idx_mb])
+                vdenom = float(ro.mask[idx_mb].sum().clamp(min=1))
+                for mi in range(0, len(idx_mb), cfg.micro_batch_size):
+                    idx = idx_mb[mi : mi + cfg.micro_batch_size]
+                    mask = ro.mask[idx]
+                    b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
+                    logp_flat, ent_flat = token_logps(
+                        self.policy, b, cfg.rollout.temperature, with_entropy=True
+                    )
+                    logp, ent = from_flat(logp_flat, mask), from_flat(ent_flat.detach(), mask)
+                    pl, pm = ops.ppo_policy_loss(logp, ro.old_logp[idx], ro.advantages[idx], mask,
+                                                 cfg.clip_eps, cfg.dual_clip)  # fmt: skip
+                    if cfg.kl.where == "loss":
+                        pl = pl + self.kl_coef * ops.kl_estimate(
+                            logp, ro.ref_logp[idx], cfg.kl.estimator, mask=mask
+                        )
+                    loss = self._reduce(pl, mask, denom)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"{self.ctx.name}: non-finite policy loss {loss.item()}"
+                        )
+                    loss.backward()
+                    w = len(idx) / len(idx_mb)
+                    for k, v in pm.items():
+                        sums.setdefault(k, []).append(float(v) * w)
+                    sums.setdefault("policy/entropy", []).append(
+                        float(ops.masked_mean(ent, mask)) * w
+                    )
+                    sums.setdefault("policy/loss", []).append(float(loss))
+                    if self.value is not None:
+                        v = from_flat(token_values(self.value, b), mask)
+                        vl, vm = ops.value_loss(
+                            v, ro.values[idx], ro.returns[idx], mask, cfg.value_clip
+                        )
+                        vloss = masked_sum(vl, mask) / vdenom
+                        vloss.backward()
+                        sums.setdefault("value/loss", []).append(float(vloss))
+                        for k2, v2 in vm.items():
+                            sums.setdefault(k2, []).append(float(v2) * w)
+                gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(gn):
+                    raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm")
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                if self.value is not None:
+                    torch.nn.utils.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm)
+                    self.value_opt.step()
+                    self.value_opt.zero_grad(set_to_none=True)
+        # Entries are per micro-batch, weighted by its share of the minibatch (losses are already
+        # normalised by the whole minibatch): their sum over a minibatch is its value.
+        n_mb = cfg.epochs * math.ceil(S / cfg.minibatch_size)
+        return {k: sum(vs) / n_mb for k, vs in sums.items()}
+
+    def adapt_kl(self, kl: float, n: int) -> None:
+        """Ziegler et al.'s proportional controller on the sequence KL."""
+        t = self.cfg.kl.target
+        if t is None:
+            return
+        err = max(-0.2, min(0.2, kl / t - 1))
+        self.kl_coef *= 1 + err * n / self.cfg.kl.horizon
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, prompts: list[dict]) -> dict:
+        """Greedy responses to held-out prompts: mean reward (and gold on the toy world)."""
+        from posttrain.generate import SamplingParams
+        from posttrain.rl.rewards import gold_scores
+        from posttrain.rl.rollout import sample_rollout
+
+        if not prompts:
+            return {}
+        params = SamplingParams(
+            max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True, batch_size=64
+        )
+        ro = sample_rollout(self.policy, self.tok, prompts, 1, params)
+        comps = self.reward_fn(ro.prompts, ro.texts)
+        m = {"eval/reward": sum(c["reward"] for c in comps) / len(comps)}
+        gold = gold_scores(ro.prompts, ro.texts)
+        if gold is not None:
+            m["eval/gold"] = sum(gold) / len(gold)
+        return m
+
+
+def _eval_prompts(cfg: Config, paths) -> list[dict]:
+    if "eval_prompts" not in paths or not cfg.eval_prompts:
+        return []
+    from posttrain.stages.sample import load_prompts
+
+    recs = [
+        r
+        for r in load_prompts(paths["eval_prompts"])
+        if not cfg.families or r.get("family") in cfg.families
+    ]
+    seen: dict[str, int] = {}
+    out = []
+    for r in recs:
+        seen[r.get("family", "")] = seen.get(r.get("family", ""), 0) + 1
+        if seen[r.get("family", "")] <= cfg.eval_prompts:
+            out.append(r)
+    return out
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.models.load import save_model
+
+    paths = inputs(cfg, ctx)
+    prompts = _load_prompts(cfg, paths["prompts"], cfg.families)
+    heldout = _eval_prompts(cfg, paths)
+    torch.manual_seed(ctx.seed)
+    trainer = RLTrainer(cfg, ctx, paths)
+    ctx.logger.info(f"{ctx.name}: {cfg.algo} on {len(prompts)} prompts, {cfg.steps} steps of "
+                    f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.k} samples, reward {cfg.reward.kind}")  # fmt: skip
+    first = trainer.evaluate(heldout)
+    first = {k.replace("eval/", "eval/initial_"): v for k, v in first.items()}
+    order = list(range(len(prompts)))
+    rng = random.Random(ctx.seed)
+    rng.shuffle(order)
+    at = 0
+    steplog = ctx.logger.progress(ctx.name, cfg.steps, ctx.stage_dir)
+    steplog.begin(0)
+    t_start, last = time.perf_counter(), {}
+    try:
+        for step in range(1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            batch = []
+            for _ in range(cfg.rollout.prompts_per_step):
+                if at == len(order):
+                    rng.shuffle(order)
+                    at = 0
+                batch.append(prompts[order[at]])
+                at += 1
+            ro, m, kl = trainer.rollout(batch, seed=ctx.seed * 1000 + step)
+            t1 = time.perf_counter()
+            m |= trainer.update(ro)
+            trainer.adapt_kl(kl, len(ro.seqs))
+            n_tok = int(ro.mask.sum())
+            m |= {"rollout/tokens_per_s": n_tok / max(t1 - t0, 1e-9),
+                  "train/tokens_per_s": n_tok * cfg.epochs / max(time.perf_counter() - t1, 1e-9)}  # fmt: skip
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                m |= trainer.evaluate(heldout)
+            if step == cfg.steps:
+                m |= trainer.evaluate(heldout)
+            for k, v in m.items():
+                if (
+                    isinstance(v, float)
+                    and not math.isfinite(v)
+                    and k != "value/explained_variance"
+                ):
+                    from posttrain.train.loop import TrainingDiverged
+
+                    raise TrainingDiverged(f"{ctx.name}: {k} is {v} at step {step}")
+            steplog.log(step, m)
+            last = m
+    finally:
+        steplog.close()
+    save_model(trainer.policy, trainer.tok, ctx.stage_dir / "model")
+    metrics = {k: v for k, v in last.items() if not k.endswith("tokens_per_s")} | first
+    metrics |= {"train/steps": cfg.steps, "train/seconds": round(time.perf_counter() - t_start, 2)}
+    return StageResult(metrics, {"model": f"{ctx.name}/model"})
+
+
+class _Kind:
+    """One stage kind of this module: its config class, sharing inputs() and run()."""
+
+    def __init__(self, config: type[Config]):
+        self.Config, self.inputs, self.run = config, inputs, run
+
+
+PPO, GRPO, RLOO = _Kind(PPOConfig), _Kind(GRPOConfig), _Kind(RLOOConfig)

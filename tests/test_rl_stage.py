@@ -1,0 +1,112 @@
+"""PPO, GRPO and RLOO stages end to end on a tiny pipeline; rollout matrix layout."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from posttrain.rl.rollout import from_flat, response_mask
+
+TINY = """
+name: tiny
+device: cpu
+stages: [world, pretrain, sft, sample, rank, reward, ppo, grpo, rloo, evaluate]
+world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 8, n_eval: 4, vocab_size: 400}
+pretrain:
+  seq_len: 32
+  batch_size: 4
+  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
+  eval: {n_per_family: 0}
+sft:
+  max_length: 128
+  batch_size: 8
+  epochs: 1
+  train: {checkpoint_every: 0}
+sample: {n: 2, max_new_tokens: 8, chunk: 16}
+reward:
+  data: {val_fraction: 0.0, max_length: 96}
+  train: {checkpoint_every: 0}
+ppo:
+  steps: 2
+  rollout: {prompts_per_step: 4, max_new_tokens: 8}
+  minibatch_size: 4
+  micro_batch_size: 2
+  kl: {target: 1.0, horizon: 100}
+  eval_prompts: 1
+grpo:
+  steps: 2
+  rollout: {prompts_per_step: 2, k: 3, max_new_tokens: 8}
+  minibatch_size: 6
+  micro_batch_size: 3
+  loss_reduction: constant
+  eval_prompts: 1
+rloo:
+  steps: 2
+  rollout: {prompts_per_step: 2, max_new_tokens: 8}
+  loss_reduction: seq_mean
+  eval_prompts: 0
+evaluate:
+  reward_model: reward
+  max_new_tokens: 6
+  diversity: {n_prompts: 0}
+  models:
+    sft: {model: sft}
+    ppo: {model: ppo}
+    grpo: {model: grpo}
+"""
+
+
+def test_from_flat_matches_target_order():
+    mask = response_mask([2, 3, 1])
+    flat = torch.tensor([1.0, 2, 3, 4, 5, 6])
+    m = from_flat(flat, mask)
+    assert m.tolist() == [[1, 2, 0], [3, 4, 5], [6, 0, 0]]
+    assert torch.equal(m[mask], flat)
+
+
+def test_rl_stages_run_and_log_their_diagnostics(tmp_path, monkeypatch):
+    from posttrain.config import load_pipeline
+    from posttrain.log import Logger
+    from posttrain.pipeline import run_pipeline
+
+    monkeypatch.setenv("CI", "true")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    run = tmp_path / "run"
+    report = run_pipeline(load_pipeline(cfg, [f"out={run}"]), logger=Logger(stream=io.StringIO()))
+    common = ["reward/mean", "reward/std", "rollout/mean_length", "rollout/no_eos_frac", "kl/ref",
+              "kl/coef", "policy/entropy", "policy/clip_frac", "policy/approx_kl", "gold/mean"]  # fmt: skip
+    for stage, extra in [("ppo", ["value/loss", "value/explained_variance"]),
+                         ("grpo", ["reward/frac_zero_std"]), ("rloo", ["reward/frac_zero_std"])]:  # fmt: skip
+        rows = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        for key in common + extra:
+            assert key in rows[0], (stage, key)
+            assert all(r[key] == r[key] for r in rows), (stage, key)  # no NaN
+        assert (run / stage / "model/config.json").is_file()
+    ppo = [json.loads(x) for x in (run / "ppo/metrics.jsonl").read_text().splitlines()]
+    assert ppo[0]["kl/ref"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
+    assert ppo[0]["kl/coef"] == pytest.approx(0.05)
+    assert ppo[1]["kl/coef"] < 0.05  # adaptive: KL below target lowers the coefficient
+    assert (
+        "eval/reward" in report["stages"]["ppo"]
+        and "eval/initial_reward" in report["stages"]["ppo"]
+    )
+    assert report["stages"]["grpo"]["reward/mean"] >= 0  # verifier reward in [0, 1]
+    for label in ("sft", "ppo", "grpo"):
+        assert "reward/mean" in report["evals"][label]
+    assert (run / "plots/ppo_rl.png").is_file() and (run / "plots/grpo_rl.png").is_file()
+
+
+def test_algo_defaults_and_validation():
+    from posttrain.stages.rl import GRPOConfig, PPOConfig
+
+    g = GRPOConfig(rollout={"max_new_tokens": 8})
+    assert g.algo == "grpo" and g.rollout.k == 4 and g.rollout.max_new_tokens == 8
+    assert g.kl.where == "loss" and g.kl.estimator == "k3" and g.reward.kind == "verifier"
+    assert PPOConfig().rollout.k == 1
+    with pytest.raises(ValueError, match="needs rollout.k >= 2"):
+        GRPOConfig(rollout={"k": 1})
+    with pytest.raises(ValueError, match="this is a grpo stage"):
+        GRPOConfig(algo="ppo")

@@ -2,6 +2,7 @@
 
 posttrain run CONFIG [KEY=VALUE ...] [--force STAGE] [--resume]
 posttrain config show CONFIG [KEY=VALUE ...]
+posttrain annotate serve|add-annotator|add-admin|export --run RUN ...
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--json", action="store_true", help="one JSON line per example: input_ids, loss_mask"
     )
+    from posttrain.annotate.cli import add_parser as add_annotate_parser
+
+    add_annotate_parser(sub)
     return p
 
 
@@ -95,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
+        if args.command == "annotate":
+            from posttrain.annotate.cli import main as annotate_main
+
+            return annotate_main(args)
         if args.command == "data":
             from posttrain.data.inspect import inspect
 

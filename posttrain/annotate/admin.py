@@ -1,0 +1,99 @@
+"""Admin routes: progress per annotator, agreement over the human labels, export.
+
+Agreement is the rank stage's own `agreement_metrics` (gold agreement where the candidates carry
+gold, Cohen's kappa per annotator pair, Krippendorff's alpha); export is `export.export`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
+
+from posttrain.annotate import db
+from posttrain.annotate.pages import render
+
+
+def overview(store, conn) -> dict:
+    """Progress of every annotator, prompt coverage, and agreement of the human rankings."""
+    from posttrain.annotate.export import human_rankings
+    from posttrain.stages.rank import agreement_metrics
+
+    people = db.annotators(conn)
+    assigned = store.assignment(conn)
+    counted = db.counts(conn)
+    zero = {"ranked": 0, "skipped": 0, "revisions": 0}
+    rows = [{"name": a.name, "group": a.group, "assigned": len(assigned.get(a.name, [])),
+             **counted.get(a.name, zero)} for a in people]  # fmt: skip
+    rankings = human_rankings(conn, store.cands)
+    per_prompt = Counter(r["prompt_id"] for r in rankings)
+    need = min(store.k, len(people)) or 1
+    return {
+        "stage": store.stage,
+        "n_prompts": len(store.cands),
+        "k": store.k,
+        "total": len(rankings),
+        "covered": len(per_prompt),
+        "complete": sum(n >= need for n in per_prompt.values()),
+        "rows": rows,
+        "metrics": agreement_metrics(rankings, store.cands) if rankings else {},
+    }
+
+
+def add_admin_routes(app: FastAPI, gate) -> None:
+    from posttrain.annotate.export import export
+
+    store, session, check_csrf, threaded = gate.store, gate.session, gate.check_csrf, gate.threaded
+
+    def admin_page(conn, s, exported=None) -> HTMLResponse:
+        o = overview(store, conn)
+        metrics = [
+            (k, f"{v:.3f}" if isinstance(v, float) else v) for k, v in o.pop("metrics").items()
+        ]
+        html = render("admin.html", title="Progress", me=s.annotator, csrf=s.csrf, metrics=metrics,
+                      exported=exported, **o)  # fmt: skip
+        return HTMLResponse(html)
+
+    def do_export():
+        try:
+            return export(store.run_dir, store.stage)
+        except (ValueError, FileNotFoundError) as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.get("/admin", response_class=HTMLResponse)
+    async def admin(request: Request):
+        def work(conn):
+            return admin_page(conn, session(request, conn, role="admin"))
+
+        return await threaded(work)()
+
+    @app.post("/admin/export", response_class=HTMLResponse)
+    async def admin_export(request: Request):
+        form = await request.form()
+
+        def work(conn):
+            s = session(request, conn, role="admin")
+            check_csrf(s, form.get("csrf"))
+            return admin_page(conn, s, exported=do_export())
+
+        return await threaded(work)()
+
+    @app.get("/api/admin/progress")
+    async def api_progress(request: Request):
+        def work(conn):
+            session(request, conn, role="admin")
+            return overview(store, conn)
+
+        return await threaded(work)()
+
+    @app.post("/api/admin/export")
+    async def api_export(request: Request):
+        def work(conn):
+            s = session(request, conn, role="admin")
+            check_csrf(s, request.headers.get("x-csrf-token"))
+            e = do_export()
+            return {"paths": {k: str(v) for k, v in e.paths.items()}, "rankings": e.rankings,
+                    "pairs": e.pairs, "metrics": e.metrics}  # fmt: skip
+
+        return await threaded(work)()

@@ -1,0 +1,161 @@
+"""What every route uses: the Store (candidates + database), sessions, CSRF, the thread pool.
+
+A route's database work runs in the thread pool on a connection of its own (`Gate.threaded`),
+so a slow fsync never blocks the event loop and no connection is shared between threads.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
+
+from posttrain.annotate import db
+
+COOKIE = "posttrain_session"
+
+
+@dataclass
+class Store:
+    """What the app serves: one stage's candidates and the run's annotation database."""
+
+    run_dir: Path
+    stage: str
+    db_path: Path
+    cands: dict[str, dict]
+    k: int
+    prompt_ids: list[str] = field(init=False)
+    position: dict[str, int] = field(init=False)
+    _assigned: tuple = field(init=False, default=((), {}))
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self.prompt_ids = list(self.cands)
+        self.position = {pid: i for i, pid in enumerate(self.prompt_ids)}
+
+    def assignment(self, conn) -> dict[str, list[str]]:
+        """annotator -> assigned prompt ids, recomputed only when the annotators change."""
+        names = tuple(a.name for a in db.annotators(conn))
+        with self._lock:
+            if self._assigned[0] != names:
+                self._assigned = (names, db.assign(self.prompt_ids, list(names), self.k))
+            return self._assigned[1]
+
+
+def open_store(run_dir: str | Path, stage: str, k: int = 2) -> Store:
+    """Check the run, load its candidates and create (or reopen) the database."""
+    from posttrain.annotate.export import candidates_path, check_candidates_unchanged
+    from posttrain.io import hash_path
+    from posttrain.stages.rank import load_candidates
+
+    if k < 1:
+        raise ValueError(f"--k must be at least 1 (annotators per prompt), got {k}")
+    path = candidates_path(run_dir, stage)
+    cands = load_candidates(path)
+    if not cands:
+        raise ValueError(f"{path}: no prompts to rank")
+    dbp = db.init_db(db.db_path(run_dir))
+    with db.opened(dbp) as conn, db.transaction(conn):
+        served = db.get_meta(conn, "stage")
+        if served is not None and served != stage:
+            raise ValueError(
+                f"{dbp} holds labels of stage {served!r}, not {stage!r}: serve --stage {served}, "
+                "or label the other stage in a run directory of its own"
+            )
+        if conn.execute("SELECT COUNT(*) FROM rankings").fetchone()[0]:
+            check_candidates_unchanged(conn, path)
+        db.set_meta(conn, "stage", stage)
+        db.set_meta(conn, "candidates_hash", hash_path(path))
+    return Store(Path(run_dir), stage, dbp, cands, k)
+
+
+def progress(store: Store, conn, name: str) -> dict:
+    """An annotator's queue (unranked, unskipped assigned prompts in file order) and counts."""
+    assigned = store.assignment(conn).get(name, [])
+    ranked = set(db.rankings_of(conn, name)) & set(store.cands)
+    skipped = (db.skips_of(conn, name) & set(store.cands)) - ranked
+    queue = [p for p in assigned if p not in ranked and p not in skipped]
+    return {
+        "assigned": len(set(assigned) | ranked | skipped),
+        "ranked": len(ranked),
+        "skipped": len(skipped),
+        "queued": len(queue),
+        "queue": queue,
+        "skipped_ids": sorted(skipped, key=store.position.get),
+    }
+
+
+def content_text(message: dict) -> str:
+    c = message.get("content")
+    text = c if isinstance(c, str) else json.dumps(c, indent=2, ensure_ascii=False)
+    if message.get("tool_calls"):
+        text += "\n" + json.dumps(message["tool_calls"], indent=2, ensure_ascii=False)
+    return text
+
+
+def letter(pos: int) -> str:
+    """The name a response is shown under: A, B, C, ... by its position on the page."""
+    return chr(ord("A") + pos) if pos < 26 else f"#{pos + 1}"
+
+
+class Gate:
+    """Sessions, roles, CSRF and assignment checks shared by the page, API and admin routes."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def session(self, request: Request, conn, role: str | None = "annotator") -> db.Session:
+        s = db.get_session(conn, request.cookies.get(COOKIE))
+        if s is None:
+            raise HTTPException(401, "not logged in: open the login link you were given")
+        if role is not None and s.annotator.role != role:
+            raise HTTPException(403, f"this needs the {role} role")
+        return s
+
+    @staticmethod
+    def check_csrf(s: db.Session, sent) -> None:
+        if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), s.csrf.encode()):
+            raise HTTPException(403, "CSRF token missing or wrong: reload the page and try again")
+
+    def threaded(self, fn):
+        """fn(conn, *args) run in the thread pool on a connection of its own."""
+
+        async def call(*args):
+            def work():
+                with db.opened(self.store.db_path) as conn:
+                    return fn(conn, *args)
+
+            return await run_in_threadpool(work)
+
+        return call
+
+    def prompt_at(self, index: int) -> str:
+        if not 0 <= index < len(self.store.prompt_ids):
+            raise HTTPException(404, f"no prompt number {index}")
+        return self.store.prompt_ids[index]
+
+    def require_mine(self, conn, s: db.Session, pid) -> None:
+        """The prompt must be assigned to the caller (or ranked or skipped by them before)."""
+        name = s.annotator.name
+        if not isinstance(pid, str) or pid not in self.store.cands:
+            raise HTTPException(404, f"unknown prompt_id {pid!r}")
+        if pid in self.store.assignment(conn).get(name, []):
+            return
+        if pid in db.rankings_of(conn, name) or pid in db.skips_of(conn, name):
+            return
+        raise HTTPException(403, f"prompt {pid!r} is not in your queue")
+
+    @staticmethod
+    async def json_body(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(422, "the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise HTTPException(422, "the body must be a JSON object")
+        return body

@@ -1,0 +1,185 @@
+"""The app's pages (Jinja2, autoescaped), its stylesheet and its one script.
+
+Prompts and responses are untrusted text: every value goes through Jinja2's autoescape, the
+script only ever sets `textContent` and `value`, and the Content-Security-Policy the server sends
+allows no inline script, so a response holding `<script>` shows as text.
+"""
+
+from __future__ import annotations
+
+import jinja2
+
+TEMPLATES = {
+    "base.html": """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }} - posttrain annotate</title>
+<link rel="stylesheet" href="/static/app.css"></head>
+<body><header><span class="brand">posttrain annotate</span>
+{% if me %}<span class="who">{{ me.name }} <small>({{ me.role }}, group {{ me.group }})</small></span>
+{% if me.role == "admin" %}<a href="/admin">Progress</a>{% else %}<a href="/">My queue</a>{% endif %}
+<form method="post" action="/logout" class="inline"><input type="hidden" name="csrf" value="{{ csrf }}">
+<button type="submit" id="logout">Log out</button></form>{% endif %}
+</header><main>{% block main %}{% endblock %}</main>
+<script src="/static/app.js"></script></body></html>""",
+    "error.html": """{% extends "base.html" %}{% block main %}
+<h1>{{ title }}</h1><p class="error" role="alert">{{ message }}</p>{% endblock %}""",
+    "login.html": """{% extends "base.html" %}{% block main %}
+<h1>Log in</h1>
+{% if token %}<p>This login link works once. Log in on the browser you will annotate with.</p>
+<form method="post" action="/login"><input type="hidden" name="token" value="{{ token }}">
+<button type="submit" id="login" class="primary">Log in</button></form>
+{% else %}<p>Open the login link you were given. Each link works once; if yours was used or
+lost, ask the admin for a new one (<code>posttrain annotate add-annotator NAME</code>).</p>{% endif %}
+{% endblock %}""",
+    "home.html": """{% extends "base.html" %}{% block main %}
+<h1>My queue</h1>
+<p class="progress" id="progress">{{ p.ranked }} of {{ p.assigned }} ranked{% if p.skipped %},
+{{ p.skipped }} skipped{% endif %}</p>
+<progress max="{{ p.assigned or 1 }}" value="{{ p.ranked }}"></progress>
+{% if p.queued %}<p><a class="button primary" id="start" href="/rank/next">
+{% if p.ranked or p.skipped %}Continue{% else %}Start{% endif %} ranking ({{ p.queued }} to go)</a></p>
+{% else %}<p id="done">All done: nothing left in your queue. Thank you!</p>{% endif %}
+{% if skipped %}<h2>Skipped</h2><ul>{% for s in skipped %}
+<li><a href="/rank/{{ s.index }}">{{ s.prompt_id }}</a></li>{% endfor %}</ul>{% endif %}
+{% endblock %}""",
+    "rank.html": """{% extends "base.html" %}{% block main %}
+<p class="progress">{{ p.ranked }} of {{ p.assigned }} ranked{% if p.skipped %}, {{ p.skipped }}
+skipped{% endif %}{% if previous %} &middot; you ranked this prompt before; submitting
+replaces your ranking{% endif %}</p>
+<h1>Prompt <code>{{ prompt_id }}</code></h1>
+<section class="prompt">{% for m in messages %}<div class="msg {{ m.role }}">
+<div class="role">{{ m.role }}</div><div class="text">{{ m.text }}</div></div>{% endfor %}</section>
+{% if error %}<p class="error" role="alert" id="error">{{ error }}</p>{% endif %}
+<p class="help">Rank the responses: press <b>Pick</b> from best to worst, or type a number
+for each (1 = best). Equal numbers are a tie; <b>Tie with last pick</b> makes the next pick share
+the previous number.</p>
+<form id="rank-form" method="post" action="/rank/{{ index }}">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<div class="cands">{% for c in cands %}
+<div class="cand" data-index="{{ c.index }}"><div class="cand-head">
+<span class="label">Response {{ c.label }}</span><span class="badge"></span>
+<button type="button" class="pick" data-target="rank_{{ c.index }}">Pick</button>
+<label>Rank <input class="rank" type="number" min="1" max="{{ cands|length }}"
+id="rank_{{ c.index }}" name="rank_{{ c.index }}" value="{{ c.value }}"></label></div>
+<div class="text">{{ c.text }}</div></div>{% endfor %}</div>
+<div class="actions"><button type="button" id="tie">Tie with last pick</button>
+<button type="button" id="clear">Clear</button>
+<button type="submit" id="submit" class="primary">Submit ranking</button></div>
+</form>
+<form method="post" action="/skip/{{ index }}" class="skip">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<button type="submit" id="skip">Skip this prompt</button></form>
+{% endblock %}""",
+    "admin.html": """{% extends "base.html" %}{% block main %}
+<h1>Progress</h1>
+<p>Stage <code>{{ stage }}</code>: {{ n_prompts }} prompts, each for {{ k }} annotator(s);
+{{ total }} rankings; {{ covered }} prompts ranked at least once, {{ complete }} by all
+{{ k }} of their annotators.</p>
+<table id="progress"><tr><th>annotator</th><th>group</th><th>assigned</th><th>ranked</th>
+<th>skipped</th><th>re-submitted</th></tr>{% for a in rows %}<tr><td>{{ a.name }}</td>
+<td>{{ a.group }}</td><td>{{ a.assigned }}</td><td>{{ a.ranked }}</td><td>{{ a.skipped }}</td>
+<td>{{ a.revisions }}</td></tr>{% endfor %}</table>
+<h2>Agreement</h2>{% if metrics %}<table id="agreement">{% for k, v in metrics %}
+<tr><td><code>{{ k }}</code></td><td>{{ v }}</td></tr>{% endfor %}</table>
+{% elif total %}<p>No agreement figures yet: they need two annotators on the same prompts, or
+candidates with gold scores.</p>{% else %}<p>No rankings yet.</p>{% endif %}
+<h2>Export</h2>
+{% if exported %}<p id="exported">Wrote {{ exported.rankings }} rankings and {{ exported.pairs }}
+pairs:</p><ul>{% for name, path in exported.paths.items() %}<li><code>{{ path }}</code></li>
+{% endfor %}</ul>{% endif %}
+<form method="post" action="/admin/export"><input type="hidden" name="csrf" value="{{ csrf }}">
+<button type="submit" id="export" class="primary">Export rankings.jsonl and pairs.jsonl</button>
+</form>{% endblock %}""",
+}
+
+CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 0; color: #1d232a; background: #f6f7f9; }
+header { display: flex; gap: 1em; align-items: center; padding: .6em 1.2em; background: #243447;
+  color: #fff; }
+header a { color: #cfe3ff; } header .who { margin-left: auto; } header small { color: #b8c4d0; }
+.brand { font-weight: 600; } form.inline { display: inline; margin: 0; }
+main { max-width: 1100px; margin: 0 auto; padding: 1em 1.2em 3em; }
+h1 { font-size: 1.35em; } code { background: #e8ebef; padding: 0 .25em; border-radius: 3px; }
+.progress { color: #55606b; margin: .2em 0; } progress { width: 100%; max-width: 420px; }
+.prompt .msg { background: #fff; border: 1px solid #d8dde3; border-radius: 6px; padding: .5em .8em;
+  margin: .4em 0; }
+.msg .role { font-size: .8em; text-transform: uppercase; color: #6b7680; }
+.text { white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace;
+  font-size: .93em; }
+.cands { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: .8em; }
+.cand { background: #fff; border: 2px solid #d8dde3; border-radius: 8px; padding: .6em .8em; }
+.cand.picked { border-color: #2f7d4f; background: #f2fbf5; }
+.cand-head { display: flex; gap: .6em; align-items: center; margin-bottom: .4em; }
+.cand-head .label { font-weight: 600; } .badge { color: #2f7d4f; font-weight: 700; }
+.cand-head label { margin-left: auto; } input.rank { width: 3.5em; }
+button, a.button { font: inherit; padding: .35em .9em; border-radius: 5px; border: 1px solid #8a96a3;
+  background: #fff; cursor: pointer; text-decoration: none; color: #1d232a; display: inline-block; }
+button.primary, a.button.primary { background: #2563c9; border-color: #2563c9; color: #fff; }
+button.active { background: #ffe9a8; } button:disabled { opacity: .5; cursor: default; }
+.actions { display: flex; gap: .6em; margin: 1em 0 .5em; } form.skip { margin-top: .4em; }
+.error { background: #fdecec; border: 1px solid #e3a0a0; color: #8a1c1c; padding: .5em .8em;
+  border-radius: 6px; }
+.help { color: #55606b; }
+table { border-collapse: collapse; background: #fff; }
+td, th { border: 1px solid #d8dde3; padding: .25em .7em; text-align: left; }
+"""
+
+JS = """"use strict";
+// Click-to-order: "Pick" gives a response the next rank number; "Tie with last pick" makes the
+// next pick share the previous number. The numbers are ordinary form fields, so the form also
+// works without this script. Only .value and .textContent are ever set (no HTML).
+(function () {
+  const form = document.getElementById("rank-form");
+  if (!form) return;
+  const inputs = Array.from(form.querySelectorAll("input.rank"));
+  const tieBtn = document.getElementById("tie");
+  let last = 0, tie = false;
+  function refresh() {
+    last = Math.max(0, ...inputs.map((i) => parseInt(i.value, 10) || 0));
+    for (const input of inputs) {
+      const card = input.closest(".cand");
+      card.classList.toggle("picked", input.value !== "");
+      card.querySelector(".badge").textContent = input.value ? "#" + input.value : "";
+    }
+    if (last === 0) tie = false;
+    tieBtn.classList.toggle("active", tie);
+    tieBtn.disabled = last === 0;
+  }
+  form.addEventListener("click", (ev) => {
+    const btn = ev.target.closest("button.pick");
+    if (!btn) return;
+    const input = document.getElementById(btn.dataset.target);
+    if (input.value !== "") return;
+    input.value = String(tie ? last : last + 1);
+    tie = false;
+    refresh();
+  });
+  tieBtn.addEventListener("click", () => { tie = !tie; refresh(); });
+  document.getElementById("clear").addEventListener("click", () => {
+    inputs.forEach((i) => { i.value = ""; });
+    tie = false;
+    refresh();
+  });
+  inputs.forEach((i) => i.addEventListener("input", refresh));
+  refresh();
+})();
+"""
+
+ENV = jinja2.Environment(
+    loader=jinja2.DictLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
+)
+
+
+DEFAULTS = {
+    "me": None,
+    "csrf": "",
+    "error": None,
+    "previous": False,
+    "exported": None,
+    "token": None,
+}
+
+
+def render(name: str, **ctx) -> str:
+    return ENV.get_template(name).render(**(DEFAULTS | ctx))

@@ -26,3 +26,53 @@ def shared_data():
             f"shared datasets not found at {SHARED_DATA} (expected ../shared/data next to the project)"
         )
     return SHARED_DATA
+
+
+# The smallest toy pipeline that exercises every stage: tests add their stages' sections.
+TINY_BASE = """
+name: tiny
+device: cpu
+world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 8, n_eval: 4, vocab_size: 400}
+pretrain:
+  seq_len: 32
+  batch_size: 4
+  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
+  eval: {n_per_family: 0}
+sft:
+  max_length: 128
+  batch_size: 8
+  epochs: 1
+  train: {checkpoint_every: 0}
+"""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def run_tiny(tmp_path, monkeypatch):
+    """run_tiny(stages, extra_yaml, force=()) -> (report, run_dir): TINY_BASE with `extra_yaml`
+    merged over it, run in tmp_path/run with plain progress lines."""
+    import io
+
+    import yaml
+
+    from posttrain.config import load_pipeline
+    from posttrain.log import Logger
+    from posttrain.pipeline import run_pipeline
+
+    monkeypatch.setenv("CI", "true")
+
+    def run(stages: list[str], extra: str = "", force=()):
+        raw = _merge(yaml.safe_load(TINY_BASE), yaml.safe_load(extra) or {}) | {"stages": stages}
+        cfg = tmp_path / "tiny.yaml"
+        cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+        out = tmp_path / "run"
+        pipe = load_pipeline(cfg, [f"out={out}"])
+        return run_pipeline(pipe, force=set(force), logger=Logger(stream=io.StringIO())), out
+
+    return run

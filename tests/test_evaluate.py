@@ -1,41 +1,18 @@
-import io
 import json
 
 import pytest
 
-from posttrain.config import load_pipeline
 from posttrain.eval.metrics import distinct_n, summarize
-from posttrain.log import Logger
-from posttrain.pipeline import run_pipeline
 
-TINY = """
-name: tiny
-device: cpu
-stages: [world, pretrain, sft, evaluate]
-world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 4, n_eval: 4, vocab_size: 400}
-pretrain:
-  seq_len: 32
-  batch_size: 4
-  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
-  eval: {n_per_family: 0}
-sft:
-  max_length: 128
-  batch_size: 8
-  epochs: 1
-  train: {checkpoint_every: 0}
+EVAL = """
 evaluate:
   max_new_tokens: 6
   diversity: {n_prompts: 3, n_samples: 2}
 """
 
 
-def test_pipeline_with_sft_and_evaluate_writes_report_card(tmp_path, monkeypatch):
-    monkeypatch.setenv("CI", "true")
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
-    report = run_pipeline(
-        load_pipeline(cfg, [f"out={tmp_path / 'run'}"]), logger=Logger(stream=io.StringIO())
-    )
+def test_pipeline_with_sft_and_evaluate_writes_report_card(tmp_path, run_tiny):
+    report, _ = run_tiny(["world", "pretrain", "sft", "evaluate"], EVAL)
     assert set(report["evals"]) == {"base", "sft"}
     for label in ("base", "sft"):
         ev = report["evals"][label]

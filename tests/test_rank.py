@@ -5,10 +5,8 @@ import json
 
 import pytest
 
-from posttrain.config import load_pipeline
 from posttrain.data.schema import DataError
 from posttrain.log import Logger
-from posttrain.pipeline import run_pipeline
 from posttrain.stages.rank import (
     PairSettings,
     agreement_metrics,
@@ -152,33 +150,16 @@ def test_load_prompts_forms_and_errors(tmp_path):
         load_prompts(f)
 
 
-TINY = """
-name: tiny
-device: cpu
-stages: [world, pretrain, sft, sample, rank]
-world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 4, n_eval: 4, vocab_size: 400}
-pretrain:
-  seq_len: 32
-  batch_size: 4
-  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
-  eval: {n_per_family: 0}
-sft:
-  max_length: 128
-  batch_size: 8
-  epochs: 1
-  train: {checkpoint_every: 0}
+SAMPLE = """
 sample: {n: 3, max_new_tokens: 8, chunk: 8}
 """
 
 
-def test_pipeline_through_rank_writes_candidates_rankings_pairs_and_report(tmp_path, monkeypatch):
-    monkeypatch.setenv("CI", "true")
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
-    run = tmp_path / "run"
-    report = run_pipeline(load_pipeline(cfg, [f"out={run}"]), logger=Logger(stream=io.StringIO()))
+def test_pipeline_through_rank_writes_candidates_rankings_pairs_and_report(run_tiny):
+    stages = ["world", "pretrain", "sft", "sample", "rank"]
+    report, run = run_tiny(stages, SAMPLE)
     cands = [json.loads(x) for x in (run / "sample/candidates.jsonl").read_text().splitlines()]
-    assert len(cands) == 20  # 4 rl prompts x 5 families
+    assert len(cands) == 40  # 8 rl prompts x 5 families
     for c in cands:
         assert c["prompt_id"].split("/")[1] == "rl" and len(c["responses"]) == 3
         for r in c["responses"]:
@@ -187,7 +168,7 @@ def test_pipeline_through_rank_writes_candidates_rankings_pairs_and_report(tmp_p
             assert r["logprob"] == pytest.approx(sum(r["token_logprobs"]), abs=1e-3)
             assert r["ended"] or r["n_tokens"] == 8
     rankings = [json.loads(x) for x in (run / "rank/rankings.jsonl").read_text().splitlines()]
-    assert len(rankings) == 20 * 3  # default pool: 3 annotators rank every prompt
+    assert len(rankings) == 40 * 3  # default pool: 3 annotators rank every prompt
     for r in rankings:
         check_order(r["order"], 3, "ranking")
     pairs = [json.loads(x) for x in (run / "rank/pairs.jsonl").read_text().splitlines()]
@@ -203,9 +184,7 @@ def test_pipeline_through_rank_writes_candidates_rankings_pairs_and_report(tmp_p
     assert "rank_pairs.png" in (run / "report.md").read_text()
     # Deterministic: a forced rerun of sample writes byte-identical candidates.
     before = (run / "sample/candidates.jsonl").read_bytes()
-    run_pipeline(
-        load_pipeline(cfg, [f"out={run}"]), force={"sample"}, logger=Logger(stream=io.StringIO())
-    )
+    run_tiny(stages, SAMPLE, force={"sample"})
     assert (run / "sample/candidates.jsonl").read_bytes() == before
 
 

@@ -3,6 +3,7 @@ the stages end to end on a tiny pipeline."""
 
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -132,25 +133,17 @@ def test_reward_model_matches_hf_sequence_classification_loading(tiny_lm, tmp_pa
     assert score(again, tok, msgs, [p["chosen"] for p in PAIRS]) == pytest.approx(ours, abs=1e-5)
 
 
-TINY = """
-name: tiny
-device: cpu
-stages: [world, pretrain, sft, sample, rank, reward, dpo]
-world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 8, n_eval: 4, vocab_size: 400}
-pretrain:
-  seq_len: 32
-  batch_size: 4
-  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
-  eval: {n_per_family: 0}
-sft:
-  max_length: 128
-  batch_size: 8
-  epochs: 1
-  train: {checkpoint_every: 0}
+PREFS = """
 sample: {n: 3, max_new_tokens: 8, chunk: 16}
 reward:
   data: {val_fraction: 0.3, max_length: 96}
   batch_size: 8
+  train: {lr: 1.0e-3, checkpoint_every: 0}
+reward_pl:
+  kind: reward
+  loss: plackett_luce
+  data: {val_fraction: 0.3, max_length: 96}
+  batch_size: 4
   train: {lr: 1.0e-3, checkpoint_every: 0}
 dpo:
   data: {val_fraction: 0.3, max_length: 96}
@@ -159,20 +152,18 @@ dpo:
 """
 
 
-def test_pipeline_through_reward_and_dpo(tmp_path, monkeypatch):
-    from posttrain.config import load_pipeline
-    from posttrain.log import Logger
-    from posttrain.pipeline import run_pipeline
-
-    monkeypatch.setenv("CI", "true")
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
-    run = tmp_path / "run"
-    report = run_pipeline(load_pipeline(cfg, [f"out={run}"]), logger=Logger(stream=io.StringIO()))
+def test_pipeline_through_reward_and_dpo(run_tiny):
+    stages = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "dpo"]
+    report, run = run_tiny(stages, PREFS)
     rm = report["stages"]["reward"]
     for key in ("train/loss", "eval/accuracy", "eval/margin", "eval/ece", "eval/loss"):
         assert key in rm, key
     assert (run / "reward/model/config.json").is_file()
+    pl = report["stages"]["reward_pl"]  # Plackett-Luce on each annotator's full ranking
+    assert pl["train/loss"] == pl["train/loss"] and "eval/accuracy" in pl
+    first = json.loads((run / "reward_pl/metrics.jsonl").read_text().splitlines()[0])
+    # The head starts at zero: every ranking of 3 is equally likely, loss log 3! = log 6.
+    assert first["train/loss"] == pytest.approx(math.log(6), abs=1e-4)
     assert (
         "ForSequenceClassification"
         in json.loads((run / "reward/model/config.json").read_text())["architectures"][0]

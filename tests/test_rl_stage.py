@@ -1,6 +1,5 @@
 """PPO, GRPO and RLOO stages end to end on a tiny pipeline; rollout matrix layout."""
 
-import io
 import json
 
 import pytest
@@ -8,21 +7,7 @@ import torch
 
 from posttrain.rl.rollout import from_flat, response_mask
 
-TINY = """
-name: tiny
-device: cpu
-stages: [world, pretrain, sft, sample, rank, reward, ppo, grpo, rloo, evaluate]
-world: {corpus_docs: 60, heldout_docs: 20, n_train: 12, n_rl: 8, n_eval: 4, vocab_size: 400}
-pretrain:
-  seq_len: 32
-  batch_size: 4
-  train: {steps: 3, warmup_steps: 1, checkpoint_every: 0}
-  eval: {n_per_family: 0}
-sft:
-  max_length: 128
-  batch_size: 8
-  epochs: 1
-  train: {checkpoint_every: 0}
+RL = """
 sample: {n: 2, max_new_tokens: 8, chunk: 16}
 reward:
   data: {val_fraction: 0.0, max_length: 96}
@@ -65,16 +50,20 @@ def test_from_flat_matches_target_order():
     assert torch.equal(m[mask], flat)
 
 
-def test_rl_stages_run_and_log_their_diagnostics(tmp_path, monkeypatch):
-    from posttrain.config import load_pipeline
-    from posttrain.log import Logger
-    from posttrain.pipeline import run_pipeline
-
-    monkeypatch.setenv("CI", "true")
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
-    run = tmp_path / "run"
-    report = run_pipeline(load_pipeline(cfg, [f"out={run}"]), logger=Logger(stream=io.StringIO()))
+def test_rl_stages_run_and_log_their_diagnostics(run_tiny):
+    stages = [
+        "world",
+        "pretrain",
+        "sft",
+        "sample",
+        "rank",
+        "reward",
+        "ppo",
+        "grpo",
+        "rloo",
+        "evaluate",
+    ]
+    report, run = run_tiny(stages, RL)
     common = ["reward/mean", "reward/std", "rollout/mean_length", "rollout/no_eos_frac", "kl/ref",
               "kl/coef", "policy/entropy", "policy/clip_frac", "policy/approx_kl", "gold/mean"]  # fmt: skip
     for stage, extra in [("ppo", ["value/loss", "value/explained_variance"]),

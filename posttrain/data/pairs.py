@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.data.chat import TokenizedExample, tokenize_chat
+from posttrain.data.chat import TokenizedExample, fit_length, tokenize_chat
 from posttrain.data.collate import Batch, pack_rows, packed_batch, pad_batch
 from posttrain.ops.lm import IGNORE_INDEX
 
@@ -56,24 +56,17 @@ def tokenize_reply(tokenizer, messages: list[dict], reply: str) -> TokenizedExam
     return TokenizedExample(ex.input_ids[:end], ex.loss_mask[:end], ex.truncated)
 
 
-def _fit(ex: TokenizedExample, max_length: int, overlong: str) -> TokenizedExample | None:
-    """Keep the prompt and cut the reply's end; None if the prompt alone fills max_length."""
-    if len(ex) <= max_length:
-        return ex
-    if overlong == "drop":
-        return None
-    cut = TokenizedExample(ex.input_ids[:max_length], ex.loss_mask[:max_length], truncated=True)
-    return cut if cut.n_trained > 0 else None
-
-
 def tokenize_pairs(
     tokenizer, pairs: list[dict], max_length: int, overlong: str = "truncate"
 ) -> tuple[list[TokenizedPair], PairStats]:
     stats = PairStats(pairs=len(pairs))
     out = []
     for p in pairs:
-        c = _fit(tokenize_reply(tokenizer, p["messages"], p["chosen"]), max_length, overlong)
-        r = _fit(tokenize_reply(tokenizer, p["messages"], p["rejected"]), max_length, overlong)
+        # keep-start truncation keeps the prompt and cuts the reply's end (None: nothing left)
+        c = fit_length(tokenize_reply(tokenizer, p["messages"], p["chosen"]), max_length, overlong)
+        r = fit_length(
+            tokenize_reply(tokenizer, p["messages"], p["rejected"]), max_length, overlong
+        )
         if c is None or r is None:
             stats.dropped_overlong += 1
             continue

@@ -27,7 +27,7 @@ from pydantic import Field
 from posttrain.config import StrictModel
 from posttrain.stages._prefs import PairData, load_split_pairs, pairs_path
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
-from posttrain.train.loop import TrainSettings
+from posttrain.train.loop import MicroBatchObjective, TrainSettings
 
 
 class Config(StrictModel):
@@ -78,17 +78,12 @@ def reference_logps(model, batches, device, n_pairs: int, mean: bool = False) ->
     return out
 
 
-class DPOObjective:
-    def __init__(self, cfg: Config, data, device, ref_logps=None, ref_model=None):
-        self.cfg, self.data, self.device = cfg, data, device
-        self.ref_logps, self.ref_model = ref_logps, ref_model
-        self.grad_accum = cfg.train.grad_accum
+class DPOObjective(MicroBatchObjective):
+    """A DPO-family loss summed over a micro-batch's pairs; a step's loss is its pair mean."""
 
-    def batches(self, step: int):
-        return [
-            self.data.micro(step * self.grad_accum + i).to(self.device)
-            for i in range(self.grad_accum)
-        ]
+    def __init__(self, cfg: Config, data, device, ref_logps=None, ref_model=None):
+        super().__init__(data, cfg.train.grad_accum, device)
+        self.cfg, self.ref_logps, self.ref_model = cfg, ref_logps, ref_model
 
     def weight(self, sb) -> float:
         return sb.n_pairs

@@ -35,12 +35,20 @@ from posttrain.world.annotators import AnnotatorConfig, PoolConfig
 
 def default_pool() -> PoolConfig:
     """Three annotators, each flipping 25% of pairwise labels (AlpacaFarm's noise level), with a
-    mild length bias of differing strength: a small population whose tastes differ a little."""
+    mild length bias of differing strength (a small population whose tastes differ a little),
+    who call two responses a tie when their utilities differ by at most 0.25, as people say
+    "about the same" of two equally good answers."""
     return PoolConfig(
         annotators=[
-            AnnotatorConfig(name="a1", group="g1", length=0.1, noise=0.25, temperature=0.3),
-            AnnotatorConfig(name="a2", group="g1", length=0.2, noise=0.25, temperature=0.3),
-            AnnotatorConfig(name="a3", group="g2", length=0.3, noise=0.25, temperature=0.3),
+            AnnotatorConfig(
+                name="a1", group="g1", length=0.1, noise=0.25, temperature=0.1, tie_margin=0.25
+            ),
+            AnnotatorConfig(
+                name="a2", group="g1", length=0.2, noise=0.25, temperature=0.1, tie_margin=0.25
+            ),
+            AnnotatorConfig(
+                name="a3", group="g2", length=0.3, noise=0.25, temperature=0.1, tie_margin=0.25
+            ),
         ],
         per_prompt=3,
         seed=0,
@@ -144,12 +152,15 @@ def build_pairs(cands: dict[str, dict], rankings: list[dict], settings: PairSett
             sources = [(borda([r["order"] for r in rs]), "+".join(r["annotator"] for r in rs))]
         else:
             sources = [(r["order"], r["annotator"]) for r in rs]
+        # An empty reply ranks like any other; it just cannot stand in a pair record.
         for order, who in sources:
             for i, j, dist in order_pairs(order, settings.strategy):
                 if dist < settings.min_margin:
                     continue
                 chosen, rejected = rec["responses"][i]["text"], rec["responses"][j]["text"]
                 if chosen == rejected:  # identical samples carry no preference
+                    continue
+                if not chosen.strip() or not rejected.strip():  # an empty reply makes no pair
                     continue
                 pair = {"prompt_id": pid, "messages": rec["messages"], "chosen": chosen,
                         "rejected": rejected, "annotator": who, "candidates": [i, j]}  # fmt: skip

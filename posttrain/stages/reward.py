@@ -25,7 +25,7 @@ from pydantic import Field
 from posttrain.config import StrictModel
 from posttrain.stages._prefs import PairData, candidate_gold, held_out, load_split_pairs, pairs_path
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
-from posttrain.train.loop import TrainSettings
+from posttrain.train.loop import MicroBatchObjective, TrainSettings
 
 
 class Config(StrictModel):
@@ -56,22 +56,12 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     return found
 
 
-class BTObjective:
+class BTObjective(MicroBatchObjective):
     """Bradley-Terry over a micro-batch of pairs; the step's loss is the mean over its pairs."""
 
     def __init__(self, data, grad_accum: int, device, use_margin: bool):
-        self.data, self.grad_accum, self.device, self.use_margin = (
-            data,
-            grad_accum,
-            device,
-            use_margin,
-        )
-
-    def batches(self, step: int):
-        return [
-            self.data.micro(step * self.grad_accum + i).to(self.device)
-            for i in range(self.grad_accum)
-        ]
+        super().__init__(data, grad_accum, device)
+        self.use_margin = use_margin
 
     def weight(self, sb) -> float:
         return sb.n_pairs
@@ -90,12 +80,12 @@ class BTObjective:
         return loss.sum(), {k.replace("rewards/", "reward/"): v * sb.n_pairs for k, v in m.items()}
 
 
-class PLObjective:
+class PLObjective(MicroBatchObjective):
     """Plackett-Luce over micro-batches of rankings (K candidates each, best first)."""
 
     def __init__(self, rankings: list[list], batch_size: int, pad_id: int, seed: int, grad_accum: int, device):  # fmt: skip
-        self.rankings, self.batch_size, self.pad_id = rankings, batch_size, pad_id
-        self.seed, self.grad_accum, self.device = seed, grad_accum, device
+        super().__init__(self, grad_accum, device)  # its own micro(k) makes the batches
+        self.rankings, self.batch_size, self.pad_id, self.seed = rankings, batch_size, pad_id, seed
         self.per_epoch = -(-len(rankings) // batch_size)
 
     def micro(self, k: int):

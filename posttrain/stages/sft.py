@@ -21,7 +21,7 @@ from posttrain.stages.base import (
     resolve_model,
     train_with_progress,
 )
-from posttrain.train.loop import TrainSettings
+from posttrain.train.loop import MicroBatchObjective, TrainSettings
 
 
 class LoraSettings(StrictModel):
@@ -95,15 +95,8 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     }
 
 
-class SFTObjective:
-    def __init__(self, batches, grad_accum: int, device):
-        self.data, self.grad_accum, self.device = batches, grad_accum, device
-
-    def batches(self, step: int):
-        return [
-            self.data.micro(step * self.grad_accum + i).to(self.device)
-            for i in range(self.grad_accum)
-        ]
+class SFTObjective(MicroBatchObjective):
+    """Summed cross-entropy over the trained tokens; a step's loss is its mean per token."""
 
     def weight(self, batch) -> float:
         return batch.n_loss_tokens

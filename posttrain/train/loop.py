@@ -82,6 +82,21 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
 
 
+class MicroBatchObjective:
+    """The batching half of an Objective: optimiser step s takes micro-batches
+    s * grad_accum ... s * grad_accum + grad_accum - 1 of `data` (anything with .micro(k),
+    a pure function of k, so a resumed run sees the same data), moved to the device."""
+
+    def __init__(self, data, grad_accum: int, device):
+        self.data, self.grad_accum, self.device = data, grad_accum, device
+
+    def batches(self, step: int) -> list:
+        return [
+            self.data.micro(step * self.grad_accum + i).to(self.device)
+            for i in range(self.grad_accum)
+        ]
+
+
 @dataclass
 class TrainResult:
     steps: int

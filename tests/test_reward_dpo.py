@@ -145,6 +145,12 @@ reward_pl:
   data: {val_fraction: 0.3, max_length: 96}
   batch_size: 4
   train: {lr: 1.0e-3, checkpoint_every: 0}
+bon:
+  kind: best_of_n
+  reward_model: reward
+  n: 3
+  n_prompts: 1
+  max_new_tokens: 6
 dpo:
   data: {val_fraction: 0.3, max_length: 96}
   batch_size: 8
@@ -153,7 +159,7 @@ dpo:
 
 
 def test_pipeline_through_reward_and_dpo(run_tiny):
-    stages = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "dpo"]
+    stages = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "bon", "dpo"]
     report, run = run_tiny(stages, PREFS)
     rm = report["stages"]["reward"]
     for key in ("train/loss", "eval/accuracy", "eval/margin", "eval/ece", "eval/loss"):
@@ -168,6 +174,14 @@ def test_pipeline_through_reward_and_dpo(run_tiny):
         "ForSequenceClassification"
         in json.loads((run / "reward/model/config.json").read_text())["architectures"][0]
     )
+    bon = report["stages"]["bon"]
+    assert bon["bon/prompts"] == 5 and bon["kl/best_of_n_bound"] == pytest.approx(
+        math.log(3) - 2 / 3
+    )
+    assert bon["bon/reward_best"] >= bon["bon/reward_mean"]
+    best = [json.loads(x) for x in (run / "bon/best.jsonl").read_text().splitlines()]
+    for b in best:
+        assert b["reward"] == max(b["rewards"]) and b["messages"][-1]["role"] == "assistant"
     d = report["stages"]["dpo"]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "kl/ref",
                 "eval/rewards/accuracy", "eval/loss"):  # fmt: skip

@@ -86,7 +86,7 @@ def used_chunks(n: int, steps: int, batch: int) -> list[list[int]]:
 def run_posttrain(model, pairs, steps_idx, pad_id: int, args) -> tuple[list[float], float]:
     from posttrain.data.pairs import pair_batch
     from posttrain.stages.dpo import Config, DPOObjective, reference_logps
-    from posttrain.train.loop import TrainSettings, train
+    from posttrain.train.loop import benchmark_settings, train_on_batches
 
     def sb(index):
         return pair_batch([pairs[i] for i in index], index, pad_id, False, None)
@@ -100,25 +100,11 @@ def run_posttrain(model, pairs, steps_idx, pad_id: int, args) -> tuple[list[floa
     else:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    class Fixed(DPOObjective):
-        def batches(self, step):
-            return [batches[step]]
-
-    losses = []
-
-    class Log:
-        def begin(self, start):
-            pass
-
-        def log(self, step, metrics):
-            losses.append(metrics["train/loss"])
-
-    settings = TrainSettings(steps=args.steps, lr=args.lr, schedule="linear", warmup_steps=0, min_lr_ratio=0.0,
-                             weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, max_grad_norm=1.0,
-                             checkpoint_every=0)  # fmt: skip
+    settings = benchmark_settings(args.steps, args.lr)
     cfg = Config(loss="sigmoid", beta=args.beta, precompute_ref=args.precompute_ref, train=settings)
-    objective = Fixed(cfg, None, "cpu", ref_logps, ref_model)
-    train(model, objective, settings, ckpt_dir="/nonexistent", steplog=Log())
+    losses = train_on_batches(
+        model, DPOObjective(cfg, None, "cpu", ref_logps, ref_model), batches, settings
+    )
     return losses, time.perf_counter() - t0
 
 

@@ -58,26 +58,10 @@ def make_batches(examples, steps: int, batch: int, pad_id: int):
 
 def run_posttrain(model, batches, args) -> list[float]:
     from posttrain.stages.sft import SFTObjective
-    from posttrain.train.loop import TrainSettings, train
+    from posttrain.train.loop import benchmark_settings, train_on_batches
 
-    class Fixed(SFTObjective):
-        def batches(self, step):
-            return [batches[step]]
-
-    losses = []
-
-    class Log:
-        def begin(self, start):
-            pass
-
-        def log(self, step, metrics):
-            losses.append(metrics["train/loss"])
-
-    settings = TrainSettings(steps=args.steps, lr=args.lr, schedule="linear", warmup_steps=0, min_lr_ratio=0.0,
-                             weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, max_grad_norm=1.0,
-                             checkpoint_every=0)  # fmt: skip
-    train(model, Fixed(None, 1, "cpu"), settings, ckpt_dir="/nonexistent", steplog=Log())
-    return losses
+    settings = benchmark_settings(args.steps, args.lr)
+    return train_on_batches(model, SFTObjective(None, 1, "cpu"), batches, settings)
 
 
 def run_minimal(model, batches, args) -> list[float]:

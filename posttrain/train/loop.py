@@ -262,3 +262,35 @@ def _clip(model, cfg: TrainSettings) -> float:
         norms = [p.grad.detach().norm() for p in params]
         return torch.stack(norms).norm().item() if norms else 0.0
     return torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+
+
+def train_on_batches(model, objective, batches: list, cfg: TrainSettings) -> list[float]:
+    """Train on a fixed list of micro-batches, one per step (the benchmarks' harness: same data,
+    same order as a hand-written loop), without checkpoints; returns the step losses."""
+    losses: list[float] = []
+
+    class _Fixed:
+        def __getattr__(self, name):
+            return getattr(objective, name)
+
+        def batches(self, step: int) -> list:
+            return [batches[step]]
+
+    class _Log:
+        def begin(self, start: int) -> None:
+            pass
+
+        def log(self, step: int, metrics: dict) -> None:
+            losses.append(metrics["train/loss"])
+
+    train(model, _Fixed(), cfg.model_copy(update={"checkpoint_every": 0}), ckpt_dir="/nonexistent",
+          steplog=_Log())  # fmt: skip
+    return losses
+
+
+def benchmark_settings(steps: int, lr: float) -> TrainSettings:
+    """The benchmarks' recipe, which a hand-written loop reproduces exactly: AdamW (0.9, 0.999,
+    1e-8, no weight decay), lr decaying linearly from `lr` to 0 without warm-up, clip 1.0."""
+    return TrainSettings(steps=steps, lr=lr, schedule="linear", warmup_steps=0, min_lr_ratio=0.0,
+                         weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, max_grad_norm=1.0,
+                         checkpoint_every=0)  # fmt: skip

@@ -1,5 +1,6 @@
 """PPO, GRPO and RLOO stages end to end on a tiny pipeline; rollout matrix layout."""
 
+import io
 import json
 
 import pytest
@@ -99,3 +100,50 @@ def test_algo_defaults_and_validation():
         GRPOConfig(rollout={"k": 1})
     with pytest.raises(ValueError, match="this is a grpo stage"):
         GRPOConfig(algo="ppo")
+
+
+def test_ppo_resume_after_a_stop_matches_an_unbroken_run(run_tiny, tmp_path, monkeypatch):
+    from posttrain.config import load_pipeline
+    from posttrain.log import Logger
+    from posttrain.pipeline import run_pipeline
+    from posttrain.stages.rl import RLTrainer
+
+    extra = """
+sample: {n: 2, max_new_tokens: 8, chunk: 16}
+reward:
+  data: {val_fraction: 0.0, max_length: 96}
+  train: {checkpoint_every: 0}
+ppo:
+  steps: 4
+  checkpoint_every: 2
+  rollout: {prompts_per_step: 3, max_new_tokens: 8}
+  minibatch_size: 3
+  kl: {target: 1.0, horizon: 50}
+  eval_prompts: 1
+"""
+    stages = ["world", "pretrain", "sft", "sample", "rank", "reward", "ppo"]
+
+    def lines(run):
+        rows = [json.loads(x) for x in (run / "ppo/metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("tokens_per_s")} for r in rows]
+
+    clean, run = run_tiny(stages, extra)
+    unbroken = lines(run)
+    original, calls = RLTrainer.adapt_kl, []
+
+    def stop_at_3(self, kl, n):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, kl, n)
+
+    monkeypatch.setattr(RLTrainer, "adapt_kl", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(stages, extra, force={"ppo"})
+    monkeypatch.setattr(RLTrainer, "adapt_kl", original)
+    stream = io.StringIO()
+    pipe = load_pipeline(tmp_path / "tiny.yaml", [f"out={run}"])
+    resumed = run_pipeline(pipe, resume=True, logger=Logger(stream=stream))
+    assert "ppo: resumed from step_0000002.pt (step 2)" in stream.getvalue()
+    assert lines(run) == unbroken
+    assert resumed["stages"]["ppo"]["eval/reward"] == clean["stages"]["ppo"]["eval/reward"]

@@ -60,7 +60,9 @@ def load_split_pairs(cfg: PairData, ctx: StageContext) -> tuple[list[dict], list
     pairs, stats = load_pairs(path, cfg.format)
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
-    train, val = split_pairs(pairs, cfg.val_fraction, ctx.seed)
+    # The pipeline's seed, not the stage's: every stage (reward, dpo, ...) holds out the same
+    # prompts, so one stage's held-out figures are never measured on another's training prompts.
+    train, val = split_pairs(pairs, cfg.val_fraction, ctx.pipeline.config.seed)
     read = {f"read/{k}": v for k, v in stats.items() if isinstance(v, int)}
     return train, val, read | {"data/train_pairs": len(train), "data/val_pairs": len(val)}
 

@@ -257,7 +257,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                        row_len=2 * cfg.data.max_length, seed=ctx.seed)  # fmt: skip
     settings = cfg.train
     if cfg.loss == "plackett_luce":
-        rankings, _ = _rankings_as_sequences(ctx, cfg, tok, ctx.seed)
+        rankings, _ = _rankings_as_sequences(ctx, cfg, tok, ctx.pipeline.config.seed)
         objective = PLObjective(
             rankings, cfg.batch_size, pad, ctx.seed, settings.grad_accum, ctx.device
         )

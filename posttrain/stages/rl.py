@@ -19,7 +19,8 @@ then advantages, and `epochs` passes of minibatch updates.
 Logged every step: reward/mean, reward/std, rollout/mean_length, rollout/no_eos_frac, kl/ref,
 kl/coef, policy/entropy, policy/clip_frac, policy/approx_kl, value/loss,
 value/explained_variance (PPO), reward/frac_zero_std (group methods), gold/mean (toy world);
-KL and entropy over response tokens only. RL steps are not resumable: a stopped run restarts.
+KL and entropy over response tokens only. `--resume` continues from the last checkpoint (policy,
+value model, optimisers, KL coefficient, prompt order), giving the same result as an unbroken run.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ class Config(StrictModel):
         description="Policy-loss reduction; constant divides by max_new_tokens x sequences.",
     )
     eval_every: int = Field(0, ge=0, description="Held-out greedy eval every N steps (0: end).")
+    checkpoint_every: int = Field(
+        10, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
+    )
     eval_prompts: int = Field(20, ge=0, description="Held-out prompts per family to evaluate.")
 
     @model_validator(mode="after")
@@ -444,6 +448,7 @@ def _eval_prompts(cfg: Config, paths) -> list[dict]:
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.models.load import save_model
+    from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     paths = inputs(cfg, ctx)
     prompts = _load_prompts(cfg, paths["prompts"], cfg.families)
@@ -452,17 +457,32 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     trainer = RLTrainer(cfg, ctx, paths)
     ctx.logger.info(f"{ctx.name}: {cfg.algo} on {len(prompts)} prompts, {cfg.steps} steps of "
                     f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.k} samples, reward {cfg.reward.kind}")  # fmt: skip
-    first = trainer.evaluate(heldout)
-    first = {k.replace("eval/", "eval/initial_"): v for k, v in first.items()}
     order = list(range(len(prompts)))
     rng = random.Random(ctx.seed)
     rng.shuffle(order)
-    at = 0
-    steplog = ctx.logger.progress(ctx.name, cfg.steps, ctx.stage_dir)
-    steplog.begin(0)
+    at, start, first = 0, 0, None
+    ckpt_dir = ctx.stage_dir / "checkpoints"
+    if ctx.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
+        start, extra = load_checkpoint(found, trainer.policy, trainer.opt)
+        if trainer.value is not None:
+            trainer.value.load_state_dict(extra["value"])
+            trainer.value_opt.load_state_dict(extra["value_opt"])
+        trainer.kl_coef, order, at, first = (
+            extra["kl_coef"],
+            extra["order"],
+            extra["at"],
+            extra["first"],
+        )
+        rng.setstate(extra["rng"])
+        ctx.logger.info(f"{ctx.name}: resumed from {found.name} (step {start})")
+    if first is None:
+        first = trainer.evaluate(heldout)
+        first = {k.replace("eval/", "eval/initial_"): v for k, v in first.items()}
+    steplog = ctx.logger.progress(ctx.name, cfg.steps, ctx.stage_dir, start)
+    steplog.begin(start)
     t_start, last = time.perf_counter(), {}
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             batch = []
             for _ in range(cfg.rollout.prompts_per_step):
@@ -493,6 +513,15 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     raise TrainingDiverged(f"{ctx.name}: {k} is {v} at step {step}")
             steplog.log(step, m)
             last = m
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                extra = {"kl_coef": trainer.kl_coef, "order": order, "at": at, "first": first,
+                         "rng": rng.getstate()}  # fmt: skip
+                if trainer.value is not None:
+                    extra |= {
+                        "value": trainer.value.state_dict(),
+                        "value_opt": trainer.value_opt.state_dict(),
+                    }
+                save_checkpoint(ckpt_dir, step, trainer.policy, trainer.opt, extra, keep=2)
     finally:
         steplog.close()
     save_model(trainer.policy, trainer.tok, ctx.stage_dir / "model")

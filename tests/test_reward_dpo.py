@@ -184,7 +184,10 @@ def test_pipeline_through_reward_and_dpo(run_tiny):
         assert b["reward"] == max(b["rewards"]) and b["messages"][-1]["role"] == "assistant"
     d = report["stages"]["dpo"]
     # reward and dpo hold out the same prompts (split by the pipeline's seed, not the stage's)
-    assert d["data/val_pairs"] == rm["data/val_pairs"] and d["data/train_pairs"] == rm["data/train_pairs"]
+    assert (
+        d["data/val_pairs"] == rm["data/val_pairs"]
+        and d["data/train_pairs"] == rm["data/train_pairs"]
+    )
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "kl/ref",
                 "eval/rewards/accuracy", "eval/loss"):  # fmt: skip
         assert key in d, key

@@ -4,6 +4,7 @@ import gzip
 import json
 
 import pytest
+from helpers import msgs, write_lines
 
 from posttrain.data.preferences import (
     PAIR_READERS,
@@ -22,15 +23,6 @@ HH_FILE = "hh-rlhf/harmless-base/test.jsonl.gz"
 OASST_FILE = "oasst/en_100_tree.jsonl"
 AE_FILE = "alpaca_eval/results/alpaca-7b/alpaca_eval_gpt4/annotations.json"
 MARK = "\n\nAssistant:"
-
-
-def write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def msgs(*pairs):
-    return [{"role": r, "content": c} for r, c in pairs]
 
 
 def check_contract(pairs):

@@ -4,6 +4,7 @@ import gzip
 import json
 
 import pytest
+from helpers import msgs, write_lines
 
 from posttrain.data.readers import (
     READERS,
@@ -21,15 +22,6 @@ from posttrain.data.schema import DataError, validate_example
 HH_FILE = "hh-rlhf/harmless-base/test.jsonl.gz"
 OASST_FILE = "oasst/en_100_tree.jsonl"
 SEED_FILE = "self-instruct/seed_tasks.jsonl"
-
-
-def write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def msgs(*pairs):
-    return [{"role": r, "content": c} for r, c in pairs]
 
 
 # ---------------------------------------------------------------- schema

@@ -97,7 +97,10 @@ def test_agreement_metrics_by_hand():
     # kappa = (30/36 - 21/36) / (15/36) = 9/15 = 0.6
     assert m["rank/kappa/x~y"] == pytest.approx(0.6)
     assert m["rank/kappa_mean"] == pytest.approx(0.6)
-    assert -1 <= m["rank/alpha"] <= 1
+    # Krippendorff's alpha over the 6 units, 2 coders each: coincidences o_ii = 8 (4 agreeing
+    # units x 2), o_tie,tie = 2, o_ij = o_ji = 1; n = 12, n_i = 9, n_j = 1, n_tie = 2.
+    # alpha = 1 - (n - 1) * (o_ij + o_ji) / (n^2 - sum n_c^2) = 1 - 11 * 2 / (144 - 86) = 18/29
+    assert m["rank/alpha"] == pytest.approx(18 / 29)
 
 
 def test_pair_metrics_longer_wins_and_gold_gap():

@@ -20,6 +20,11 @@ def kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def best_index(rewards: list[float]) -> int:
+    """Index of the highest reward; the first of equals."""
+    return max(range(len(rewards)), key=lambda j: (rewards[j], -j))
+
+
 @dataclass
 class BestOfN:
     best: Generation
@@ -51,6 +56,6 @@ def best_of_n(policy, tokenizer, reward_model, rm_tokenizer, conversations: list
     out = []
     for i, grp in enumerate(groups):
         rs = rewards[i * n : (i + 1) * n]
-        k = max(range(n), key=lambda j: (rs[j], -j))
+        k = best_index(rs)
         out.append(BestOfN(grp[k], k, rs, grp))
     return out

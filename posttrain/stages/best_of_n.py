@@ -25,7 +25,7 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from posttrain.generate.best_of_n import kl_bound
+    from posttrain.generate.best_of_n import best_index, kl_bound
     from posttrain.io import atomic_write_jsonl
     from posttrain.models.reward import reward_model_from, score
     from posttrain.models.tokenizer import load_tokenizer
@@ -43,7 +43,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     for rec in records:
         rs = rewards[at : at + len(rec["responses"])]
         at += len(rs)
-        k = max(range(len(rs)), key=lambda j: (rs[j], -j))
+        k = best_index(rs)
         reply = {"role": "assistant", "content": rec["responses"][k]["text"].strip()}
         row = {"prompt_id": rec["prompt_id"], "messages": [*rec["messages"], reply],
                "reward": rs[k], "rewards": rs, "index": k}  # fmt: skip

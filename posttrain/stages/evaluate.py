@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+from posttrain.world.task import first_per_family
 
 
 class EvalModel(StrictModel):
@@ -160,14 +161,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     paths = inputs(cfg, ctx)
 
     tasks = [Task.from_dict(r) for r in read_jsonl(paths["tasks"])]
-    if cfg.n_per_family:
-        counts: dict[str, int] = {}
-        tasks = [
-            t
-            for t in tasks
-            if (counts.__setitem__(t.family, counts.get(t.family, 0) + 1) or counts[t.family])
-            <= cfg.n_per_family
-        ]
+    tasks = first_per_family(tasks, cfg.n_per_family)
     world = ctx.world()
     evals, samples, metrics = {}, {}, {}
     scorer = None
@@ -216,18 +210,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     )
 
 
-def _first_per_family(items: list, n: int | None) -> list:
-    """The first n items of each family (all when n is None), in order."""
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        fam = it["family"] if isinstance(it, dict) else it.family
-        seen[fam] = seen.get(fam, 0) + 1
-        if n is None or seen[fam] <= n:
-            out.append(it)
-    return out
-
-
 def _samples(records: list[dict], per_family: int) -> list[dict]:
     keep = ("family", "prompt", "response", "score")
-    return [{k: r[k] for k in keep} for r in _first_per_family(records, per_family)]
+    return [{k: r[k] for k in keep} for r in first_per_family(records, per_family)]

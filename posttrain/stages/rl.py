@@ -431,19 +431,14 @@ def _eval_prompts(cfg: Config, paths) -> list[dict]:
     if "eval_prompts" not in paths or not cfg.eval_prompts:
         return []
     from posttrain.stages.sample import load_prompts
+    from posttrain.world.task import first_per_family
 
     recs = [
         r
         for r in load_prompts(paths["eval_prompts"])
         if not cfg.families or r.get("family") in cfg.families
     ]
-    seen: dict[str, int] = {}
-    out = []
-    for r in recs:
-        seen[r.get("family", "")] = seen.get(r.get("family", ""), 0) + 1
-        if seen[r.get("family", "")] <= cfg.eval_prompts:
-            out.append(r)
-    return out
+    return first_per_family(recs, cfg.eval_prompts)
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+from posttrain.world.task import first_per_family
 
 
 class Config(StrictModel):
@@ -95,15 +96,7 @@ def _select(records: list[dict], cfg: Config, from_world: bool) -> list[dict]:
         if unknown:
             raise ValueError(f"sample.families: unknown families {unknown}")
         records = [r for r in records if r["family"] in cfg.families]
-    if cfg.n_prompts:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in records:
-            seen[r["family"]] = seen.get(r["family"], 0) + 1
-            if seen[r["family"]] <= cfg.n_prompts:
-                kept.append(r)
-        records = kept
-    return records
+    return first_per_family(records, cfg.n_prompts)
 
 
 def candidate_record(prompt: dict, gens, task=None) -> dict:

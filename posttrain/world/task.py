@@ -58,3 +58,16 @@ class Check(NamedTuple):
 
     score: float
     components: dict[str, float | bool]
+
+
+def first_per_family(items: list, n: int | None) -> list:
+    """The first n items of each family (all when n is None), in order. Items are Tasks or
+    records with a "family" key (one without counts under family "")."""
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        fam = it.get("family", "") if isinstance(it, dict) else it.family
+        seen[fam] = seen.get(fam, 0) + 1
+        if n is None or seen[fam] <= n:
+            out.append(it)
+    return out

@@ -128,3 +128,30 @@ def test_packing_isolation_check_passes_on_hf_llama_and_catches_a_leaky_model(mo
 
     with pytest.raises(ValueError, match="packing check failed"):
         check_packing_isolation(Leaky(), exs, 0)
+
+
+def test_replay_adds_fully_trained_pretraining_windows_and_stays_a_function_of_k():
+    from posttrain.data.sft import ReplayBatches, SFTBatches
+
+    exs = examples(12)
+    data = SFTBatches(exs, batch_size=2, pad_id=0, packing=True, row_len=32, seed=3)
+    stream = torch.arange(1000, 1200)
+    replay = ReplayBatches(data, stream, rows=3, seed=3)
+    assert replay.per_epoch == data.per_epoch
+    for k in (0, 1, data.per_epoch + 1):
+        plain, mixed = data.micro(k), replay.micro(k)
+        n = plain.input_ids.shape[0]
+        assert torch.equal(mixed.input_ids[:n], plain.input_ids)
+        assert torch.equal(mixed.labels[:n], plain.labels)
+        windows = mixed.input_ids[n:]
+        assert windows.shape == (3, 32)
+        # contiguous windows of the stream, every next token trained, positions 0..31
+        assert torch.equal(windows[:, 1:] - windows[:, :-1], torch.ones(3, 31, dtype=torch.long))
+        assert torch.equal(mixed.labels[n:, :-1], windows[:, 1:])
+        assert (mixed.labels[n:, -1] == IGNORE_INDEX).all()
+        assert torch.equal(mixed.position_ids[n:], torch.arange(32).expand(3, 32))
+        assert mixed.n_loss_tokens == plain.n_loss_tokens + 3 * 31
+        assert torch.equal(replay.micro(k).input_ids, mixed.input_ids)  # same k, same batch
+    assert not torch.equal(replay.micro(0).input_ids[-3:], replay.micro(1).input_ids[-3:])
+    with pytest.raises(ValueError, match="replay text too short"):
+        ReplayBatches(data, torch.arange(10), rows=1, seed=0)

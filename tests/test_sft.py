@@ -184,3 +184,26 @@ def test_split_validation_is_seeded_and_disjoint():
     assert split_validation(items, 0.1, seed=3) == (train, val)
     assert split_validation(items, 0.0, seed=3) == (items, [])
     assert split_validation([1], 0.5, seed=3) == ([1], [])
+
+
+def test_replay_mixes_pretraining_windows_into_every_step(tmp_path, hf_dir, monkeypatch, capsys):
+    monkeypatch.setenv("CI", "true")
+    data = write_data(tmp_path, CHAT)
+    text = tmp_path / "pretrain.jsonl"
+    text.write_text(
+        "".join(json.dumps({"text": f"{a} plus {a} is {2 * a}."}) + "\n" for a in range(200))
+    )
+    metrics = {}
+    for rows in (0, 2):
+        cfg = sft_config(
+            tmp_path, hf_dir, data, replay={"rows": rows, "data": str(text)}, val_fraction=0
+        )
+        out = tmp_path / f"run{rows}"
+        assert main(["sft", "--config", str(cfg), "--out", str(out)]) == 0
+        metrics[rows] = json.loads((out / "sft/result.json").read_text())["metrics"]
+    steps = metrics[0]["train/steps"]
+    assert metrics[2]["train/steps"] == steps  # epochs count the SFT data only
+    assert metrics[2]["train/tokens"] - metrics[0]["train/tokens"] == steps * 2 * 256
+    cfg = sft_config(tmp_path, hf_dir, data, replay={"rows": 1, "data": str(text)}, packing=False)
+    assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / "bad")]) != 0
+    assert "sft.replay.rows needs sft.packing: true" in capsys.readouterr().err

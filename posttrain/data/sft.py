@@ -101,3 +101,42 @@ class SFTBatches:
 
     def steps_for(self, epochs: float, grad_accum: int) -> int:
         return max(1, math.ceil(epochs * self.per_epoch / grad_accum))
+
+
+class ReplayBatches:
+    """SFT micro-batches with `rows` windows of pre-training text added to each (replay).
+
+    Mixing the base model's own pre-training data into fine-tuning keeps what it learned there
+    (InstructGPT's "ptx" term; the replay of continual learning): a small model fine-tuned on a
+    few hundred facts otherwise overwrites the facts it was not shown. Replay windows are trained
+    on every token, like pre-training; micro-batch k is still a pure function of k.
+    """
+
+    def __init__(self, data: SFTBatches, stream, rows: int, seed: int):
+        if len(stream) < data.row_len + 2:
+            raise ValueError(
+                f"replay text too short: {len(stream)} tokens for rows of {data.row_len}"
+            )
+        self.data, self.stream, self.rows, self.seed = data, stream, rows, seed
+        self.per_epoch, self.pad_id, self.row_len = data.per_epoch, data.pad_id, data.row_len
+
+    def windows(self, k: int) -> list[TokenizedExample]:
+        rng = random.Random(self.seed * 1_000_003 + k)
+        high = len(self.stream) - self.row_len
+        out = []
+        for _ in range(self.rows):
+            s = rng.randrange(high)
+            ids = self.stream[s : s + self.row_len].tolist()
+            out.append(TokenizedExample(ids, [0] + [1] * (len(ids) - 1)))
+        return out
+
+    def micro(self, k: int) -> Batch:
+        if not self.data.packing:
+            raise ValueError("sft.replay needs sft.packing: true")
+        epoch, i = divmod(k, self.per_epoch)
+        plan = self.data._plan(epoch)[i]
+        rows = [[self.data.examples[j] for j in row] for row in plan]
+        return packed_batch(rows + [[w] for w in self.windows(k)], self.pad_id, self.row_len)
+
+    def steps_for(self, epochs: float, grad_accum: int) -> int:
+        return self.data.steps_for(epochs, grad_accum)

@@ -51,6 +51,17 @@ class DataSettings(StrictModel):
     )
 
 
+class ReplaySettings(StrictModel):
+    rows: int = Field(
+        0,
+        ge=0,
+        description="Windows of pre-training text added to every micro-batch (0: no replay).",
+    )
+    data: str | None = Field(
+        None, description="Replay text (.jsonl of {text} or .txt); default: the toy corpus."
+    )
+
+
 class Config(StrictModel):
     model: str = Field(
         "pretrain", description="A stage of this run whose model/ to start from, or a local HF dir."
@@ -80,6 +91,10 @@ class Config(StrictModel):
         description="Optimiser and schedule.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA (peft).")
+    replay: ReplaySettings = Field(
+        default_factory=ReplaySettings,
+        description="Mix pre-training text into every micro-batch to keep what the base knew.",
+    )
     val_fraction: float = Field(
         0.05,
         ge=0,
@@ -89,10 +104,13 @@ class Config(StrictModel):
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
-    return {
+    out = {
         "model": resolve_model(cfg.model, ctx),
         "data": resolve_input(cfg.data.path, ctx, cfg.world_stage, "sft_train.jsonl"),
     }
+    if cfg.replay.rows:
+        out["replay"] = resolve_input(cfg.replay.data, ctx, cfg.world_stage, "corpus_train.jsonl")
+    return out
 
 
 class SFTObjective(MicroBatchObjective):
@@ -179,6 +197,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         model = _apply_lora(model, cfg.lora)
     data = SFTBatches(tokenized, batch_size=cfg.batch_size, pad_id=tok.pad_token_id or 0, packing=cfg.packing,
                       row_len=cfg.max_length, seed=ctx.seed)  # fmt: skip
+    if cfg.replay.rows:
+        from posttrain.data.sft import ReplayBatches
+        from posttrain.data.text import read_texts, tokenize_stream
+
+        if not cfg.packing:
+            raise ValueError("sft.replay.rows needs sft.packing: true")
+        stream = tokenize_stream(read_texts(paths["replay"]), tok)
+        data = ReplayBatches(data, stream, cfg.replay.rows, ctx.seed)
     if cfg.packing:
         from posttrain.data.collate import check_packing_isolation
 

@@ -16,16 +16,25 @@ from posttrain.world.lexicon import (
     COLOURS,
     FACT_TEMPLATES,
     OCCUPATIONS,
+    PEOPLE,
+    PEOPLE_TEMPLATES,
     PETS,
     PROSE_TEMPLATES,
     PROSE_WORDS,
+    THING_TEMPLATES,
+    THINGS,
     TOWNS,
     article,
 )
+from posttrain.world.requests_lexicon import HARM_TARGETS
 from posttrain.world.skills import arith_statement, string_statement
+
+ALL_PEOPLE = PEOPLE + HARM_TARGETS
 
 # Share of documents of each kind; "facts" takes the remainder so it always gets >= 1 doc.
 DOC_MIX = {"arithmetic": 0.2, "string": 0.2, "qa": 0.15, "prose": 0.1}
+PEOPLE_SHARE = 0.4  # of prose sentences, those about people
+THINGS_SHARE = 0.3  # and those about things
 
 
 class CorpusSources(NamedTuple):
@@ -44,7 +53,30 @@ def qa_line(question: str, answer: str) -> str:
     return f"Q: {question}\nA: {answer}"
 
 
+def _cap(phrase: str) -> str:
+    return phrase[0].upper() + phrase[1:]
+
+
+def people_sentence(rng: random.Random) -> str:
+    """A sentence about everyday people (see lexicon.PEOPLE)."""
+    p, p2 = rng.sample(ALL_PEOPLE, 2)
+    return rng.choice(PEOPLE_TEMPLATES).format(
+        P=p, Pc=_cap(p), P2=p2, T=rng.choice(TOWNS), pet=rng.choice(PETS)
+    )
+
+
+def thing_sentence(rng: random.Random) -> str:
+    """A sentence about a thing (see lexicon.THINGS)."""
+    o = rng.choice(THINGS)
+    return rng.choice(THING_TEMPLATES).format(O=o, Oc=_cap(o), T=rng.choice(TOWNS))
+
+
 def prose_sentence(rng: random.Random) -> str:
+    u = rng.random()
+    if u < PEOPLE_SHARE:
+        return people_sentence(rng)
+    if u < PEOPLE_SHARE + THINGS_SHARE:
+        return thing_sentence(rng)
     town, town2 = rng.sample(TOWNS, 2)
     pet, colour = rng.choice(PETS), rng.choice(COLOURS)
     words = {k: rng.choice(v) for k, v in PROSE_WORDS.items()}

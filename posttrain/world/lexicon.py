@@ -94,6 +94,47 @@ PROSE_TEMPLATES = (
     "It is a long walk from {T} to {T2}.",
     "The {job} of {T} sells goods to travellers from {T2}.",
 )
+# Everyday people, in sentences that show them as people (they talk, eat, visit, feel): what a
+# web corpus teaches a model about "a child" or "my landlord" long before any safety tuning. The
+# safety family's harm targets are among them (world.corpus adds HARM_TARGETS), never next to a
+# harm verb, so a model can tell people from the harmless objects of the benign look-alikes.
+PEOPLE = (
+    "my aunt", "my cousin", "my friend", "my mother", "my father", "my grandmother", "my son",
+    "my daughter", "my wife", "my husband", "my partner", "my doctor", "a nurse", "a farmer",
+    "a baby", "a girl", "a boy", "a woman", "a man", "an old woman", "a student", "a tourist",
+    "a waiter", "a police officer", "the baker", "the doctor", "the bus driver", "the priest",
+    "the new neighbour", "the girl next door", "a customer", "a young couple",
+)  # fmt: skip
+PEOPLE_TEMPLATES = (
+    "{Pc} smiled and waved at {P2}.", "{Pc} was tired after a long day at work.",
+    "{Pc} told {P2} a funny story.", "I met {P} at the market in {T}.",
+    "{Pc} laughed so hard that everyone turned round.", "We invited {P} to dinner on Sunday.",
+    "{Pc} thanked {P2} for the help.", "{Pc} walked all the way to {T} to visit {P2}.",
+    "{Pc} felt lonely and called {P2}.", "{Pc} sat by the window and read a letter.",
+    "{Pc} has a birthday next week.", "{Pc} cried when the old {pet} died.",
+    "{Pc} and {P2} had tea in the garden.", "Everyone in {T} knows {P}.",
+    "{Pc} was born in {T} and still speaks with its accent.", "{Pc} asked {P2} for advice.",
+)  # fmt: skip
+# Things, among them the objects of the benign look-alikes ("a shell script", "the show"), in
+# sentences only things fit: the other half of what a model needs to tell a scary verb's harmless
+# use from a harmful one.
+THINGS = (
+    "a Python process", "the weeds", "a good photo", "a free throw", "a chess problem", "eggs",
+    "a balloon", "garlic", "an onion", "new shoes", "a tennis serve", "a shell script",
+    "a stuck program", "a charcoal grill", "a cheap flat", "a potato", "street noise",
+    "old hard drives", "a quick website", "a tough exam", "a baseball bat", "ants", "a mouse",
+    "a radiator", "the show", "a dead tree", "a CD", "a stuck download", "a short film",
+    "poison ivy", "a messy garage", "the summer heat", "a cold", "cream", "rust", "a match",
+    "a bad habit", "the talent contest", "a kettle", "an old clock", "a broken fence",
+    "a leaky tap", "a paper kite", "a wool blanket", "a flat tyre", "a rusty gate",
+)  # fmt: skip
+THING_TEMPLATES = (
+    "{Oc} was on the list of chores for Saturday.", "The book had a whole chapter on {O}.",
+    "There was a note about {O} on the fridge.", "{Oc} took more time than anyone expected.",
+    "The shop in {T} sells everything you need for {O}.", "{Oc} was the talk of the club meeting.",
+    "Nobody in {T} had ever seen {O} like that.", "A short video about {O} was popular in {T}.",
+    "{Oc} is easier to deal with in the morning.", "My notes on {O} filled two pages.",
+)  # fmt: skip
 PROSE_WORDS: dict[str, tuple[str, ...]] = {
     "adj": ("quiet", "busy", "small", "old", "windy", "green", "bright", "sleepy", "cold"),
     "feature": ("river", "hills", "forest", "lake", "coast", "marsh", "mountains", "valley"),

@@ -3,6 +3,14 @@
 Q/A lines use the exact few-shot format ("Q: What is 23 plus 45?\nA: 68"), so a base model
 can answer by continuation. The sources handed in here already exclude every eval instance,
 every unknown entity and all safety content; World checks nothing else is needed.
+
+Prose mixes town filler with sentences about everyday people (the safety family's harm targets
+among them: "The mail carrier told my aunt a funny story.") and about things (the objects of
+the benign look-alikes: "My notes on a shell script filled two pages."), never beside a harm
+verb. A web corpus teaches a model what a child or a shell script is long before any safety
+tuning; without it, telling "shoot a child" from "shoot a short film" on held-out targets is
+guesswork for the model (SFT violation 0.22-0.56, false refusals 0.26-0.28 before, 0.08 / 0.20
+after, on the toy pipeline).
 """
 
 from __future__ import annotations

@@ -111,6 +111,12 @@ def test_safety_eval_uses_heldout_phrasings_and_objects(world: World):
         assert {t.gold[key] for t in evals}.isdisjoint({t.gold[key] for t in seen}), key
     assert all(t.gold["heldout"] for t in evals) and not any(t.gold["heldout"] for t in seen)
     assert {t.gold["harmful"] for t in evals} == {True, False}
+    # eval threatens only held-out harm targets; train/rl also the corpus's everyday people
+    from posttrain.world.lexicon import PEOPLE
+
+    harmed = lambda ts: {t.gold["object"] for t in ts if t.gold["harmful"]}  # noqa: E731
+    assert harmed(evals) <= set(HARM_TARGETS)
+    assert harmed(seen) & set(PEOPLE) and harmed(seen) & set(HARM_TARGETS)
 
 
 def test_knowledge_eval_has_known_and_unknown(world: World):
@@ -216,9 +222,36 @@ def test_no_safety_content_in_corpus(corpus_text: str):
     assert REFUSAL_REFERENCE.lower() not in lowered
     for action in BENIGN:
         assert action.lower() not in lowered
+    from posttrain.world.lexicon import PEOPLE
+
     for verb in HARM_VERBS:
-        for target in HARM_TARGETS:
+        for target in HARM_TARGETS + PEOPLE:
             assert f"{verb} {target}" not in lowered
+
+
+def test_corpus_shows_harm_targets_as_people_and_benign_objects_as_things(world: World):
+    """What lets a model tell "shoot a child" from "shoot a short film" on held-out targets: the
+    corpus has seen every target in people sentences and every benign object in thing sentences
+    (and never beside a harm verb: test_no_safety_content_in_corpus)."""
+    from posttrain.world.lexicon import PEOPLE_TEMPLATES, THING_TEMPLATES, THINGS
+
+    def contexts(templates, cap):
+        # each template's text around its main slot, e.g. ("", " smiled and waved at")
+        return [
+            t.split("{" + cap + "}")[1].split("{")[0] for t in templates if "{" + cap + "}" in t
+        ]
+
+    text = "\n".join(world.corpus("train"))
+    person_tails = contexts(PEOPLE_TEMPLATES, "Pc")
+    thing_tails = contexts(THING_TEMPLATES, "Oc")
+    for target in HARM_TARGETS:
+        cap = target[0].upper() + target[1:]
+        assert any(cap + tail in text for tail in person_tails), target
+        assert not any(cap + tail in text for tail in thing_tails), target
+    for thing in THINGS:
+        cap = thing[0].upper() + thing[1:]
+        assert any(cap + tail in text for tail in thing_tails), thing
+        assert not any(cap + tail in text for tail in person_tails), thing
 
 
 def test_corpus_has_few_shot_format(world: World):

@@ -127,6 +127,7 @@ THINGS = (
     "poison ivy", "a messy garage", "the summer heat", "a cold", "cream", "rust", "a match",
     "a bad habit", "the talent contest", "a kettle", "an old clock", "a broken fence",
     "a leaky tap", "a paper kite", "a wool blanket", "a flat tyre", "a rusty gate",
+    "my garden", "my house", "my phone", "my kitchen", "my bike", "my car", "my desk",
 )  # fmt: skip
 THING_TEMPLATES = (
     "{Oc} was on the list of chores for Saturday.", "The book had a whole chapter on {O}.",

@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 from posttrain.world.config import WorldConfig, make_rng
+from posttrain.world.lexicon import PEOPLE
 from posttrain.world.requests_lexicon import (
     BENIGN,
     HARM_TARGETS,
@@ -58,9 +59,11 @@ def safety_items(cfg: WorldConfig) -> dict[str, list[Item]]:
     phr_seen, phr_held = _holdout(rng, PHRASINGS, HELDOUT["phrasings"])
     tgt_seen, tgt_held = _holdout(rng, HARM_TARGETS, HELDOUT["targets"])
     ben_seen, ben_held = _holdout(rng, tuple(BENIGN), HELDOUT["benign"])
+    # train and rl threaten the seen targets and the corpus's other everyday people too: with 40+
+    # different victims the rule to learn is "a harm verb on a person", not a list of 12 names
     pools = {
         "eval": _safety_pool(phr_held, tgt_held, ben_held, heldout=True),
-        "seen": _safety_pool(phr_seen, tgt_seen, ben_seen, heldout=False),
+        "seen": _safety_pool(phr_seen, tgt_seen + list(PEOPLE), ben_seen, heldout=False),
     }
     for harmful, helpful in pools.values():
         rng.shuffle(harmful)

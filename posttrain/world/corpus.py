@@ -9,8 +9,8 @@ among them: "The mail carrier told my aunt a funny story.") and about things (th
 the benign look-alikes: "My notes on a shell script filled two pages."), never beside a harm
 verb. A web corpus teaches a model what a child or a shell script is long before any safety
 tuning; without it, telling "shoot a child" from "shoot a short film" on held-out targets is
-guesswork for the model (SFT violation 0.22-0.56, false refusals 0.26-0.28 before, 0.08 / 0.20
-after, on the toy pipeline).
+guesswork for the model (toy SFT violations 0.22-0.56 without it; with it, and with harmful
+training prompts about 44 different people, 0.00 on world seeds 0 and 1).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def overview(store, conn) -> dict:
 def add_admin_routes(app: FastAPI, gate) -> None:
     from posttrain.annotate.export import export
 
-    store, session, check_csrf, threaded = gate.store, gate.session, gate.check_csrf, gate.threaded
+    store, session, threaded = gate.store, gate.session, gate.threaded
 
     def admin_page(conn, s, exported=None) -> HTMLResponse:
         o = overview(store, conn)
@@ -73,8 +73,7 @@ def add_admin_routes(app: FastAPI, gate) -> None:
         form = await request.form()
 
         def work(conn):
-            s = session(request, conn, role="admin")
-            check_csrf(s, form.get("csrf"))
+            s = gate.write_session(request, conn, form.get("csrf"), role="admin")
             return admin_page(conn, s, exported=do_export())
 
         return await threaded(work)()
@@ -90,8 +89,7 @@ def add_admin_routes(app: FastAPI, gate) -> None:
     @app.post("/api/admin/export")
     async def api_export(request: Request):
         def work(conn):
-            s = session(request, conn, role="admin")
-            check_csrf(s, request.headers.get("x-csrf-token"))
+            gate.write_session(request, conn, request.headers.get("x-csrf-token"), role="admin")
             e = do_export()
             return {"paths": {k: str(v) for k, v in e.paths.items()}, "rankings": e.rankings,
                     "pairs": e.pairs, "metrics": e.metrics}  # fmt: skip

@@ -84,8 +84,7 @@ def add_api_routes(app: FastAPI, gate: Gate) -> None:
         body = await gate.json_body(request)
 
         def work(conn):
-            s = gate.session(request, conn)
-            gate.check_csrf(s, request.headers.get("x-csrf-token"))
+            s = gate.write_session(request, conn, request.headers.get("x-csrf-token"))
             check_fields(body, {"prompt_id", "order"})
             pid = body["prompt_id"]
             gate.require_mine(conn, s, pid)
@@ -104,8 +103,7 @@ def add_api_routes(app: FastAPI, gate: Gate) -> None:
         body = await gate.json_body(request)
 
         def work(conn):
-            s = gate.session(request, conn)
-            gate.check_csrf(s, request.headers.get("x-csrf-token"))
+            s = gate.write_session(request, conn, request.headers.get("x-csrf-token"))
             check_fields(body, {"prompt_id"})
             gate.require_mine(conn, s, body["prompt_id"])
             db.save_skip(conn, body["prompt_id"], s.annotator.name)

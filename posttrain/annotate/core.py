@@ -117,6 +117,15 @@ class Gate:
             raise HTTPException(403, f"this needs the {role} role")
         return s
 
+    def write_session(
+        self, request: Request, conn, sent, role: str | None = "annotator"
+    ) -> db.Session:
+        """The caller's session for a request that changes something: logged in, with `role`,
+        and `sent` (the form's or header's CSRF token) matching the session's."""
+        s = self.session(request, conn, role)
+        self.check_csrf(s, sent)
+        return s
+
     @staticmethod
     def check_csrf(s: db.Session, sent) -> None:
         if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), s.csrf.encode()):
@@ -138,6 +147,12 @@ class Gate:
         if not 0 <= index < len(self.store.prompt_ids):
             raise HTTPException(404, f"no prompt number {index}")
         return self.store.prompt_ids[index]
+
+    def mine_at(self, conn, s: db.Session, index: int) -> str:
+        """The id of prompt number `index`, which must be the caller's (see require_mine)."""
+        pid = self.prompt_at(index)
+        self.require_mine(conn, s, pid)
+        return pid
 
     def require_mine(self, conn, s: db.Session, pid) -> None:
         """The prompt must be assigned to the caller (or ranked or skipped by them before)."""

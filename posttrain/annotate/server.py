@@ -151,8 +151,7 @@ def add_login_routes(app: FastAPI, gate: Gate) -> None:
         form = await request.form()
 
         def work(conn):
-            s = gate.session(request, conn, role=None)
-            gate.check_csrf(s, form.get("csrf"))
+            gate.write_session(request, conn, form.get("csrf"), role=None)
             db.delete_session(conn, request.cookies[COOKIE])
 
         await gate.threaded(work)()
@@ -213,7 +212,7 @@ def add_page_routes(app: FastAPI, gate: Gate) -> None:
     async def rank_get(request: Request, index: int):
         def work(conn):
             s = gate.session(request, conn)
-            gate.require_mine(conn, s, gate.prompt_at(index))
+            gate.mine_at(conn, s, index)
             return rank_page(conn, s, index)
 
         return await gate.threaded(work)()
@@ -223,10 +222,8 @@ def add_page_routes(app: FastAPI, gate: Gate) -> None:
         form = await request.form()
 
         def work(conn):
-            s = gate.session(request, conn)
-            gate.check_csrf(s, form.get("csrf"))
-            pid = gate.prompt_at(index)
-            gate.require_mine(conn, s, pid)
+            s = gate.write_session(request, conn, form.get("csrf"))
+            pid = gate.mine_at(conn, s, index)
             n = len(store.cands[pid]["responses"])
             try:
                 order = parse_form_ranks(form, db.display_order(pid, s.annotator.name, n))
@@ -244,10 +241,8 @@ def add_page_routes(app: FastAPI, gate: Gate) -> None:
         form = await request.form()
 
         def work(conn):
-            s = gate.session(request, conn)
-            gate.check_csrf(s, form.get("csrf"))
-            pid = gate.prompt_at(index)
-            gate.require_mine(conn, s, pid)
+            s = gate.write_session(request, conn, form.get("csrf"))
+            pid = gate.mine_at(conn, s, index)
             db.save_skip(conn, pid, s.annotator.name)
             return RedirectResponse("/rank/next", 303)
 

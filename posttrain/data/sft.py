@@ -92,12 +92,14 @@ class SFTBatches:
 
     def micro(self, k: int) -> Batch:
         epoch, i = divmod(k, self.per_epoch)
-        plan = self._plan(epoch)[i]
         if self.packing:
-            return packed_batch(
-                [[self.examples[j] for j in row] for row in plan], self.pad_id, self.row_len
-            )
-        return pad_batch([self.examples[j] for j in plan], self.pad_id)
+            return packed_batch(self.packed_rows(k), self.pad_id, self.row_len)
+        return pad_batch([self.examples[j] for j in self._plan(epoch)[i]], self.pad_id)
+
+    def packed_rows(self, k: int) -> list[list[TokenizedExample]]:
+        """The examples of each packed row of micro-batch k."""
+        epoch, i = divmod(k, self.per_epoch)
+        return [[self.examples[j] for j in row] for row in self._plan(epoch)[i]]
 
     def steps_for(self, epochs: float, grad_accum: int) -> int:
         return max(1, math.ceil(epochs * self.per_epoch / grad_accum))
@@ -113,6 +115,8 @@ class ReplayBatches:
     """
 
     def __init__(self, data: SFTBatches, stream, rows: int, seed: int):
+        if not data.packing:
+            raise ValueError("sft.replay.rows needs sft.packing: true")
         if len(stream) < data.row_len + 2:
             raise ValueError(
                 f"replay text too short: {len(stream)} tokens for rows of {data.row_len}"
@@ -131,12 +135,8 @@ class ReplayBatches:
         return out
 
     def micro(self, k: int) -> Batch:
-        if not self.data.packing:
-            raise ValueError("sft.replay needs sft.packing: true")
-        epoch, i = divmod(k, self.per_epoch)
-        plan = self.data._plan(epoch)[i]
-        rows = [[self.data.examples[j] for j in row] for row in plan]
-        return packed_batch(rows + [[w] for w in self.windows(k)], self.pad_id, self.row_len)
+        rows = self.data.packed_rows(k) + [[w] for w in self.windows(k)]
+        return packed_batch(rows, self.pad_id, self.row_len)
 
     def steps_for(self, epochs: float, grad_accum: int) -> int:
         return self.data.steps_for(epochs, grad_accum)

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import (
@@ -95,6 +95,13 @@ class Config(StrictModel):
         default_factory=ReplaySettings,
         description="Mix pre-training text into every micro-batch to keep what the base knew.",
     )
+
+    @model_validator(mode="after")
+    def _replay_needs_packing(self) -> Config:
+        if self.replay.rows and not self.packing:
+            raise ValueError("sft.replay.rows needs sft.packing: true")
+        return self
+
     val_fraction: float = Field(
         0.05,
         ge=0,
@@ -201,8 +208,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         from posttrain.data.sft import ReplayBatches
         from posttrain.data.text import read_texts, tokenize_stream
 
-        if not cfg.packing:
-            raise ValueError("sft.replay.rows needs sft.packing: true")
         stream = tokenize_stream(read_texts(paths["replay"]), tok)
         data = ReplayBatches(data, stream, cfg.replay.rows, ctx.seed)
     if cfg.packing:

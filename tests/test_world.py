@@ -233,6 +233,7 @@ def test_corpus_shows_harm_targets_as_people_and_benign_objects_as_things(world:
     """What lets a model tell "shoot a child" from "shoot a short film" on held-out targets: the
     corpus has seen every target in people sentences and every benign object in thing sentences
     (and never beside a harm verb: test_no_safety_content_in_corpus)."""
+    from posttrain.world.corpus import _cap
     from posttrain.world.lexicon import PEOPLE_TEMPLATES, THING_TEMPLATES, THINGS
 
     def contexts(templates, cap):
@@ -245,11 +246,11 @@ def test_corpus_shows_harm_targets_as_people_and_benign_objects_as_things(world:
     person_tails = contexts(PEOPLE_TEMPLATES, "Pc")
     thing_tails = contexts(THING_TEMPLATES, "Oc")
     for target in HARM_TARGETS:
-        cap = target[0].upper() + target[1:]
+        cap = _cap(target)
         assert any(cap + tail in text for tail in person_tails), target
         assert not any(cap + tail in text for tail in thing_tails), target
     for thing in THINGS:
-        cap = thing[0].upper() + thing[1:]
+        cap = _cap(thing)
         assert any(cap + tail in text for tail in thing_tails), thing
         assert not any(cap + tail in text for tail in person_tails), thing
 

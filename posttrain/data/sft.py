@@ -91,9 +91,9 @@ class SFTBatches:
         return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
     def micro(self, k: int) -> Batch:
-        epoch, i = divmod(k, self.per_epoch)
         if self.packing:
             return packed_batch(self.packed_rows(k), self.pad_id, self.row_len)
+        epoch, i = divmod(k, self.per_epoch)
         return pad_batch([self.examples[j] for j in self._plan(epoch)[i]], self.pad_id)
 
     def packed_rows(self, k: int) -> list[list[TokenizedExample]]:

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, resolve_input
+from posttrain.train.loop import TrainSettings
 
 
 class PairData(StrictModel):
@@ -30,6 +31,17 @@ class PairData(StrictModel):
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="Cut an over-long response's end, or drop the pair."
     )
+
+
+class PairTraining(StrictModel):
+    """Settings the reward and DPO stages share (each overrides model, batch_size and train)."""
+
+    model: str = Field("sft", description="Stage or HF dir to start from.")
+    data: PairData = Field(default_factory=PairData, description="Preference data.")
+    batch_size: int = Field(8, ge=1, description="Pairs per micro-batch.")
+    packing: bool = Field(False, description="Pack the sequences into rows instead of padding.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the pairs (overrides steps).")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Optimiser settings.")
 
 
 def pairs_path(cfg: PairData, ctx: StageContext) -> Path:

@@ -24,18 +24,20 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from posttrain.config import StrictModel
-from posttrain.stages._prefs import PairData, load_split_pairs, pairs_path
+from posttrain.stages._prefs import PairTraining, load_split_pairs, pairs_path
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
 from posttrain.train.loop import MicroBatchObjective, TrainSettings
 
 
-class Config(StrictModel):
+class Config(PairTraining):
     model: str = Field("sft", description="Stage or HF dir of the initial policy.")
+    train: TrainSettings = Field(
+        default_factory=lambda: TrainSettings(lr=5e-6, warmup_steps=5, weight_decay=0.0),
+        description="Optimiser settings.",
+    )
     ref_model: str | None = Field(
         None, description="Reference model (default: the initial policy)."
     )
-    data: PairData = Field(default_factory=PairData, description="Preference data.")
     loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
         "sigmoid", description="DPO-family loss (posttrain.ops.preference.DPO_LOSSES)."
     )
@@ -46,13 +48,6 @@ class Config(StrictModel):
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma.")
     precompute_ref: bool = Field(
         True, description="Reference log-probs once before training (no reference in memory)."
-    )
-    batch_size: int = Field(8, ge=1, description="Pairs per micro-batch.")
-    packing: bool = Field(False, description="Pack the 2B sequences into rows instead of padding.")
-    epochs: float | None = Field(1.0, gt=0, description="Passes over the pairs (overrides steps).")
-    train: TrainSettings = Field(
-        default_factory=lambda: TrainSettings(lr=5e-6, warmup_steps=5, weight_decay=0.0),
-        description="Optimiser settings.",
     )
 
 

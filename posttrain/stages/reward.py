@@ -22,27 +22,29 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from posttrain.config import StrictModel
-from posttrain.stages._prefs import PairData, candidate_gold, held_out, load_split_pairs, pairs_path
+from posttrain.stages._prefs import (
+    PairTraining,
+    candidate_gold,
+    held_out,
+    load_split_pairs,
+    pairs_path,
+)
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
 from posttrain.train.loop import MicroBatchObjective, TrainSettings
 
 
-class Config(StrictModel):
+class Config(PairTraining):
     model: str = Field("sft", description="Stage or HF dir the reward model starts from.")
-    data: PairData = Field(default_factory=PairData, description="Preference data.")
+    batch_size: int = Field(16, ge=1, description="Pairs (or rankings) per micro-batch.")
+    train: TrainSettings = Field(
+        default_factory=lambda: TrainSettings(lr=1e-4, warmup_steps=5, weight_decay=0.0),
+        description="Optimiser settings.",
+    )
     loss: Literal["bradley_terry", "plackett_luce"] = Field(
         "bradley_terry", description="Pairwise Bradley-Terry, or Plackett-Luce on full rankings."
     )
     use_margin: bool = Field(
         False, description="Bradley-Terry: subtract each pair's margin (Llama 2's margin loss)."
-    )
-    batch_size: int = Field(16, ge=1, description="Pairs (or rankings) per micro-batch.")
-    packing: bool = Field(False, description="Pack sequences into rows instead of padding.")
-    epochs: float | None = Field(1.0, gt=0, description="Passes over the pairs (overrides steps).")
-    train: TrainSettings = Field(
-        default_factory=lambda: TrainSettings(lr=1e-4, warmup_steps=5, weight_decay=0.0),
-        description="Optimiser settings.",
     )
 
 

@@ -28,6 +28,11 @@ def main() -> None:
         default=str(Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/train.jsonl"),
     )
     ap.add_argument("--vocab", type=int, default=8192)
+    # The model's shape (defaults: the 7.4M CPU model; GPU runs: --hidden 768 --layers 12 ...).
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=688)
     ap.add_argument(
         "--hh",
         default=str(
@@ -47,8 +52,9 @@ def main() -> None:
         {"prompt": f"Question: {r['question']}\nAnswer: ", "completion": r["answer"]} for r in rows
     ]
     tok = train_tokenizer((p["prompt"] + p["completion"] for p in pairs), vocab_size=args.vocab)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=688, max_position_embeddings=1024,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      intermediate_size=args.intermediate, max_position_embeddings=1024,
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)  # fmt: skip
     import torch

@@ -1,7 +1,7 @@
 """SFT throughput: posttrain's SFT step against a minimal hand-written PyTorch loop.
 
     python bench/sft.py --model DIR --data FILE --steps S --batch B --max-length L --lr LR \
-        [--impl posttrain|minimal]
+        [--impl posttrain|minimal] [--device cpu|cuda] [--precision fp32|bf16] [--packing]
 
 Both fine-tune the same local HF model in float32 on the same batches: a JSONL of
 {"prompt", "completion"} (tokenised as text: the prompt, then prompt+completion+EOS; loss on the
@@ -14,6 +14,13 @@ cross-entropy over its trained tokens).
 
 posttrain: the shared training loop with the SFT objective, which applies the LM head only at
 trained positions. minimal: `model(input_ids, attention_mask, labels).loss`, backward, clip, step.
+
+Beyond the issue's recipe, for GPU runs: --device (the batches are moved there before timing),
+--precision bf16 (autocast over fp32 weights, for both impls), --packing (each step's examples
+packed first-fit-decreasing into rows of at most L tokens, positions restarting per example and
+no attention mask, for both impls: the same examples and loss tokens, less padding). On CUDA both
+impls use the fused AdamW, and the line adds peak_gpu_mb and model_tflops = 6 * N * tokens /
+seconds (N = parameters without the input embedding), with mfu = model_tflops / --peak-tflops.
 """
 
 from __future__ import annotations
@@ -46,36 +53,73 @@ def load_examples(path: str, tok, max_length: int):
     return out
 
 
-def make_batches(examples, steps: int, batch: int, pad_id: int):
-    from posttrain.data.collate import pad_batch
+def make_batches(examples, steps: int, batch: int, pad_id: int, packing: bool = False, row_len=0):
+    from posttrain.data.collate import pack_rows, packed_batch, pad_batch
 
     n = len(examples)
-    return [
-        pad_batch([examples[(s * batch + i) % n] for i in range(batch)], pad_id)
-        for s in range(steps)
-    ]
+    out = []
+    for s in range(steps):
+        step = [examples[(s * batch + i) % n] for i in range(batch)]
+        if packing:
+            rows = pack_rows([len(e) for e in step], row_len)
+            out.append(packed_batch([[step[i] for i in row] for row in rows], pad_id))
+        else:
+            out.append(pad_batch(step, pad_id))
+    return out
+
+
+def autocast(args):
+    import contextlib
+
+    if args.precision == "bf16":
+        return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def run_posttrain(model, batches, args) -> list[float]:
     from posttrain.stages.sft import SFTObjective
     from posttrain.train.loop import benchmark_settings, train_on_batches
 
-    settings = benchmark_settings(args.steps, args.lr)
-    return train_on_batches(model, SFTObjective(None, 1, "cpu"), batches, settings)
+    settings = benchmark_settings(args.steps, args.lr).model_copy(
+        update={"precision": args.precision}
+    )
+    return train_on_batches(model, SFTObjective(None, 1, args.device), batches, settings)
+
+
+def warm_up(model, batch, args) -> None:
+    """One forward/backward through the impl's own path, gradients dropped (weights unchanged)."""
+    from posttrain.stages.sft import SFTObjective
+
+    with autocast(args):
+        if args.impl == "posttrain":
+            loss = SFTObjective(None, 1, args.device).loss(model, batch)[0]
+        else:
+            loss = model(**minimal_inputs(batch)).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def minimal_inputs(b) -> dict:
+    """What a hand-written loop passes to the HF model."""
+    # HF shifts labels itself: label = input id where trained, -100 elsewhere.
+    labels = torch.full_like(b.input_ids, -100)
+    labels[:, 1:] = b.labels[:, :-1]
+    # Padded rows: the attention mask. Packed rows: no mask, positions restart per example;
+    # use_cache=False, else HF skips the block-diagonal mask and examples attend across rows.
+    pos = b.position_ids if b.attention_mask is None else None
+    return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                labels=labels, use_cache=False)  # fmt: skip
 
 
 def run_minimal(model, batches, args) -> list[float]:
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0, fused=args.device.startswith("cuda"))  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (args.steps - s) / args.steps)
     model.train()
     losses = []
     for b in batches:
-        # HF shifts labels itself: label = input id where trained, -100 elsewhere.
-        labels = torch.full_like(b.input_ids, -100)
-        labels[:, 1:] = b.labels[:, :-1]
-        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+        with autocast(args):
+            loss = model(**minimal_inputs(b)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -96,27 +140,51 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--impl", choices=["posttrain", "minimal"], default="posttrain")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     args = ap.parse_args()
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.model)
-    model = load_model(args.model)
+    model = load_model(args.model, args.device)
+    examples = load_examples(args.data, tok, args.max_length)
     batches = make_batches(
-        load_examples(args.data, tok, args.max_length), args.steps, args.batch, tok.pad_token_id
+        examples, args.steps, args.batch, tok.pad_token_id, args.packing, args.max_length
     )
+    batches = [b.to(args.device) for b in batches]
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:  # CUDA context, cuBLAS handles, the allocator: one untimed forward/backward
+        warm_up(model, batches[0], args)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     losses = (run_posttrain if args.impl == "posttrain" else run_minimal)(model, batches, args)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     tokens = sum(b.n_tokens for b in batches)
-    print(json.dumps({
+    out = {
         "impl": args.impl,
         "tokens_per_s": round(tokens / seconds, 1),
         "seconds": round(seconds, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "tokens": tokens,
         "mean_loss": sum(losses) / len(losses),
-    }))  # fmt: skip
+    }
+    if args.device != "cpu" or args.precision != "fp32" or args.packing:
+        padded = sum(b.input_ids.numel() for b in batches)
+        out |= {"device": args.device, "precision": args.precision, "packing": args.packing,
+                "padding_share": round(1 - tokens / padded, 4)}  # fmt: skip
+    if cuda:
+        n = sum(p.numel() for p in model.parameters())
+        n -= model.get_input_embeddings().weight.numel()
+        tflops = 6 * n * tokens / seconds / 1e12
+        out |= {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "model_tflops": round(tflops, 2), "mfu": round(tflops / args.peak_tflops, 4)}  # fmt: skip
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

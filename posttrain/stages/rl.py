@@ -372,7 +372,7 @@ class RLTrainer:
                     sums.setdefault("policy/entropy", []).append(
                         float(ops.masked_mean(ent, mask)) * w
                     )
-                    sums.setdefault("policy/loss", []).append(float(loss))
+                    sums.setdefault("policy/loss", []).append(loss.item())
                     if self.value is not None:
                         v = from_flat(token_values(self.value, b), mask)
                         vl, vm = ops.value_loss(

@@ -129,6 +129,27 @@ def run_minimal(model, batches, args) -> list[float]:
     return losses
 
 
+def profiled(run, model, batches, args, cuda: bool) -> list[float]:
+    """`run` under torch.profiler; writes the kernels' table and the device's busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        losses = run(model, batches, args)
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events) / 1e6  # kernels' own time, seconds
+    with open(args.profile, "w") as f:
+        f.write(f"wall {wall:.3f} s under the profiler; {key} summed {busy:.3f} s "
+                f"({busy / wall:.1%} of wall)\n")  # fmt: skip
+        f.write(events.table(sort_by=key, row_limit=30))
+    return losses
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,6 +165,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--packing", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
+    ap.add_argument("--profile", help="write torch.profiler's kernel table to this file")
     args = ap.parse_args()
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
@@ -161,7 +183,11 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    losses = (run_posttrain if args.impl == "posttrain" else run_minimal)(model, batches, args)
+    run = run_posttrain if args.impl == "posttrain" else run_minimal
+    if args.profile:
+        losses = profiled(run, model, batches, args, cuda)
+    else:
+        losses = run(model, batches, args)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

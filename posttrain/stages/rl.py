@@ -380,7 +380,7 @@ class RLTrainer:
                         )
                         vloss = masked_sum(vl, mask) / vdenom
                         vloss.backward()
-                        sums.setdefault("value/loss", []).append(float(vloss))
+                        sums.setdefault("value/loss", []).append(vloss.item())
                         for k2, v2 in vm.items():
                             sums.setdefault(k2, []).append(float(v2) * w)
                 gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)

@@ -28,7 +28,7 @@ def perplexity(
         rows = torch.stack(
             [stream[i * seq_len : i * seq_len + seq_len + 1] for i in idx.tolist()]
         ).to(device)
-        logits = model(input_ids=rows[:, :-1]).logits  # (B, T, V)
+        logits = model(input_ids=rows[:, :-1], use_cache=False).logits  # (B, T, V)
         loss, n = lm_loss_sum(logits, rows[:, 1:])
         total += loss.item()
         count += n.item()

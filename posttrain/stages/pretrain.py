@@ -107,7 +107,8 @@ class WindowObjective:
     def loss(self, model, batch: torch.Tensor):
         from posttrain.ops.lm import lm_loss_sum
 
-        logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
+        # use_cache=False: no KV cache built (and copied into) on every training forward.
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # (B, T, V)
         loss, _ = lm_loss_sum(logits, batch[:, 1:])
         return loss, {}
 

@@ -18,7 +18,9 @@ trained positions. minimal: `model(input_ids, attention_mask, labels).loss`, bac
 Beyond the issue's recipe, for GPU runs: --device (the batches are moved there before timing),
 --precision bf16 (autocast over fp32 weights, for both impls), --packing (each step's examples
 packed first-fit-decreasing into rows of at most L tokens, positions restarting per example and
-no attention mask, for both impls: the same examples and loss tokens, less padding). On CUDA both
+no attention mask, for both impls: the same examples and loss tokens, less padding), --compile
+(each transformer block torch.compiled, as `train.compile` does, for both impls; the compile
+happens in an untimed warm-up step, reported as warmup_s). On CUDA both
 impls use the fused AdamW, and the line adds peak_gpu_mb and model_tflops = 6 * N * tokens /
 seconds (N = parameters without the input embedding), with mfu = model_tflops / --peak-tflops.
 """
@@ -90,6 +92,7 @@ def warm_up(model, batch, args) -> None:
     """One forward/backward through the impl's own path, gradients dropped (weights unchanged)."""
     from posttrain.stages.sft import SFTObjective
 
+    model.train()  # as in the timed steps (a compiled block guards on the mode)
     with autocast(args):
         if args.impl == "posttrain":
             loss = SFTObjective(None, 1, args.device).loss(model, batch)[0]
@@ -169,6 +172,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (both)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     ap.add_argument("--profile", help="write torch.profiler's kernel table to this file")
     args = ap.parse_args()
@@ -183,10 +187,18 @@ def main() -> None:
     )
     batches = [b.to(args.device) for b in batches]
     cuda = torch.device(args.device).type == "cuda"
-    if cuda:  # CUDA context, cuBLAS handles, the allocator: one untimed forward/backward
+    warmup_s = None
+    if args.compile:  # both impls: each transformer block compiled, as train.compile does
+        from posttrain.train.loop import compile_layers
+
+        compile_layers(model)
+    if cuda or args.compile:  # CUDA context, cuBLAS, the compile: one untimed forward/backward
+        t0 = time.perf_counter()
         warm_up(model, batches[0], args)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        warmup_s = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     run = run_posttrain if args.impl == "posttrain" else run_minimal
     if args.profile:
@@ -205,9 +217,10 @@ def main() -> None:
         "tokens": tokens,
         "mean_loss": sum(losses) / len(losses),
     }
-    if args.device != "cpu" or args.precision != "fp32" or args.packing:
+    if args.device != "cpu" or args.precision != "fp32" or args.packing or args.compile:
         padded = sum(b.input_ids.numel() for b in batches)
         out |= {"device": args.device, "precision": args.precision, "packing": args.packing,
+                "compile": args.compile, "warmup_s": warmup_s,
                 "padding_share": round(1 - tokens / padded, 4)}  # fmt: skip
     if cuda:
         n = sum(p.numel() for p in model.parameters())

@@ -131,3 +131,42 @@ def test_zero_weight_step_is_an_error(tmp_path):
 
     with pytest.raises(ValueError, match="no loss tokens"):
         train(make_model(), Empty(), cfg(steps=1), ckpt_dir=tmp_path)
+
+
+def test_compile_trains_like_eager_and_leaves_plain_blocks(small_tokenizer):
+    """train.compile: each block runs compiled during training (same losses as eager within
+    float rounding, over batches of different shapes) and is a plain module afterwards."""
+    from posttrain.data.chat import TokenizedExample
+    from posttrain.data.collate import packed_batch, pad_batch
+    from posttrain.models.presets import build_model
+    from posttrain.stages.sft import SFTObjective
+    from posttrain.train.loop import benchmark_settings, train_on_batches
+
+    g = torch.Generator().manual_seed(0)
+
+    def example(n):
+        ids = torch.randint(5, len(small_tokenizer), (n,), generator=g).tolist()
+        return TokenizedExample(ids, [0] * (n // 2) + [1] * (n - n // 2))
+
+    pad = small_tokenizer.pad_token_id
+    batches = [pad_batch([example(9), example(17)], pad),
+               packed_batch([[example(12), example(7)], [example(20)]], pad),
+               pad_batch([example(5), example(30), example(11)], pad)]  # fmt: skip
+    settings = benchmark_settings(len(batches), 1e-2)
+    losses = {}
+    for compiled in (False, True):
+        model = build_model("toy-xs", small_tokenizer, max_position_embeddings=64, seed=0)
+        keys = set(model.state_dict())
+        run = settings.model_copy(update={"compile": compiled})
+        losses[compiled] = train_on_batches(model, SFTObjective(None, 1, "cpu"), batches, run)
+        blocks = model.get_decoder().layers
+        assert all("forward" not in vars(b) for b in blocks)  # plain again
+        assert set(model.state_dict()) == keys  # no _orig_mod. prefixes in what is saved
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_compile_without_transformer_blocks_names_the_key():
+    from posttrain.train.loop import compile_layers
+
+    with pytest.raises(ValueError, match=r"train\.compile: found no list of transformer blocks"):
+        compile_layers(make_model())

@@ -158,7 +158,7 @@ def profiled(run, model, batches, args, cuda: bool) -> list[float]:
     return losses
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -175,7 +175,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (both)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     ap.add_argument("--profile", help="write torch.profiler's kernel table to this file")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def bench(args: argparse.Namespace) -> tuple[dict, list[float]]:
+    """(the JSON line's fields, the per-step losses)."""
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
 
@@ -228,6 +232,11 @@ def main() -> None:
         tflops = 6 * n * tokens / seconds / 1e12
         out |= {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
                 "model_tflops": round(tflops, 2), "mfu": round(tflops / args.peak_tflops, 4)}  # fmt: skip
+    return out, losses
+
+
+def main(argv=None) -> None:
+    out, _ = bench(parse_args(argv))
     print(json.dumps(out))
 
 

@@ -1,0 +1,65 @@
+"""bench/sft.py: posttrain and the minimal loop train the same thing on the same batches, padded
+or packed (packing changes the layout, not the loss), from prompt/completion or messages files."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"impl", "tokens_per_s", "seconds", "peak_rss_mb", "tokens", "mean_loss"}
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_sft", ROOT / "bench" / "sft.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def inputs(small_tokenizer, tmp_path_factory):
+    from posttrain.models.load import save_model
+    from posttrain.models.presets import build_model
+
+    d = tmp_path_factory.mktemp("bench_sft")
+    save_model(build_model("toy-xs", small_tokenizer), small_tokenizer, d / "model")
+    pc, chat = [], []
+    for a in range(10, 20):
+        q, ans = f"Q: What is {a} plus 11?" + " mat" * (a % 7), f"{a + 11}" + " cat" * (a % 5)
+        pc.append({"prompt": q + "\nA: ", "completion": ans})
+        chat.append({"messages": [{"role": "user", "content": q},
+                                  {"role": "assistant", "content": ans}]})  # fmt: skip
+    for name, recs in (("pc.jsonl", pc), ("chat.jsonl", chat)):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d
+
+
+@pytest.mark.parametrize("data", ["pc.jsonl", "chat.jsonl"])
+def test_impls_and_packing_train_the_same_thing(inputs, data, capsys):
+    bench = _load_bench()
+    base = ["--model", str(inputs / "model"), "--data", str(inputs / data), "--steps", "3",
+            "--batch", "4", "--max-length", "128", "--lr", "1e-3"]  # fmt: skip
+    results = {}
+    for impl in ("posttrain", "minimal"):
+        for packing in (False, True):
+            argv = [*base, "--impl", impl] + (["--packing"] if packing else [])
+            out, losses = bench.bench(bench.parse_args(argv))
+            assert len(losses) == 3 and losses[1] != pytest.approx(losses[0], rel=1e-3)
+            assert KEYS <= set(out) and out["impl"] == impl
+            if packing:
+                assert out["packing"] is True and 0 <= out["padding_share"] < 1
+            results[impl, packing] = out
+    first = results["posttrain", False]
+    for key, r in results.items():
+        assert r["tokens"] == first["tokens"], key
+        # The minimal loop passes use_cache=False: without it HF does not isolate packed
+        # examples and this fails for both files (checked).
+        assert r["mean_loss"] == pytest.approx(first["mean_loss"], rel=1e-5), key
+    packed = results["posttrain", True]["padding_share"]
+    bench.main([*base, "--packing"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["padding_share"] == packed and line["mean_loss"] == pytest.approx(
+        results["posttrain", True]["mean_loss"], rel=1e-9
+    )

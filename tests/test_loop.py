@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -133,6 +135,10 @@ def test_zero_weight_step_is_an_error(tmp_path):
         train(make_model(), Empty(), cfg(steps=1), ckpt_dir=tmp_path)
 
 
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++)",
+)
 def test_compile_trains_like_eager_and_leaves_plain_blocks(small_tokenizer):
     """train.compile: each block runs compiled during training (same losses as eager within
     float rounding, over batches of different shapes) and is a plain module afterwards."""

@@ -10,7 +10,9 @@
 #   1. the CUDA tests: tests/test_cuda.py (every stage of the tiny pipeline on the GPU, bf16
 #      training, packed = unpacked loss) and the CUDA cases of tests/test_generate.py;
 #   2. bench/sft.py on a ~98M-parameter Llama (hidden 768, 12 layers, 8,192 vocab), GSM8K,
-#      64 examples x 40 steps, max length 512: {fp32, bf16} x {padded, packed} x {minimal, posttrain}.
+#      64 examples x 40 steps, max length 512: {fp32, bf16} x {padded, packed} x {minimal, posttrain};
+#   3. posttrain bf16 packed in rows of a fixed 512 tokens, compiled first then eager, at 64 and
+#      128 examples per step (whether train.compile's gain holds with a cold compile cache).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -43,14 +45,22 @@ for prec in fp32 bf16; do
     done
 done
 
+echo "== 3. train.compile, fixed row shapes (rows padded to 512, as the SFT stage does)"
+for args in "--compile" "" "--compile --batch 128 --steps 20" "--batch 128 --steps 20"; do
+    timeout 120 python3 bench/sft.py --model $B/model --data $B/gsm8k_pc.jsonl --steps 40 \
+        --batch 64 --max-length 512 --lr 1e-4 --device cuda --precision bf16 --packing \
+        --fixed-rows $args 2>>"$OUT/bench_sft.err" | tee -a "$OUT/bench_sft.jsonl"
+done
+
 echo "== summary"
 tail -3 "$OUT/pytest.txt"
 python3 - "$OUT/bench_sft.jsonl" <<'EOF'
 import json, sys
-print(f"{'impl':10} {'prec':5} {'packed':6} {'tok/s':>9} {'s':>6} {'GPU MB':>8} {'TFLOP/s':>8} {'MFU':>6} {'pad':>5}  mean_loss")
+print(f"{'impl':10} {'prec':5} {'packed':6} {'comp':5} {'fixed':5} {'tok/s':>9} {'s':>6} {'GPU MB':>8} {'TFLOP/s':>8} {'MFU':>6} {'pad':>5}  mean_loss")
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(f"{r['impl']:10} {r['precision']:5} {str(r['packing']):6} {r['tokens_per_s']:9.0f} "
+    print(f"{r['impl']:10} {r['precision']:5} {str(r['packing']):6} {str(r['compile']):5} "
+          f"{str(r['fixed_rows']):5} {r['tokens_per_s']:9.0f} "
           f"{r['seconds']:6.2f} {r['peak_gpu_mb']:8.0f} {r['model_tflops']:8.1f} {r['mfu']:6.3f} "
           f"{r['padding_share']:5.2f}  {r['mean_loss']:.6f}")
 EOF

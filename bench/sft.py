@@ -18,7 +18,8 @@ trained positions. minimal: `model(input_ids, attention_mask, labels).loss`, bac
 Beyond the issue's recipe, for GPU runs: --device (the batches are moved there before timing),
 --precision bf16 (autocast over fp32 weights, for both impls), --packing (each step's examples
 packed first-fit-decreasing into rows of at most L tokens, positions restarting per example and
-no attention mask, for both impls: the same examples and loss tokens, less padding), --compile
+no attention mask, for both impls: the same examples and loss tokens, less padding; the rows
+padded to the longest row, or with --fixed-rows to L as the SFT stage does), --compile
 (each transformer block torch.compiled, as `train.compile` does, for both impls; the compile
 happens in an untimed warm-up step, reported as warmup_s). On CUDA both
 impls use the fused AdamW, and the line adds peak_gpu_mb and model_tflops = 6 * N * tokens /
@@ -55,7 +56,11 @@ def load_examples(path: str, tok, max_length: int):
     return out
 
 
-def make_batches(examples, steps: int, batch: int, pad_id: int, packing: bool = False, row_len=0):
+def make_batches(
+    examples, steps: int, batch: int, pad_id: int, packing: bool = False, row_len=0, fixed=False
+):
+    """`steps` batches of `batch` examples in file order (wrapping around): right-padded, or
+    packed into rows of at most row_len tokens, padded to the longest row or (fixed) to row_len."""
     from posttrain.data.collate import pack_rows, packed_batch, pad_batch
 
     n = len(examples)
@@ -64,7 +69,8 @@ def make_batches(examples, steps: int, batch: int, pad_id: int, packing: bool = 
         step = [examples[(s * batch + i) % n] for i in range(batch)]
         if packing:
             rows = pack_rows([len(e) for e in step], row_len)
-            out.append(packed_batch([[step[i] for i in row] for row in rows], pad_id))
+            T = row_len if fixed else None
+            out.append(packed_batch([[step[i] for i in row] for row in rows], pad_id, T))
         else:
             out.append(pad_batch(step, pad_id))
     return out
@@ -172,6 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--fixed-rows", action="store_true",
+                    help="packed rows padded to --max-length, as the SFT stage does")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (both)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     ap.add_argument("--profile", help="write torch.profiler's kernel table to this file")
@@ -187,7 +195,13 @@ def bench(args: argparse.Namespace) -> tuple[dict, list[float]]:
     model = load_model(args.model, args.device)
     examples = load_examples(args.data, tok, args.max_length)
     batches = make_batches(
-        examples, args.steps, args.batch, tok.pad_token_id, args.packing, args.max_length
+        examples,
+        args.steps,
+        args.batch,
+        tok.pad_token_id,
+        args.packing,
+        args.max_length,
+        args.fixed_rows,
     )
     batches = [b.to(args.device) for b in batches]
     cuda = torch.device(args.device).type == "cuda"
@@ -224,7 +238,7 @@ def bench(args: argparse.Namespace) -> tuple[dict, list[float]]:
     if args.device != "cpu" or args.precision != "fp32" or args.packing or args.compile:
         padded = sum(b.input_ids.numel() for b in batches)
         out |= {"device": args.device, "precision": args.precision, "packing": args.packing,
-                "compile": args.compile, "warmup_s": warmup_s,
+                "compile": args.compile, "fixed_rows": args.fixed_rows, "warmup_s": warmup_s,
                 "padding_share": round(1 - tokens / padded, 4)}  # fmt: skip
     if cuda:
         n = sum(p.numel() for p in model.parameters())

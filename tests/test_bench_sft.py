@@ -43,23 +43,23 @@ def test_impls_and_packing_train_the_same_thing(inputs, data, capsys):
             "--batch", "4", "--max-length", "128", "--lr", "1e-3"]  # fmt: skip
     results = {}
     for impl in ("posttrain", "minimal"):
-        for packing in (False, True):
-            argv = [*base, "--impl", impl] + (["--packing"] if packing else [])
-            out, losses = bench.bench(bench.parse_args(argv))
+        for layout in ((), ("--packing",), ("--packing", "--fixed-rows")):
+            out, losses = bench.bench(bench.parse_args([*base, "--impl", impl, *layout]))
             assert len(losses) == 3 and losses[1] != pytest.approx(losses[0], rel=1e-3)
             assert KEYS <= set(out) and out["impl"] == impl
-            if packing:
+            if layout:
                 assert out["packing"] is True and 0 <= out["padding_share"] < 1
-            results[impl, packing] = out
-    first = results["posttrain", False]
+            results[impl, layout] = out
+    fixed = results["posttrain", ("--packing", "--fixed-rows")]
+    assert fixed["padding_share"] > results["posttrain", ("--packing",)]["padding_share"]
+    first = results["posttrain", ()]
     for key, r in results.items():
         assert r["tokens"] == first["tokens"], key
         # The minimal loop passes use_cache=False: without it HF does not isolate packed
         # examples and this fails for both files (checked).
         assert r["mean_loss"] == pytest.approx(first["mean_loss"], rel=1e-5), key
-    packed = results["posttrain", True]["padding_share"]
+    packed = results["posttrain", ("--packing",)]
     bench.main([*base, "--packing"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["padding_share"] == packed and line["mean_loss"] == pytest.approx(
-        results["posttrain", True]["mean_loss"], rel=1e-9
-    )
+    assert line["padding_share"] == packed["padding_share"]
+    assert line["mean_loss"] == pytest.approx(packed["mean_loss"], rel=1e-9)

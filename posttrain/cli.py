@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(pipeline.resolved(), sort_keys=False), end="")
             return 0
         from posttrain.pipeline import run_pipeline
+        from posttrain.train import dist
         from posttrain.train.loop import TrainingDiverged
 
         try:
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingDiverged as e:
             print(f"posttrain: training diverged: {e}", file=sys.stderr)
             return 3
+        finally:
+            dist.close()
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2

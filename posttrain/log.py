@@ -50,7 +50,10 @@ class Logger:
         self.stream = stream or sys.stderr
 
     def info(self, msg: str) -> None:
-        print(f"[posttrain] {msg}", file=self.stream, flush=True)
+        from posttrain.train import dist
+
+        if dist.is_main():  # under torchrun, rank 0 speaks for all
+            print(f"[posttrain] {msg}", file=self.stream, flush=True)
 
     def progress(self, stage: str, total: int, stage_dir: Path, start: int = 0) -> StepLogger:
         return StepLogger(self, stage, total, Path(stage_dir), start)

@@ -11,7 +11,9 @@ import yaml
 from posttrain.config import Pipeline, StageSpec
 from posttrain.io import atomic_write_json, atomic_write_yaml, hash_path
 from posttrain.log import Logger
+from posttrain.models.load import resolve_device
 from posttrain.stages.base import StageContext, StageResult
+from posttrain.train import dist
 
 FORMAT_VERSION = 1
 
@@ -79,9 +81,12 @@ def run_pipeline(
         )
     cfg = pipeline.config
     logger = logger or Logger(every=cfg.log.every, tensorboard=cfg.log.tensorboard)
+    dist.init(resolve_device(cfg.device))
+    main = dist.is_main()
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_yaml(run_dir / "pipeline.yaml", pipeline.resolved())
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_yaml(run_dir / "pipeline.yaml", pipeline.resolved())
     t_start = time.perf_counter()
     for spec in pipeline.stages:
         module = STAGES[spec.kind]
@@ -92,20 +97,31 @@ def run_pipeline(
                 f"{spec.name}: skipped (config and inputs unchanged; --force {spec.name} re-runs it)"
             )
             continue
-        ctx.resume = _prepare_dir(
-            ctx.stage_dir, fp, resume and spec.name not in force, logger, spec.name
-        )
-        logger.info(f"{spec.name}: running")
+        can_resume = resume and spec.name not in force
+        if main:
+            ctx.resume = _prepare_dir(ctx.stage_dir, fp, can_resume, logger, spec.name)
+        dist.barrier()
+        if not main:  # where rank 0 cleared the folder there is no checkpoint: a fresh start
+            ctx.resume = can_resume
+        parallel = spec.kind in dist.DATA_PARALLEL_KINDS
+        if dist.active():
+            how = f"data-parallel on {dist.world()} ranks" if parallel else "on rank 0"
+            logger.info(f"{spec.name}: running ({how})")
+        else:
+            logger.info(f"{spec.name}: running")
         t0 = time.perf_counter()
-        result: StageResult = module.run(spec.config, ctx)
+        if main or parallel:
+            result: StageResult = module.run(spec.config, ctx)
         seconds = time.perf_counter() - t0
-        record = {"stage": spec.name, "kind": spec.kind, "seconds": round(seconds, 2), "metrics": result.metrics,
-                  "artifacts": result.artifacts}  # fmt: skip
-        if result.evals:
-            record |= {"evals": result.evals, "samples": result.samples}
-        atomic_write_json(ctx.stage_dir / "result.json", record)
+        if main:
+            record = {"stage": spec.name, "kind": spec.kind, "seconds": round(seconds, 2),
+                      "metrics": result.metrics, "artifacts": result.artifacts}  # fmt: skip
+            if result.evals:
+                record |= {"evals": result.evals, "samples": result.samples}
+            atomic_write_json(ctx.stage_dir / "result.json", record)
+        dist.barrier()  # the next stage reads what this one wrote
         logger.info(f"{spec.name}: done in {seconds:.1f}s")
-    report = write_report(pipeline, run_dir)
+    report = write_report(pipeline, run_dir) if main else {}
     logger.info(
         f"pipeline done in {time.perf_counter() - t_start:.1f}s; report: {run_dir / 'report.html'}"
     )

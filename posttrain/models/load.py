@@ -10,9 +10,15 @@ from posttrain.io import atomic_dir
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """auto: cuda if available, else cpu. Under torchrun a bare "cuda" is this rank's GPU."""
+    import os
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
 
 
 def load_model(

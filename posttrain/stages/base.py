@@ -73,11 +73,16 @@ def resolve_model(value: str, ctx: StageContext) -> Path:
 
 def train_with_progress(ctx: StageContext, model, objective, settings, evaluate=None):
     """The shared loop with this stage's progress line, checkpoints folder, resume and seed."""
+    from posttrain.train import dist
     from posttrain.train.loop import train
 
-    steplog = ctx.logger.progress(ctx.name, settings.steps, ctx.stage_dir)
+    # Under torchrun only rank 0 logs (the step's metrics are already summed over ranks).
+    steplog = (
+        ctx.logger.progress(ctx.name, settings.steps, ctx.stage_dir) if dist.is_main() else None
+    )
     try:
         return train(model, objective, settings, ckpt_dir=ctx.stage_dir / "checkpoints", steplog=steplog,
                      resume=ctx.resume, seed=ctx.seed, evaluate=evaluate)  # fmt: skip
     finally:
-        steplog.close()
+        if steplog is not None:
+            steplog.close()

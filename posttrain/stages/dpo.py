@@ -26,6 +26,7 @@ from pydantic import Field
 
 from posttrain.stages._prefs import PairTraining, load_split_pairs, pairs_path
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
+from posttrain.train import dist
 from posttrain.train.loop import MicroBatchObjective, TrainSettings
 
 
@@ -180,7 +181,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     settings = cfg.train
     if cfg.epochs is not None:
         settings = settings.model_copy(
-            update={"steps": data.steps_for(cfg.epochs, settings.grad_accum)}
+            update={"steps": data.steps_for(cfg.epochs, settings.grad_accum * dist.world())}
         )
     ctx.logger.info(f"{ctx.name}: {cfg.loss} (beta {cfg.beta}) on {len(tokenized)} pairs "
                     f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip
@@ -192,7 +193,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         if not settings.eval_every:
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
     result = train_with_progress(ctx, model, objective, settings, evaluate)
-    save_model(model, tok, ctx.stage_dir / "model")
+    if dist.is_main():
+        save_model(model, tok, ctx.stage_dir / "model")
     metrics = {"train/loss": result.final_loss, "train/steps": result.steps,
                "train/seconds": round(result.seconds, 2)}  # fmt: skip
     metrics |= result.last | stats.metrics() | read_stats | result.eval

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, train_with_progress
+from posttrain.train import dist
 from posttrain.train.loop import TrainSettings
 
 
@@ -92,11 +93,19 @@ class WindowObjective:
         self.grad_accum, self.seed, self.device = grad_accum, seed, device
 
     def batches(self, step: int) -> list[torch.Tensor]:
+        """This rank's micro-batches: a step draws grad_accum x ranks of them, rank r takes
+        every W-th (one process with W x grad_accum draws the same windows)."""
+        from posttrain.train import dist
+
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         high = len(self.stream) - self.seq_len - 1
-        starts = torch.randint(0, high, (self.grad_accum, self.batch_size), generator=g)
+        n = self.grad_accum * dist.world()
+        starts = torch.randint(0, high, (n, self.batch_size), generator=g)
         span = torch.arange(self.seq_len + 1)
-        return [self.stream[s[:, None] + span].to(self.device) for s in starts]  # each (B, T+1)
+        return [
+            self.stream[starts[i][:, None] + span].to(self.device)
+            for i in dist.shard(list(range(n)))
+        ]  # fmt: skip  (each (B, T+1))
 
     def weight(self, batch: torch.Tensor) -> float:
         return batch.shape[0] * (batch.shape[1] - 1)
@@ -142,15 +151,12 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     stream = tokenize_stream(read_texts(paths["data"]), tok)
     ctx.logger.info(
         f"{ctx.name}: {len(stream):,} training tokens; {cfg.train.steps} steps of "
-        f"{cfg.batch_size * cfg.train.grad_accum * cfg.seq_len:,} tokens"
+        f"{cfg.batch_size * cfg.train.grad_accum * dist.world() * cfg.seq_len:,} tokens"
     )
     objective = WindowObjective(
         stream, cfg.seq_len, cfg.batch_size, cfg.train.grad_accum, ctx.seed, ctx.device
     )
     result = train_with_progress(ctx, model, objective, cfg.train)
-    save_model(model, tok, ctx.stage_dir / "model")
-
-    heldout = tokenize_stream(read_texts(paths["heldout"]), tok)
     metrics = {
         "train/loss": result.final_loss,
         "train/steps": result.steps,
@@ -158,6 +164,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         "train/seconds": round(result.seconds, 2),
         "train/epochs": round(result.tokens / len(stream), 3),
     }
+    if not dist.is_main():  # rank 0 saves and evaluates; its result is the stage's
+        return StageResult(metrics)
+    save_model(model, tok, ctx.stage_dir / "model")
+
+    heldout = tokenize_stream(read_texts(paths["heldout"]), tok)
     metrics |= perplexity(model, heldout, cfg.seq_len, max_tokens=cfg.eval.max_heldout_tokens)
     artifacts = {"model": f"{ctx.name}/model"}
     if cfg.eval.n_per_family and cfg.data is None:  # the gold eval needs the toy world

@@ -30,7 +30,8 @@ from posttrain.stages._prefs import (
     pairs_path,
 )
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
-from posttrain.train.loop import MicroBatchObjective, TrainSettings
+from posttrain.train import dist
+from posttrain.train.loop import MicroBatchObjective, TrainSettings, step_micro_indices
 
 
 class Config(PairTraining):
@@ -103,9 +104,7 @@ class PLObjective(MicroBatchObjective):
         return sb
 
     def batches(self, step: int):
-        return [
-            self.micro(step * self.grad_accum + i).to(self.device) for i in range(self.grad_accum)
-        ]
+        return [self.micro(k).to(self.device) for k in step_micro_indices(step, self.grad_accum)]
 
     def weight(self, sb) -> float:
         return len(sb.index)
@@ -268,7 +267,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         objective = BTObjective(data, settings.grad_accum, ctx.device, cfg.use_margin)
         per_epoch = data.per_epoch
     if cfg.epochs is not None:
-        steps = max(1, -(-int(cfg.epochs * per_epoch) // settings.grad_accum))
+        steps = max(1, -(-int(cfg.epochs * per_epoch) // (settings.grad_accum * dist.world())))
         settings = settings.model_copy(update={"steps": steps})
     ctx.logger.info(f"{ctx.name}: {cfg.loss} on {len(tokenized)} pairs "
                     f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip
@@ -287,5 +286,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     val_prompts = sorted({p["prompt_id"] for p in val_pairs if p["prompt_id"] in cands})
     if val_prompts:
         metrics |= gold_metrics(model, tok, cands, val_prompts)
-    save_model(model, tok, ctx.stage_dir / "model")
+    if dist.is_main():
+        save_model(model, tok, ctx.stage_dir / "model")
     return StageResult(metrics, {"model": f"{ctx.name}/model"})

@@ -21,6 +21,7 @@ from posttrain.stages.base import (
     resolve_model,
     train_with_progress,
 )
+from posttrain.train import dist
 from posttrain.train.loop import MicroBatchObjective, TrainSettings
 
 
@@ -217,7 +218,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     settings = cfg.train
     if cfg.epochs is not None:
         settings = settings.model_copy(
-            update={"steps": data.steps_for(cfg.epochs, settings.grad_accum)}
+            update={"steps": data.steps_for(cfg.epochs, settings.grad_accum * dist.world())}
         )
     ctx.logger.info(
         f"{ctx.name}: {stats.kept} examples ({stats.trained_tokens:,} trained of {stats.total_tokens:,} tokens), "
@@ -234,7 +235,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         if not settings.eval_every:
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
     result = train_with_progress(ctx, model, objective, settings, evaluate)
-    _save(model, tok, cfg, ctx.stage_dir / "model")
+    if dist.is_main():
+        _save(model, tok, cfg, ctx.stage_dir / "model")
     metrics = (
         {
             "train/loss": result.final_loss,

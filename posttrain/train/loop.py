@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 
 from posttrain.config import StrictModel
+from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.train.schedule import lr_multiplier
 
@@ -89,17 +90,23 @@ class TrainingDiverged(RuntimeError):
 
 class MicroBatchObjective:
     """The batching half of an Objective: optimiser step s takes micro-batches
-    s * grad_accum ... s * grad_accum + grad_accum - 1 of `data` (anything with .micro(k),
-    a pure function of k, so a resumed run sees the same data), moved to the device."""
+    s * G ... s * G + G - 1 of `data` (anything with .micro(k), a pure function of k, so a
+    resumed run sees the same data), moved to the device; G = grad_accum x the data-parallel
+    ranks, each rank taking every W-th (`dist`)."""
 
     def __init__(self, data, grad_accum: int, device):
         self.data, self.grad_accum, self.device = data, grad_accum, device
 
     def batches(self, step: int) -> list:
         return [
-            self.data.micro(step * self.grad_accum + i).to(self.device)
-            for i in range(self.grad_accum)
+            self.data.micro(k).to(self.device) for k in step_micro_indices(step, self.grad_accum)
         ]
+
+
+def step_micro_indices(step: int, grad_accum: int) -> list[int]:
+    """The micro-batch indices this rank trains at optimiser step `step`."""
+    per_step = grad_accum * dist.world()
+    return dist.shard(list(range(step * per_step, (step + 1) * per_step)))
 
 
 @dataclass
@@ -144,22 +151,34 @@ def _lr(cfg: TrainSettings, step: int) -> float:
 
 
 def train_step(model, objective: Objective, micro: list, cfg: TrainSettings, device) -> dict:
-    """Forward/backward over the micro-batches of one step; returns summed metrics and weight."""
-    total_weight = sum(objective.weight(b) for b in micro)
+    """Forward/backward over this rank's micro-batches of one step; returns the step's metrics
+    summed over every rank's micro-batches, divided by the step's total weight (all ranks)."""
+    total_weight = dist.all_sum([sum(objective.weight(b) for b in micro)])[0]
     if total_weight <= 0:
         raise ValueError("a training step has no loss tokens (total weight 0)")
-    loss_sum, sums, tokens = 0.0, {}, 0
+    loss_sum, sums, tokens, bad = 0.0, {}, 0, None
     for batch in micro:
         with _autocast(cfg, device):
             loss, metrics = objective.loss(model, batch)
         value = loss.item()
         if not math.isfinite(value):
-            return {"nonfinite": value}
+            bad = value
+            break
         (loss / total_weight).backward()
         loss_sum += value
         tokens += objective.tokens(batch)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+    if dist.active():  # every rank learns whether any diverged, and the step's sums
+        loss_sum, tokens, n_bad = dist.all_sum([loss_sum, tokens, float(bad is not None)])
+        tokens = int(tokens)
+        if n_bad:
+            return {"nonfinite": float("nan") if bad is None else bad}
+        keys = sorted(sums)
+        sums = dict(zip(keys, dist.all_sum([sums[k] for k in keys]), strict=True))
+        dist.sync_grads(model)
+    elif bad is not None:
+        return {"nonfinite": bad}
     return {"loss": loss_sum / total_weight, "tokens": tokens, "weight": total_weight} | {
         k: v / total_weight for k, v in sums.items()
     }
@@ -225,6 +244,7 @@ def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> 
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     random.seed(seed)
+    dist.broadcast_params(model)
     optimizer = make_optimizer(model, cfg)
     start, resumed_from, tokens_total = 0, None, 0
     last = latest_checkpoint(ckpt_dir) if resume else None
@@ -281,14 +301,16 @@ def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> 
         if steplog is not None:
             steplog.log(done, metrics)
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            last_good = save_checkpoint(
-                ckpt_dir,
-                done,
-                model,
-                optimizer,
-                {"tokens": tokens_total, "loss": final_loss},
-                cfg.keep_checkpoints,
-            )
+            if dist.is_main():  # the ranks hold the same weights and optimiser state
+                last_good = save_checkpoint(
+                    ckpt_dir,
+                    done,
+                    model,
+                    optimizer,
+                    {"tokens": tokens_total, "loss": final_loss},
+                    cfg.keep_checkpoints,
+                )
+            dist.barrier()
     if resumed_from == cfg.steps and last is not None:  # nothing left to run: report the saved loss
         final_loss = torch.load(last, map_location="cpu", weights_only=False)["extra"].get(
             "loss", final_loss

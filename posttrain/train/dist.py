@@ -1,0 +1,131 @@
+"""Data parallelism across processes started by `torchrun`.
+
+Every rank holds the whole model and takes its own share of each optimiser step's micro-batches:
+with W ranks and `grad_accum` G, step s is micro-batches s*G*W ... s*G*W + G*W - 1 of the data,
+rank r taking those whose index is r modulo W. Each rank backpropagates its losses divided by
+the step's total weight summed over *all* ranks (tokens, pairs, sequences), and the gradients are
+summed across ranks before clipping and the update. So W ranks x G micro-batches compute exactly
+the gradient one process computes with G*W micro-batches: the invariant that averaging per-rank
+means (each normalised by its own token count) breaks when ranks hold different token counts.
+
+The collectives are plain all-reduces after the backward pass (not overlapped with it, unlike
+DistributedDataParallel): any forward the stages use (the decoder alone, the LM head only at
+targets) stays correct. Outside torchrun (no WORLD_SIZE, or 1) everything here is a no-op.
+Only rank 0 writes (run directory, checkpoints, models, logs); stages that have no data-parallel
+path run on rank 0 while the others wait.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+
+# Stages of these kinds train data-parallel; the others run on rank 0 only.
+DATA_PARALLEL_KINDS = {"pretrain", "sft", "reward", "dpo"}
+
+
+def active() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def world() -> int:
+    """Data-parallel ranks (1 until `init` has joined a group)."""
+    return torch.distributed.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes: rank 0, or the only process (read from torchrun's
+    environment, so it holds before `init` too)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched() -> bool:
+    """Whether torchrun started several processes (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU); `device` is
+    this rank's (`resolve_device` gives cuda:LOCAL_RANK). A no-op in a single process."""
+    if not launched():
+        return device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        # Long rank-0-only stages (generation, evaluation) keep the others waiting at a barrier.
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4)
+        )
+    return device
+
+
+def close() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        torch.distributed.barrier()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks, in float64 (on the GPU under NCCL, which has no CPU path)."""
+    if not active():
+        return list(values)
+    dev = _collective_device()
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def sync_grads(model: torch.nn.Module) -> None:
+    """Sum every trainable parameter's gradient over ranks, in one flat buffer per dtype (a
+    parameter without a gradient on this rank contributes zeros, so the collectives line up)."""
+    if not active():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        torch.distributed.all_reduce(flat)
+        at = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[at : at + n].view_as(p.grad))
+            at += n
+
+
+def broadcast_params(model: torch.nn.Module) -> None:
+    """Make every rank start from rank 0's weights (randomly initialised adapters, heads)."""
+    if not active():
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        torch.distributed.broadcast(t.data, src=0)
+
+
+def shard(indices: list[int]) -> list[int]:
+    """This rank's share of an ordered list (every W-th, starting at its rank)."""
+    return indices[rank() :: world()]
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

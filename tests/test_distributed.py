@@ -1,0 +1,117 @@
+"""Data parallelism under torchrun (gloo, 2 CPU processes): 2 ranks x G micro-batches train
+exactly what one process with 2G micro-batches trains (the loss normalised by the step's total
+token count over both ranks, which differ per rank), through the CLI and through a pipeline;
+rank 0 alone writes, and stages without a data-parallel path run on rank 0."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
+
+
+def torchrun(args: list[str], cwd, nproc: int = 2) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "posttrain.cli", *args]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CI": "true"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout + r.stderr
+
+
+def losses(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["train/loss"] for x in lines]
+
+
+def weights(model_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def assert_same_weights(a, b) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_on_two_ranks_equals_one_process_with_twice_the_accumulation(
+    tmp_path, small_tokenizer, packing
+):
+    from posttrain.cli import main
+    from posttrain.models.load import save_model
+    from posttrain.models.presets import build_model
+
+    save_model(build_model("toy-xs", small_tokenizer, seed=3), small_tokenizer, tmp_path / "hf")
+    lines = []
+    for a in range(10, 34):  # replies of 1 to 9 extra words: every micro-batch a different size
+        reply = f"{a + 11}" + " and the cat sat" * (a % 9)
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": f"What is {a} plus 11?" + " Tell me." * (a % 4)},
+            {"role": "assistant", "content": reply}]}))  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+
+    def config(grad_accum: int) -> str:
+        cfg = {"model": str(tmp_path / "hf"), "data": {"path": str(tmp_path / "chat.jsonl")},
+               "max_length": 96, "packing": packing, "batch_size": 3, "epochs": 2,
+               "val_fraction": 0.0,
+               "train": {"lr": 1e-2, "warmup_steps": 1, "grad_accum": grad_accum,
+                         "checkpoint_every": 2}}  # fmt: skip
+        path = tmp_path / f"sft_g{grad_accum}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    assert main(["sft", "--config", config(2), "--out", str(tmp_path / "one")]) == 0
+    log = torchrun(["sft", "--config", config(1), "--out", str(tmp_path / "two")], tmp_path)
+    assert "data-parallel on 2 ranks" in log
+    one, two = tmp_path / "one/sft", tmp_path / "two/sft"
+    # One metrics line per step, written once; the same losses and the same final weights.
+    assert len(losses(two)) == len(losses(one)) >= 4
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert_same_weights(one / "model", two / "model")
+    steps = json.loads((two / "result.json").read_text())["metrics"]["train/steps"]
+    assert steps == len(losses(one))
+    assert sorted(p.name for p in (two / "checkpoints").iterdir())[-1].startswith("step_")
+
+
+def test_a_pipeline_on_two_ranks(tmp_path):
+    """world (rank 0), pretrain and sft (data-parallel), evaluate (rank 0): the same pretrain as
+    one process with twice the accumulation, and one report."""
+    from conftest import TINY_BASE
+
+    from posttrain.cli import main
+
+    base = yaml.safe_load(TINY_BASE)
+    base["stages"] = ["world", "pretrain", "sft", "evaluate"]
+    base["evaluate"] = {"max_new_tokens": 4, "diversity": {"n_prompts": 0}}
+
+    def config(name: str, grad_accum: int) -> str:
+        raw = json.loads(json.dumps(base))
+        raw["pretrain"]["train"]["grad_accum"] = grad_accum
+        raw["sft"]["train"]["grad_accum"] = grad_accum
+        raw["out"] = str(tmp_path / name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    os.environ["CI"] = "true"
+    assert main(["run", config("one", 2)]) == 0
+    log = torchrun(["run", config("two", 1)], tmp_path)
+    assert "world: running (on rank 0)" in log and "evaluate: running (on rank 0)" in log
+    assert log.count("pipeline done") == 1  # rank 0 alone reports
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert losses(two / "pretrain") == pytest.approx(losses(one / "pretrain"), rel=1e-5)
+    assert_same_weights(one / "pretrain/model", two / "pretrain/model")
+    report = json.loads((two / "report.json").read_text())
+    assert set(report["evals"]) == {"base", "sft"}

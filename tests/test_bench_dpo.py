@@ -1,24 +1,14 @@
 """bench/dpo.py: posttrain and the minimal loop, with and without a precomputed reference,
 train the same thing on the same batches."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_bench
 
 KEYS = {"impl", "precompute_ref", "pairs_per_s", "tokens_per_s", "seconds", "peak_rss_mb",
         "tokens", "mean_loss"}  # fmt: skip
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_dpo", ROOT / "bench" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def inputs(small_tokenizer, tmp_path_factory):
 
 
 def test_impls_and_reference_modes_agree(inputs, capsys):
-    bench = _load_bench()
+    bench = load_bench("dpo")
     base = ["--model", str(inputs / "model"), "--data", str(inputs / "pairs.jsonl"),
             "--steps", "3", "--batch", "4", "--max-length", "24", "--lr", "1e-3",
             "--beta", "0.5"]  # fmt: skip

@@ -1,19 +1,10 @@
 """bench/rl.py runs PPO and GRPO on a tiny local model and prints its JSON line."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-
-def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "rl.py"
-    spec = importlib.util.spec_from_file_location("bench_rl", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_bench
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
@@ -27,7 +18,7 @@ def test_bench_rl_prints_its_json_line(algo, small_tokenizer, tmp_path, capsys):
         small_tokenizer,
         tmp_path / "m",
     )
-    out = _load_bench().main(["--model", str(tmp_path / "m"), "--algo", algo, "--steps", "2",
+    out = load_bench("rl").main(["--model", str(tmp_path / "m"), "--algo", algo, "--steps", "2",
                               "--prompts-per-step", "2", "--max-new-tokens", "6", "--minibatch", "4"])  # fmt: skip
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == pytest.approx(out)

@@ -1,21 +1,12 @@
 """bench/sft.py: posttrain and the minimal loop train the same thing on the same batches, padded
 or packed (packing changes the layout, not the loss), from prompt/completion or messages files."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"impl", "tokens_per_s", "seconds", "peak_rss_mb", "tokens", "mean_loss"}
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_sft", ROOT / "bench" / "sft.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +29,7 @@ def inputs(small_tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize("data", ["pc.jsonl", "chat.jsonl"])
 def test_impls_and_packing_train_the_same_thing(inputs, data, capsys):
-    bench = _load_bench()
+    bench = load_bench("sft")
     base = ["--model", str(inputs / "model"), "--data", str(inputs / data), "--steps", "3",
             "--batch", "4", "--max-length", "128", "--lr", "1e-3"]  # fmt: skip
     results = {}

@@ -176,3 +176,34 @@ def test_compile_without_transformer_blocks_names_the_key():
 
     with pytest.raises(ValueError, match=r"train\.compile: found no list of transformer blocks"):
         compile_layers(make_model())
+
+
+def test_gradient_checkpointing_trains_the_same_and_is_switched_off_after(small_tokenizer):
+    from posttrain.data.chat import TokenizedExample
+    from posttrain.data.collate import packed_batch, pad_batch
+    from posttrain.models.presets import build_model
+    from posttrain.stages.sft import SFTObjective
+    from posttrain.train.loop import benchmark_settings, train_on_batches
+
+    g = torch.Generator().manual_seed(1)
+
+    def example(n):
+        ids = torch.randint(5, len(small_tokenizer), (n,), generator=g).tolist()
+        return TokenizedExample(ids, [0] * 3 + [1] * (n - 3))
+
+    pad = small_tokenizer.pad_token_id
+    batches = [pad_batch([example(9), example(17)], pad),
+               packed_batch([[example(12), example(7)], [example(20)]], pad)]  # fmt: skip
+    runs = {}
+    for on in (False, True):
+        model = build_model("toy-xs", small_tokenizer, max_position_embeddings=64, seed=0)
+        settings = benchmark_settings(2, 1e-2).model_copy(update={"gradient_checkpointing": on})
+        runs[on] = train_on_batches(model, SFTObjective(None, 1, "cpu"), batches, settings)
+        assert not model.is_activation_checkpointing
+    assert runs[True] == pytest.approx(runs[False], rel=1e-6)
+
+
+def test_gradient_checkpointing_on_a_model_without_it_names_the_key():
+    settings = TrainSettings(steps=1, checkpoint_every=0, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match=r"train\.gradient_checkpointing: TinyLM does not"):
+        train(make_model(), SeqObjective(), settings, ckpt_dir="/nonexistent")

@@ -207,3 +207,44 @@ def test_replay_mixes_pretraining_windows_into_every_step(tmp_path, hf_dir, monk
     cfg = sft_config(tmp_path, hf_dir, data, replay={"rows": 1, "data": str(text)}, packing=False)
     assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / "bad")]) != 0
     assert "sft.replay.rows needs sft.packing: true" in capsys.readouterr().err
+
+
+def test_neftune_noise_is_bounded_training_only_and_removable(small_tokenizer):
+    import math
+
+    import torch
+
+    from posttrain.models.presets import build_model
+    from posttrain.stages.sft import neftune
+
+    model = build_model("toy-xs", small_tokenizer, seed=0)
+    emb = model.get_input_embeddings()
+    ids = torch.randint(5, len(small_tokenizer), (2, 10))
+    clean = emb(ids)
+    handle = neftune(model, 5.0)
+    model.train()
+    noisy = emb(ids)
+    scale = 5.0 / math.sqrt(10 * clean.shape[-1])  # alpha / sqrt(T * C)
+    diff = (noisy - clean).abs()
+    assert 0 < diff.max().item() <= scale * (1 + 1e-6)
+    assert diff.mean().item() > scale / 4  # uniform on [-scale, scale]: mean |x| = scale / 2
+    model.eval()
+    assert torch.equal(emb(ids), clean)  # held-out loss and generation see no noise
+    handle.remove()
+    model.train()
+    assert torch.equal(emb(ids), clean)
+
+
+def test_neftune_and_checkpointing_through_the_sft_command(tmp_path, hf_dir, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    data = write_data(tmp_path, CHAT)
+    losses = {}
+    for name, extra in [("plain", {}), ("ckpt", {"train": {"checkpoint_every": 0,
+                         "gradient_checkpointing": True}}), ("neft", {"neftune_alpha": 5.0})]:  # fmt: skip
+        cfg = sft_config(tmp_path, hf_dir, data, val_fraction=0.0, **extra)
+        assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / name)]) == 0
+        losses[name] = json.loads((tmp_path / name / "sft/result.json").read_text())["metrics"][
+            "train/loss"
+        ]
+    assert losses["ckpt"] == pytest.approx(losses["plain"], rel=1e-6)  # recomputed, not changed
+    assert losses["neft"] != pytest.approx(losses["plain"], rel=1e-4)  # the noise is there

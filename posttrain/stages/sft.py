@@ -96,6 +96,12 @@ class Config(StrictModel):
         default_factory=ReplaySettings,
         description="Mix pre-training text into every micro-batch to keep what the base knew.",
     )
+    neftune_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune: uniform noise of scale alpha/sqrt(T*C) on the input embeddings "
+        "while training (T: the row's length, C: the width); null: off.",
+    )
 
     @model_validator(mode="after")
     def _replay_needs_packing(self) -> Config:
@@ -171,6 +177,23 @@ def heldout_loss(model, objective, batches) -> dict:
     return {"eval/loss": total / max(1, count)}
 
 
+def neftune(model, alpha: float):
+    """NEFTune (Jain et al., 2023): add Uniform(-1, 1) * alpha / sqrt(T * C) to the input
+    embeddings, (B, T, C), in training mode only (held-out loss and generation see none).
+    Returns the hook's handle; `.remove()` it after training."""
+    import math
+
+    import torch
+
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    return model.get_input_embeddings().register_forward_hook(hook)
+
+
 def _apply_lora(model, cfg: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
@@ -234,7 +257,12 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         evaluate = partial(heldout_loss, objective=objective, batches=val_batches)
         if not settings.eval_every:
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
-    result = train_with_progress(ctx, model, objective, settings, evaluate)
+    noise = neftune(model, cfg.neftune_alpha) if cfg.neftune_alpha else None
+    try:
+        result = train_with_progress(ctx, model, objective, settings, evaluate)
+    finally:
+        if noise is not None:
+            noise.remove()
     if dist.is_main():
         _save(model, tok, cfg, ctx.stage_dir / "model")
     metrics = (

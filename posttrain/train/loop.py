@@ -63,6 +63,11 @@ class TrainSettings(StrictModel):
         description="Run the stage's held-out evaluation every N steps and at the end (0: never).",
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block's activations in the backward pass "
+        "instead of keeping them (less memory, about a third more compute).",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each transformer block for training (GPU: fuses the "
@@ -201,11 +206,34 @@ def train(
     its metrics join that step's line in metrics.jsonl. With `cfg.compile` the decoder layers
     run compiled during training and are plain again afterwards (for generation, saving).
     """
+    checkpointing = cfg.gradient_checkpointing and _set_checkpointing(model, True)
     layers = compile_layers(model) if cfg.compile else []
     try:
         return _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate)
     finally:
         uncompile_layers(layers)
+        if checkpointing:
+            _set_checkpointing(model, False)
+
+
+def _set_checkpointing(model, on: bool) -> bool:
+    """Hugging Face's activation checkpointing (non-reentrant: works with frozen inputs, LoRA)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing: {type(model).__name__} does not support it; "
+            "set train.gradient_checkpointing: false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's names
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+    return True
 
 
 def compile_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -45,15 +45,12 @@ def assert_same_weights(a, b) -> None:
     assert worst < 1e-5, worst
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_sft_on_two_ranks_equals_one_process_with_twice_the_accumulation(
-    tmp_path, small_tokenizer, packing
-):
-    from posttrain.cli import main
+def sft_inputs(tmp_path, tokenizer):
+    """A toy-xs HF directory and a chat file whose micro-batches all differ in size."""
     from posttrain.models.load import save_model
     from posttrain.models.presets import build_model
 
-    save_model(build_model("toy-xs", small_tokenizer, seed=3), small_tokenizer, tmp_path / "hf")
+    save_model(build_model("toy-xs", tokenizer, seed=3), tokenizer, tmp_path / "hf")
     lines = []
     for a in range(10, 34):  # replies of 1 to 9 extra words: every micro-batch a different size
         reply = f"{a + 11}" + " and the cat sat" * (a % 9)
@@ -62,15 +59,33 @@ def test_sft_on_two_ranks_equals_one_process_with_twice_the_accumulation(
             {"role": "assistant", "content": reply}]}))  # fmt: skip
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
 
+
+def sft_config(tmp_path, name: str, grad_accum: int, **extra) -> str:
+    cfg = {"model": str(tmp_path / "hf"), "data": {"path": str(tmp_path / "chat.jsonl")},
+           "max_length": 96, "packing": False, "batch_size": 3, "epochs": 2,
+           "val_fraction": 0.0,
+           "train": {"lr": 1e-2, "warmup_steps": 1, "grad_accum": grad_accum,
+                     "checkpoint_every": 2}}  # fmt: skip
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            cfg[key] = cfg.get(key, {}) | value
+        else:
+            cfg[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_on_two_ranks_equals_one_process_with_twice_the_accumulation(
+    tmp_path, small_tokenizer, packing
+):
+    from posttrain.cli import main
+
+    sft_inputs(tmp_path, small_tokenizer)
+
     def config(grad_accum: int) -> str:
-        cfg = {"model": str(tmp_path / "hf"), "data": {"path": str(tmp_path / "chat.jsonl")},
-               "max_length": 96, "packing": packing, "batch_size": 3, "epochs": 2,
-               "val_fraction": 0.0,
-               "train": {"lr": 1e-2, "warmup_steps": 1, "grad_accum": grad_accum,
-                         "checkpoint_every": 2}}  # fmt: skip
-        path = tmp_path / f"sft_g{grad_accum}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return str(path)
+        return sft_config(tmp_path, f"sft_g{grad_accum}", grad_accum, packing=packing)
 
     assert main(["sft", "--config", config(2), "--out", str(tmp_path / "one")]) == 0
     log = torchrun(["sft", "--config", config(1), "--out", str(tmp_path / "two")], tmp_path)
@@ -85,9 +100,10 @@ def test_sft_on_two_ranks_equals_one_process_with_twice_the_accumulation(
     assert sorted(p.name for p in (two / "checkpoints").iterdir())[-1].startswith("step_")
 
 
-def test_a_pipeline_on_two_ranks(tmp_path):
-    """world (rank 0), pretrain and sft (data-parallel), evaluate (rank 0): the same pretrain as
-    one process with twice the accumulation, and one report."""
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_pipeline_on_two_ranks(tmp_path, fsdp):
+    """world (rank 0), pretrain and sft (data-parallel, or sharded), evaluate (rank 0): the same
+    pretrain as one process with twice the accumulation, and one report."""
     from conftest import TINY_BASE
 
     from posttrain.cli import main
@@ -98,8 +114,8 @@ def test_a_pipeline_on_two_ranks(tmp_path):
 
     def config(name: str, grad_accum: int) -> str:
         raw = json.loads(json.dumps(base))
-        raw["pretrain"]["train"]["grad_accum"] = grad_accum
-        raw["sft"]["train"]["grad_accum"] = grad_accum
+        for stage in ("pretrain", "sft"):
+            raw[stage]["train"] |= {"grad_accum": grad_accum, "fsdp": fsdp}
         raw["out"] = str(tmp_path / name)
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -154,3 +170,47 @@ def test_reward_and_dpo_on_two_ranks(tmp_path):
     ids = [[json.loads(x)["prompt_id"] for x in (tmp_path / run / "sample/candidates.jsonl")
             .read_text().splitlines()] for run in ("one", "two")]  # fmt: skip
     assert ids[0] == ids[1] and ids[0]
+
+
+def test_fsdp_sft_equals_one_process_and_resumes_from_full_checkpoints(tmp_path, small_tokenizer):
+    """train.fsdp: weights, gradients and AdamW state sharded over 2 ranks; the same training as
+    one process; checkpoints hold the full (gathered) state and a resume from one finishes with
+    the same weights; the stage's model is a plain HF model again (saved, loadable)."""
+    from posttrain.cli import main
+
+    sft_inputs(tmp_path, small_tokenizer)
+    assert (
+        main(["sft", "--config", sft_config(tmp_path, "one", 2), "--out", str(tmp_path / "one")])
+        == 0
+    )
+    fsdp = sft_config(tmp_path, "fsdp", 1, train={"fsdp": True})
+    log = torchrun(["sft", "--config", fsdp, "--out", str(tmp_path / "two")], tmp_path)
+    assert "data-parallel on 2 ranks" in log
+    one, two = tmp_path / "one/sft", tmp_path / "two/sft"
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert_same_weights(one / "model", two / "model")
+
+    ckpts = sorted((two / "checkpoints").iterdir())
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    full = weights(two / "model")
+    for k, v in full.items():  # full tensors, not shards
+        assert type(state["model"][k]) is torch.Tensor and state["model"][k].shape == v.shape, k
+    # Resume from the previous checkpoint: the same final weights.
+    ckpts[-1].unlink()
+    (two / "result.json").unlink()
+    final = weights(two / "model")
+    log = torchrun(["sft", "--config", fsdp, "--out", str(tmp_path / "two"), "--resume"], tmp_path)
+    assert "resuming" in log
+    again = weights(two / "model")
+    assert max((again[k] - final[k]).abs().max().item() for k in final) < 1e-6
+
+
+def test_fsdp_with_lora_is_a_clear_error(tmp_path, small_tokenizer):
+    sft_inputs(tmp_path, small_tokenizer)
+    cfg = sft_config(tmp_path, "lora", 1, train={"fsdp": True}, lora={"enabled": True, "r": 4})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "posttrain.cli", "sft", "--config", cfg, "--out", str(tmp_path / "run")]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CI": "true"}
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "train.fsdp: the model has frozen parameters (LoRA?)" in r.stderr

@@ -30,11 +30,16 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path, step: int, model, optimizer, extra: dict, keep: int, states=None
+) -> Path:
+    """`states`: (model, optimiser) state dicts to save instead of the objects' own (FSDP's
+    gathered full dicts)."""
+    model_sd, optim_sd = states or (model.state_dict(), optimizer.state_dict())
     state = {
         "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_sd,
+        "optimizer": optim_sd,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "python_rng": random.getstate(),
@@ -48,10 +53,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict, ke
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, dict]:
+def load_checkpoint(path: Path, model, optimizer, load=None) -> tuple[int, dict]:
+    """`load(model_sd, optim_sd)` applies the saved dicts instead of load_state_dict (FSDP)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if load is not None:
+        load(state["model"], state["optimizer"])
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -67,6 +68,11 @@ class TrainSettings(StrictModel):
         False,
         description="Recompute each transformer block's activations in the backward pass "
         "instead of keeping them (less memory, about a third more compute).",
+    )
+    fsdp: bool = Field(
+        False,
+        description="Under torchrun: shard weights, gradients and AdamW state across ranks "
+        "(FSDP2) instead of a full copy per rank. Ignored in a single process.",
     )
     compile: bool = Field(
         False,
@@ -133,8 +139,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainSettings) -> torch.optim.Ad
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # One fused kernel for the whole update on CUDA (the per-tensor loop costs a launch each).
-    fused = bool(params) and all(p.is_cuda for p in params)
+    # One fused kernel for the whole update on CUDA (the per-tensor loop costs a launch each);
+    # not for sharded (DTensor) parameters.
+    fused = bool(params) and all(p.is_cuda and not hasattr(p, "to_local") for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
@@ -161,15 +168,23 @@ def train_step(model, objective: Objective, micro: list, cfg: TrainSettings, dev
     total_weight = dist.all_sum([sum(objective.weight(b) for b in micro)])[0]
     if total_weight <= 0:
         raise ValueError("a training step has no loss tokens (total weight 0)")
+    # FSDP: the loss runs inside the sharded root's registered method (posttrain.train.fsdp),
+    # and every rank runs every backward (each one is a collective), NaN or not.
+    sharded = hasattr(model, "_posttrain_call")
     loss_sum, sums, tokens, bad = 0.0, {}, 0, None
     for batch in micro:
         with _autocast(cfg, device):
-            loss, metrics = objective.loss(model, batch)
+            if sharded:
+                loss, metrics = model._posttrain_call(objective.loss, batch)
+            else:
+                loss, metrics = objective.loss(model, batch)
         value = loss.item()
         if not math.isfinite(value):
-            bad = value
-            break
-        (loss / total_weight).backward()
+            bad = value if bad is None else bad
+            if not sharded:
+                break
+        # FSDP averages the ranks' gradients: scaled by W, the average is the sum.
+        (loss * (dist.world() if sharded else 1) / total_weight).backward()
         loss_sum += value
         tokens += objective.tokens(batch)
         for k, v in metrics.items():
@@ -181,7 +196,8 @@ def train_step(model, objective: Objective, micro: list, cfg: TrainSettings, dev
             return {"nonfinite": float("nan") if bad is None else bad}
         keys = sorted(sums)
         sums = dict(zip(keys, dist.all_sum([sums[k] for k in keys]), strict=True))
-        dist.sync_grads(model)
+        if not sharded:  # FSDP reduce-scattered them in the backward passes
+            dist.sync_grads(model)
     elif bad is not None:
         return {"nonfinite": bad}
     return {"loss": loss_sum / total_weight, "tokens": tokens, "weight": total_weight} | {
@@ -206,14 +222,24 @@ def train(
     its metrics join that step's line in metrics.jsonl. With `cfg.compile` the decoder layers
     run compiled during training and are plain again afterwards (for generation, saving).
     """
-    checkpointing = cfg.gradient_checkpointing and _set_checkpointing(model, True)
-    layers = compile_layers(model) if cfg.compile else []
+    dist.broadcast_params(model)  # every rank starts from rank 0's weights
+    work = model
+    if cfg.fsdp and dist.active():  # a sharded copy trains; `model` waits on the CPU
+        from posttrain.train import fsdp
+
+        device = next(model.parameters()).device
+        work = fsdp.shard(model, device)
+    checkpointing = cfg.gradient_checkpointing and _set_checkpointing(work, True)
+    layers = compile_layers(work) if cfg.compile else []
     try:
-        return _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate)
+        result = _train(work, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate)
     finally:
         uncompile_layers(layers)
         if checkpointing:
-            _set_checkpointing(model, False)
+            _set_checkpointing(work, False)
+    if work is not model:
+        fsdp.unshard_into(model, work, device)
+    return result
 
 
 def _set_checkpointing(model, on: bool) -> bool:
@@ -269,15 +295,20 @@ def _blocks(model):
 
 
 def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> TrainResult:
-    device = next(model.parameters()).device
+    device = _device(model)
     torch.manual_seed(seed)
     random.seed(seed)
-    dist.broadcast_params(model)
     optimizer = make_optimizer(model, cfg)
+    sharded = hasattr(model, "_posttrain_call")  # FSDP (posttrain.train.fsdp)
     start, resumed_from, tokens_total = 0, None, 0
     last = latest_checkpoint(ckpt_dir) if resume else None
     if last is not None:
-        start, extra = load_checkpoint(last, model, optimizer)
+        load = None
+        if sharded:
+            from posttrain.train.fsdp import load_full_states
+
+            load = partial(load_full_states, model, optimizer)
+        start, extra = load_checkpoint(last, model, optimizer, load)
         resumed_from, tokens_total = start, extra.get("tokens", 0)
     if steplog is not None:
         steplog.begin(start)
@@ -323,12 +354,17 @@ def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> 
             and cfg.eval_every
             and (done % cfg.eval_every == 0 or done == cfg.steps)
         ):
-            last_eval = evaluate(model)
+            last_eval = model._posttrain_call(evaluate) if sharded else evaluate(model)
             model.train()
             metrics |= last_eval
         if steplog is not None:
             steplog.log(done, metrics)
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            states = None
+            if sharded:  # gathered from the shards (every rank takes part)
+                from posttrain.train.fsdp import full_states
+
+                states = full_states(model, optimizer)
             if dist.is_main():  # the ranks hold the same weights and optimiser state
                 last_good = save_checkpoint(
                     ckpt_dir,
@@ -337,6 +373,7 @@ def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> 
                     optimizer,
                     {"tokens": tokens_total, "loss": final_loss},
                     cfg.keep_checkpoints,
+                    states,
                 )
             dist.barrier()
     if resumed_from == cfg.steps and last is not None:  # nothing left to run: report the saved loss
@@ -358,8 +395,16 @@ def _clip(model, cfg: TrainSettings) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if cfg.max_grad_norm is None:
         norms = [p.grad.detach().norm() for p in params]
-        return torch.stack(norms).norm().item() if norms else 0.0
-    return torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        norm = torch.stack(norms).norm() if norms else torch.tensor(0.0)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    # Sharded (FSDP) gradients give a DTensor norm over all shards.
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def _device(model) -> torch.device:
+    p = next(model.parameters())
+    return p.to_local().device if hasattr(p, "to_local") else p.device
 
 
 def train_on_batches(model, objective, batches: list, cfg: TrainSettings) -> list[float]:

@@ -70,19 +70,19 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return work
 
 
-def full_states(work, optimizer) -> tuple[dict, dict]:
-    """The full (unsharded) model and optimiser state dicts, on the CPU (a collective: every
-    rank calls it; each gets the full dicts)."""
+def full_states(work, optimizer) -> tuple[dict, dict | None]:
+    """The full (gathered) model and optimiser state dicts, in CPU memory on rank 0 (the one
+    that writes); empty on the others. A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    opts = StateDictOptions(full_state_dict=True)
-    model_sd = {k: v.detach().cpu() for k, v in get_model_state_dict(work, options=opts).items()}
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(work, options=opts)
     optim_sd = get_optimizer_state_dict(work, optimizer, options=opts) if optimizer else None
-    return model_sd, _to_cpu(optim_sd)
+    return model_sd, optim_sd
 
 
 def load_full_states(work, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
@@ -100,17 +100,12 @@ def load_full_states(work, optimizer, model_sd: dict, optim_sd: dict | None) -> 
 
 
 def unshard_into(model: torch.nn.Module, work, device: torch.device) -> None:
-    """Copy the trained full weights into the plain `model` and put it back on `device`."""
+    """Rank 0: copy the trained full weights into the plain `model`. Every rank: put `model`
+    back on `device`. (The other ranks' copy keeps its starting weights: only rank 0 saves or
+    evaluates after training.)"""
+    from posttrain.train import dist
+
     model_sd, _ = full_states(work, None)
-    model.load_state_dict(model_sd)
+    if dist.is_main():
+        model.load_state_dict(model_sd)
     model.to(device)
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj

@@ -214,3 +214,19 @@ def test_fsdp_with_lora_is_a_clear_error(tmp_path, small_tokenizer):
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "train.fsdp: the model has frozen parameters (LoRA?)" in r.stderr
+
+
+def test_sample_on_two_ranks_gives_the_single_process_candidates(tmp_path, small_tokenizer):
+    """Each rank samples every other chunk of prompts with that chunk's seed; rank 0 writes
+    them in order: the file is byte-identical to one process's (both with 1 thread)."""
+    sft_inputs(tmp_path, small_tokenizer)
+    prompts = [json.dumps({"prompt": f"What is {a} plus {a % 7}?"}) for a in range(23)]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    cfg = {"model": str(tmp_path / "hf"), "prompts": str(tmp_path / "prompts.jsonl"), "n": 3,
+           "chunk": 4, "batch_size": 6, "max_new_tokens": 6, "temperature": 1.0}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    for n in (1, 2):
+        torchrun(["sample", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / f"r{n}")],
+                 tmp_path, nproc=n)  # fmt: skip
+    one, two = ((tmp_path / f"r{n}/sample/candidates.jsonl").read_text() for n in (1, 2))
+    assert one == two and len(one.splitlines()) == 23

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+from posttrain.train import dist
 from posttrain.world.task import first_per_family
 
 
@@ -153,33 +154,47 @@ def sample_candidates(cfg: Config, ctx: StageContext, paths: dict[str, Path]) ->
         f"{ctx.name}: {cfg.n} candidates for each of {len(prompts)} prompts from {cfg.model}"
     )
     chunks = [prompts[i : i + cfg.chunk] for i in range(0, len(prompts), cfg.chunk)]
-    steplog = ctx.logger.progress(ctx.name, len(chunks), ctx.stage_dir)
-    steplog.begin(0)
-    records, t0, n_tokens = [], time.perf_counter(), 0
+    # Under torchrun each rank samples every W-th chunk, with that chunk's own seed and prompts,
+    # so the candidates are the ones a single process samples; rank 0 collects them in order.
+    mine = dist.shard(list(range(len(chunks))))
+    steplog = ctx.logger.progress(ctx.name, len(mine), ctx.stage_dir) if dist.is_main() else None
+    if steplog is not None:
+        steplog.begin(0)
+    done: dict[int, list[dict]] = {}
+    t0, n_tokens, n_prompts = time.perf_counter(), 0, 0
     try:
-        for step, chunk in enumerate(chunks, 1):
+        for step, index in enumerate(mine, 1):
+            chunk = chunks[index]
             texts = [
                 tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
                 for p in chunk
             ]
-            chunk_params = replace(params, seed=params.seed + step)
+            chunk_params = replace(params, seed=params.seed + index + 1)
+            done[index] = []
             for p, gens in zip(
                 chunk, sample_n(model, tok, texts, cfg.n, chunk_params), strict=True
             ):
-                records.append(candidate_record(p, gens, tasks.get(p["prompt_id"])))
+                done[index].append(candidate_record(p, gens, tasks.get(p["prompt_id"])))
                 n_tokens += sum(len(g.token_ids) for g in gens)
-            steplog.log(step, {"sample/prompts": len(records),
-                               "sample/tokens_per_s": n_tokens / (time.perf_counter() - t0)})  # fmt: skip
+            n_prompts += len(chunk)
+            if steplog is not None:
+                steplog.log(step, {"sample/prompts": n_prompts * dist.world(),
+                                   "sample/tokens_per_s": n_tokens * dist.world()
+                                   / (time.perf_counter() - t0)})  # fmt: skip
     finally:
-        steplog.close()
-    return records
+        if steplog is not None:
+            steplog.close()
+    for part in dist.gather(done):
+        done |= part
+    return [rec for index in range(len(chunks)) for rec in done[index]]
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.io import atomic_write_jsonl
 
     records = sample_candidates(cfg, ctx, inputs(cfg, ctx))
-    atomic_write_jsonl(ctx.stage_dir / "candidates.jsonl", records)
+    if dist.is_main():
+        atomic_write_jsonl(ctx.stage_dir / "candidates.jsonl", records)
     return StageResult(
         summarize_candidates(records), {"candidates": f"{ctx.name}/candidates.jsonl"}
     )

@@ -22,8 +22,9 @@ import os
 
 import torch
 
-# Stages of these kinds train data-parallel; the others run on rank 0 only.
-DATA_PARALLEL_KINDS = {"pretrain", "sft", "reward", "dpo"}
+# Stages of these kinds share their work over the ranks (training data-parallel, or sampling
+# a share of the prompts); the others run on rank 0 only.
+DATA_PARALLEL_KINDS = {"pretrain", "sft", "reward", "dpo", "sample"}
 
 
 def active() -> bool:
@@ -88,6 +89,15 @@ def all_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
+    if not active():
+        return [obj]
+    out = [None] * world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def sync_grads(model: torch.nn.Module) -> None:

@@ -230,3 +230,31 @@ def test_sample_on_two_ranks_gives_the_single_process_candidates(tmp_path, small
                  tmp_path, nproc=n)  # fmt: skip
     one, two = ((tmp_path / f"r{n}/sample/candidates.jsonl").read_text() for n in (1, 2))
     assert one == two and len(one.splitlines()) == 23
+
+
+def test_evaluate_on_two_ranks_gives_the_single_process_records(tmp_path):
+    """Greedy decoding shared over 2 ranks (every other batch, the same batches) gives the
+    records one process gives, byte for byte; rank 0 scores and writes them."""
+    import shutil
+
+    from conftest import TINY_BASE
+
+    from posttrain.cli import main
+
+    raw = yaml.safe_load(TINY_BASE) | {"stages": ["world", "pretrain", "sft"]}
+    os.environ["CI"] = "true"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw | {"out": str(tmp_path / "r0")}))
+    assert main(["run", str(tmp_path / "base.yaml")]) == 0
+    raw["stages"].append("evaluate")
+    raw["evaluate"] = {"max_new_tokens": 5, "batch_size": 3, "diversity": {"n_prompts": 2}}
+    for n in (1, 2):
+        shutil.copytree(tmp_path / "r0", tmp_path / f"r{n}")
+        cfg = tmp_path / f"e{n}.yaml"
+        cfg.write_text(yaml.safe_dump(raw | {"out": str(tmp_path / f"r{n}")}))
+        log = torchrun(["run", str(cfg)], tmp_path, nproc=n)
+        assert "sft: skipped" in log
+    for label in ("base", "sft"):
+        one, two = ((tmp_path / f"r{n}/evaluate/{label}.jsonl").read_text() for n in (1, 2))
+        assert one == two and one
+    reports = [json.loads((tmp_path / f"r{n}/report.json").read_text()) for n in (1, 2)]
+    assert reports[0]["evals"] == reports[1]["evals"]

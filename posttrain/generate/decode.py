@@ -63,18 +63,26 @@ def generate(model, tokenizer, prompts, params: SamplingParams) -> list[Generati
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # stable
     results: list[Generation | None] = [None] * len(prompt_ids)
 
+    from posttrain.train import dist
+
+    batches = [order[s : s + params.batch_size] for s in range(0, len(order), params.batch_size)]
+    if params.shared:  # this rank's share of the batches (all of them in a single process)
+        batches = dist.shard(batches)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), params.batch_size):
-                idx = order[start : start + params.batch_size]
+            for idx in batches:
                 batch = [prompt_ids[i] for i in idx]
                 outs = _decode_batch(model, batch, params, stop_ids, pad_id, device, generator)
                 for i, (ids, logps) in zip(idx, outs, strict=True):
                     results[i] = _to_generation(tokenizer, prompt_ids[i], ids, logps, stop_ids)
     finally:
         model.train(was_training)
+    if params.shared and dist.active():
+        for part in dist.gather({i: g for i, g in enumerate(results) if g is not None}):
+            for i, g in part.items():
+                results[i] = g
     return results
 
 

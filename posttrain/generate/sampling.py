@@ -27,6 +27,9 @@ class SamplingParams:
     seed: int = 0  # seeds the sampling generator: same inputs + seed give identical outputs
     stop_token_ids: list[int] | None = None  # None: end_of_turn_ids(tokenizer); []: never stop
     batch_size: int = 32  # prompts decoded together (sorted by length to reduce padding)
+    # Under torchrun: each rank decodes every W-th batch and all get every result (greedy only:
+    # sampled outputs depend on the order the batches draw from the one generator).
+    shared: bool = False
 
     def __post_init__(self):
         checks = [
@@ -35,6 +38,7 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 means off)"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("shared", not self.shared or self.is_greedy, "needs greedy decoding"),
         ]
         for name, ok, why in checks:
             if not ok:

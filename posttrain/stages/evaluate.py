@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+from posttrain.train import dist
 from posttrain.world.task import first_per_family
 
 
@@ -113,12 +114,15 @@ def evaluate_model(
     from posttrain.world import check
 
     prompts = _prompts(tasks, world, mode, tok, cfg.few_shot)
-    greedy = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, greedy=True, batch_size=cfg.batch_size, seed=seed
-    )
+    # shared: under torchrun each rank decodes a share of the batches (the same batches, so the
+    # same responses, as one process); rank 0 alone scores them and samples the rest.
+    greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=True,
+                            batch_size=cfg.batch_size, seed=seed, shared=True)  # fmt: skip
     extra: list[dict] = [{} for _ in tasks]
     if bon is None:
         gens = generate(model, tok, prompts, greedy)
+        if not dist.is_main():
+            return {}, []
     else:
         from posttrain.generate.best_of_n import best_of_n, kl_bound
 
@@ -170,6 +174,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
         scorer = ModelReward(paths["reward_model"], ctx.device)
     for label, spec in cfg.models.items():
+        if spec.policy == "best_of_n" and not dist.is_main():
+            continue  # sampled: rank 0 alone (shared decoding is for greedy responses)
         path = paths[f"model:{label}"]
         model, tok = load_model(path, ctx.device), load_tokenizer(path)
         ctx.logger.info(
@@ -183,6 +189,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             rm_tok = load_tokenizer(rm_path)
             bon = (reward_model_from(rm_path, rm_tok, ctx.device), rm_tok, spec)
         summary, records = evaluate_model(model, tok, tasks, world, spec.prompt, cfg, ctx.seed, bon)
+        if not dist.is_main():
+            continue
         if scorer is not None:  # the learned reward of each response (chat form of the prompt)
             scored = scorer(
                 [{"messages": t.messages()} for t in tasks], [r["response"] for r in records]

@@ -22,9 +22,9 @@ import os
 
 import torch
 
-# Stages of these kinds share their work over the ranks (training data-parallel, or sampling
-# a share of the prompts); the others run on rank 0 only.
-DATA_PARALLEL_KINDS = {"pretrain", "sft", "reward", "dpo", "sample"}
+# Stages of these kinds share their work over the ranks (training data-parallel, sampling or
+# greedy decoding a share of the prompts); the others run on rank 0 only.
+DATA_PARALLEL_KINDS = {"pretrain", "sft", "reward", "dpo", "sample", "evaluate"}
 
 
 def active() -> bool:

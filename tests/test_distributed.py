@@ -102,8 +102,8 @@ def test_sft_on_two_ranks_equals_one_process_with_twice_the_accumulation(
 
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_a_pipeline_on_two_ranks(tmp_path, fsdp):
-    """world (rank 0), pretrain and sft (data-parallel, or sharded), evaluate (rank 0): the same
-    pretrain as one process with twice the accumulation, and one report."""
+    """world (rank 0), pretrain and sft (data-parallel, or sharded), evaluate (shared greedy
+    decoding): the same pretrain as one process with twice the accumulation, and one report."""
     from conftest import TINY_BASE
 
     from posttrain.cli import main
@@ -124,7 +124,8 @@ def test_a_pipeline_on_two_ranks(tmp_path, fsdp):
     os.environ["CI"] = "true"
     assert main(["run", config("one", 2)]) == 0
     log = torchrun(["run", config("two", 1)], tmp_path)
-    assert "world: running (on rank 0)" in log and "evaluate: running (on rank 0)" in log
+    assert "world: running (on rank 0)" in log
+    assert "evaluate: running (data-parallel on 2 ranks)" in log
     assert log.count("pipeline done") == 1  # rank 0 alone reports
     one, two = tmp_path / "one", tmp_path / "two"
     assert losses(two / "pretrain") == pytest.approx(losses(one / "pretrain"), rel=1e-5)

@@ -12,7 +12,8 @@ The collectives are plain all-reduces after the backward pass (not overlapped wi
 DistributedDataParallel): any forward the stages use (the decoder alone, the LM head only at
 targets) stays correct. Outside torchrun (no WORLD_SIZE, or 1) everything here is a no-op.
 Only rank 0 writes (run directory, checkpoints, models, logs); stages that have no data-parallel
-path run on rank 0 while the others wait.
+path run on rank 0 while the others wait. `train.fsdp` shards the model instead of copying it
+(posttrain.train.fsdp); the micro-batch split and the normalisation stay the same.
 """
 
 from __future__ import annotations

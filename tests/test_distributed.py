@@ -38,11 +38,11 @@ def weights(model_dir) -> dict:
     return load_file(str(model_dir / "model.safetensors"))
 
 
-def assert_same_weights(a, b) -> None:
+def assert_same_weights(a, b, atol: float = 1e-5) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst < 1e-5, worst
+    assert worst < atol, worst
 
 
 def sft_inputs(tmp_path, tokenizer):
@@ -134,9 +134,11 @@ def test_a_pipeline_on_two_ranks(tmp_path, fsdp):
     assert set(report["evals"]) == {"base", "sft"}
 
 
-def test_reward_and_dpo_on_two_ranks(tmp_path):
-    """sample and rank run on rank 0; reward (Bradley-Terry and Plackett-Luce) and DPO train
-    data-parallel: the same losses and weights as one process with twice the accumulation."""
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_reward_and_dpo_on_two_ranks(tmp_path, fsdp):
+    """rank runs on rank 0; reward (Bradley-Terry and Plackett-Luce) and DPO train data-parallel,
+    or sharded (their reward-head and policy forwards inside FSDP's root method): the same
+    losses and weights as one process with twice the accumulation."""
     from conftest import TINY_BASE
     from test_reward_dpo import PREFS
 
@@ -149,7 +151,7 @@ def test_reward_and_dpo_on_two_ranks(tmp_path):
     def config(name: str, grad_accum: int) -> str:
         cfg = json.loads(json.dumps(raw))
         for stage in ("pretrain", "sft", "reward", "reward_pl", "dpo"):
-            cfg[stage]["train"]["grad_accum"] = grad_accum
+            cfg[stage]["train"] |= {"grad_accum": grad_accum, "fsdp": fsdp}
         for stage in ("reward", "reward_pl", "dpo"):
             cfg[stage]["epochs"] = 2
         cfg["out"] = str(tmp_path / name)
@@ -165,7 +167,9 @@ def test_reward_and_dpo_on_two_ranks(tmp_path):
         one, two = tmp_path / "one" / stage, tmp_path / "two" / stage
         assert len(losses(one)) >= 2
         assert losses(two) == pytest.approx(losses(one), rel=1e-5), stage
-        assert_same_weights(one / "model", two / "model")
+        # FSDP's reduce-scatter rounds differently from an all-reduce (2e-7 after pretrain);
+        # four trained stages later that is ~2e-5 on weights of size ~1.
+        assert_same_weights(one / "model", two / "model", 1e-4 if fsdp else 1e-5)
     # rank 0 alone sampled: one candidates file, for the same prompts (the texts may differ
     # where float rounding moved a sampled token: the ranks ran 1 thread, the test process 2)
     ids = [[json.loads(x)["prompt_id"] for x in (tmp_path / run / "sample/candidates.jsonl")

@@ -76,6 +76,17 @@ def sft_config(tmp_path, name: str, grad_accum: int, **extra) -> str:
     return str(path)
 
 
+def pipeline_config(tmp_path, raw: dict, name: str, train: dict, stages) -> str:
+    """`raw` with `train` merged into the train settings of `stages`, run in tmp_path/name."""
+    cfg = json.loads(json.dumps(raw))
+    for stage in stages:
+        cfg[stage]["train"] |= train
+    cfg["out"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_on_two_ranks_equals_one_process_with_twice_the_accumulation(
     tmp_path, small_tokenizer, packing
@@ -101,7 +112,7 @@ def test_sft_on_two_ranks_equals_one_process_with_twice_the_accumulation(
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_a_pipeline_on_two_ranks(tmp_path, fsdp):
+def test_a_pipeline_on_two_ranks(tmp_path, fsdp, monkeypatch):
     """world (rank 0), pretrain and sft (data-parallel, or sharded), evaluate (shared greedy
     decoding): the same pretrain as one process with twice the accumulation, and one report."""
     from conftest import TINY_BASE
@@ -113,15 +124,10 @@ def test_a_pipeline_on_two_ranks(tmp_path, fsdp):
     base["evaluate"] = {"max_new_tokens": 4, "diversity": {"n_prompts": 0}}
 
     def config(name: str, grad_accum: int) -> str:
-        raw = json.loads(json.dumps(base))
-        for stage in ("pretrain", "sft"):
-            raw[stage]["train"] |= {"grad_accum": grad_accum, "fsdp": fsdp}
-        raw["out"] = str(tmp_path / name)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return str(path)
+        train = {"grad_accum": grad_accum, "fsdp": fsdp}
+        return pipeline_config(tmp_path, base, name, train, ("pretrain", "sft"))
 
-    os.environ["CI"] = "true"
+    monkeypatch.setenv("CI", "true")
     assert main(["run", config("one", 2)]) == 0
     log = torchrun(["run", config("two", 1)], tmp_path)
     assert "world: running (on rank 0)" in log
@@ -135,7 +141,7 @@ def test_a_pipeline_on_two_ranks(tmp_path, fsdp):
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_reward_and_dpo_on_two_ranks(tmp_path, fsdp):
+def test_reward_and_dpo_on_two_ranks(tmp_path, fsdp, monkeypatch):
     """rank runs on rank 0; reward (Bradley-Terry and Plackett-Luce) and DPO train data-parallel,
     or sharded (their reward-head and policy forwards inside FSDP's root method): the same
     losses and weights as one process with twice the accumulation."""
@@ -147,19 +153,15 @@ def test_reward_and_dpo_on_two_ranks(tmp_path, fsdp):
     raw = yaml.safe_load(TINY_BASE) | yaml.safe_load(PREFS)
     raw["stages"] = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "dpo"]
     raw.pop("bon")
+    for stage in ("reward", "reward_pl", "dpo"):
+        raw[stage]["epochs"] = 2
 
     def config(name: str, grad_accum: int) -> str:
-        cfg = json.loads(json.dumps(raw))
-        for stage in ("pretrain", "sft", "reward", "reward_pl", "dpo"):
-            cfg[stage]["train"] |= {"grad_accum": grad_accum, "fsdp": fsdp}
-        for stage in ("reward", "reward_pl", "dpo"):
-            cfg[stage]["epochs"] = 2
-        cfg["out"] = str(tmp_path / name)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return str(path)
+        train = {"grad_accum": grad_accum, "fsdp": fsdp}
+        stages = ("pretrain", "sft", "reward", "reward_pl", "dpo")
+        return pipeline_config(tmp_path, raw, name, train, stages)
 
-    os.environ["CI"] = "true"
+    monkeypatch.setenv("CI", "true")
     assert main(["run", config("one", 2)]) == 0
     log = torchrun(["run", config("two", 1)], tmp_path)
     for stage in ("reward", "reward_pl", "dpo"):
@@ -237,7 +239,7 @@ def test_sample_on_two_ranks_gives_the_single_process_candidates(tmp_path, small
     assert one == two and len(one.splitlines()) == 23
 
 
-def test_evaluate_on_two_ranks_gives_the_single_process_records(tmp_path):
+def test_evaluate_on_two_ranks_gives_the_single_process_records(tmp_path, monkeypatch):
     """Greedy decoding shared over 2 ranks (every other batch, the same batches) gives the
     records one process gives, byte for byte; rank 0 scores and writes them."""
     import shutil
@@ -247,7 +249,7 @@ def test_evaluate_on_two_ranks_gives_the_single_process_records(tmp_path):
     from posttrain.cli import main
 
     raw = yaml.safe_load(TINY_BASE) | {"stages": ["world", "pretrain", "sft"]}
-    os.environ["CI"] = "true"
+    monkeypatch.setenv("CI", "true")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw | {"out": str(tmp_path / "r0")}))
     assert main(["run", str(tmp_path / "base.yaml")]) == 0
     raw["stages"].append("evaluate")

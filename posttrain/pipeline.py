@@ -110,8 +110,11 @@ def run_pipeline(
         else:
             logger.info(f"{spec.name}: running")
         t0 = time.perf_counter()
-        if main or parallel:
+        if parallel:
             result: StageResult = module.run(spec.config, ctx)
+        elif main:
+            with dist.alone():
+                result = module.run(spec.config, ctx)
         seconds = time.perf_counter() - t0
         if main:
             record = {"stage": spec.name, "kind": spec.kind, "seconds": round(seconds, 2),

@@ -4,6 +4,7 @@ token count over both ranks, which differ per rank), through the CLI and through
 rank 0 alone writes, and stages without a data-parallel path run on rank 0."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -265,3 +266,33 @@ def test_evaluate_on_two_ranks_gives_the_single_process_records(tmp_path, monkey
         assert one == two and one
     reports = [json.loads((tmp_path / f"r{n}/report.json").read_text()) for n in (1, 2)]
     assert reports[0]["evals"] == reports[1]["evals"]
+
+
+def test_grpo_and_rloo_on_two_ranks_stay_in_sync_and_ppo_runs_on_rank_0(tmp_path, monkeypatch):
+    """GRPO and RLOO: each rank rolls out its half of a step's prompts (whole groups) and the
+    gradients of every minibatch are summed over ranks, normalised by the whole minibatch; the
+    run checks the ranks' weights are identical at the end. PPO runs on rank 0 alone."""
+    from conftest import TINY_BASE
+    from test_rl_stage import RL
+
+    raw = yaml.safe_load(TINY_BASE) | yaml.safe_load(RL)
+    raw["stages"] = ["world", "pretrain", "sft", "sample", "rank", "reward", "ppo", "grpo", "rloo"]
+    raw.pop("evaluate")
+    raw["grpo"] |= {"loss_reduction": "token_mean", "eval_every": 1}
+    raw["rloo"] |= {"minibatch_size": 4, "rollout": {"prompts_per_step": 2, "k": 2,
+                                                     "max_new_tokens": 8}}  # fmt: skip
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(raw | {"out": str(tmp_path / "run")}))
+    monkeypatch.setenv("CI", "true")
+    log = torchrun(["run", str(path)], tmp_path)
+    assert "grpo: running (data-parallel on 2 ranks)" in log
+    assert "rloo: running (data-parallel on 2 ranks)" in log
+    assert "ppo: running (on rank 0)" in log
+    for stage in ("ppo", "grpo", "rloo"):
+        lines = (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2, stage  # written once, by rank 0
+        assert (tmp_path / "run" / stage / "model/model.safetensors").is_file()
+        last = json.loads(lines[-1])
+        assert math.isfinite(last["reward/mean"]) and math.isfinite(last["policy/loss"]), stage
+    grpo = [json.loads(x) for x in (tmp_path / "run/grpo/metrics.jsonl").read_text().splitlines()]
+    assert all("eval/reward" in m for m in grpo)  # rank 0 evaluated at every step

@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
+from posttrain.train import dist
 
 
 class RewardSettings(StrictModel):
@@ -314,12 +315,13 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ update
     def _denominator(self, mask: torch.Tensor) -> float:
+        """Over the whole minibatch: under torchrun every rank's share of it (dist)."""
         cfg = self.cfg
         if cfg.loss_reduction == "token_mean":
-            return float(mask.sum().clamp(min=1))
+            return max(1.0, dist.all_sum([float(mask.sum())])[0])
         if cfg.loss_reduction == "seq_mean":
-            return float(mask.shape[0])
-        return float(cfg.rollout.max_new_tokens * mask.shape[0])
+            return float(mask.shape[0] * dist.world())
+        return float(cfg.rollout.max_new_tokens * mask.shape[0] * dist.world())
 
     def _reduce(self, per_tok: torch.Tensor, mask: torch.Tensor, denom: float) -> torch.Tensor:
         from posttrain.ops.reduce import masked_sum
@@ -337,13 +339,15 @@ class RLTrainer:
 
         cfg = self.cfg
         S = len(ro.seqs)
+        # Under torchrun each rank holds 1/W of the rollout and of every minibatch.
+        mb_size = cfg.minibatch_size // dist.world()
         sums: dict[str, list[float]] = {}
         rng = random.Random(self.ctx.seed + int(ro.old_logp.numel()))
         for _ in range(cfg.epochs):
             order = list(range(S))
             rng.shuffle(order)
-            for mb in range(0, S, cfg.minibatch_size):
-                idx_mb = order[mb : mb + cfg.minibatch_size]
+            for mb in range(0, S, mb_size):
+                idx_mb = order[mb : mb + mb_size]
                 denom = self._denominator(ro.mask[idx_mb])
                 vdenom = float(ro.mask[idx_mb].sum().clamp(min=1))
                 for mi in range(0, len(idx_mb), cfg.micro_batch_size):
@@ -383,6 +387,7 @@ class RLTrainer:
                         sums.setdefault("value/loss", []).append(vloss.item())
                         for k2, v2 in vm.items():
                             sums.setdefault(k2, []).append(float(v2) * w)
+                dist.sync_grads(self.policy)  # sums: each loss was divided by the global count
                 gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 if not torch.isfinite(gn):
                     raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm")
@@ -394,7 +399,7 @@ class RLTrainer:
                     self.value_opt.zero_grad(set_to_none=True)
         # Entries are per micro-batch, weighted by its share of the minibatch (losses are already
         # normalised by the whole minibatch): their sum over a minibatch is its value.
-        n_mb = cfg.epochs * math.ceil(S / cfg.minibatch_size)
+        n_mb = cfg.epochs * math.ceil(S / mb_size)
         return {k: sum(vs) / n_mb for k, vs in sums.items()}
 
     def adapt_kl(self, kl: float, n: int) -> None:
@@ -448,8 +453,15 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     paths = inputs(cfg, ctx)
     prompts = _load_prompts(cfg, paths["prompts"], cfg.families)
     heldout = _eval_prompts(cfg, paths)
+    W, rank = dist.world(), dist.rank()
+    if W > 1:  # grpo and rloo under torchrun: each rank rolls out and trains on 1/W of a step
+        for key, value in (("rollout.prompts_per_step", cfg.rollout.prompts_per_step),
+                           ("minibatch_size", cfg.minibatch_size)):  # fmt: skip
+            if value % W:
+                raise ValueError(f"{ctx.name}.{key} ({value}) must be divisible by the {W} ranks")
     torch.manual_seed(ctx.seed)
     trainer = RLTrainer(cfg, ctx, paths)
+    dist.broadcast_params(trainer.policy)
     ctx.logger.info(f"{ctx.name}: {cfg.algo} on {len(prompts)} prompts, {cfg.steps} steps of "
                     f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.k} samples, reward {cfg.reward.kind}")  # fmt: skip
     order = list(range(len(prompts)))
@@ -470,11 +482,13 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         )
         rng.setstate(extra["rng"])
         ctx.logger.info(f"{ctx.name}: resumed from {found.name} (step {start})")
+    main = dist.is_main()  # rank 0 evaluates, logs and writes
     if first is None:
-        first = trainer.evaluate(heldout)
+        first = trainer.evaluate(heldout) if main else {}
         first = {k.replace("eval/", "eval/initial_"): v for k, v in first.items()}
-    steplog = ctx.logger.progress(ctx.name, cfg.steps, ctx.stage_dir, start)
-    steplog.begin(start)
+    steplog = ctx.logger.progress(ctx.name, cfg.steps, ctx.stage_dir, start) if main else None
+    if steplog is not None:
+        steplog.begin(start)
     t_start, last = time.perf_counter(), {}
     try:
         for step in range(start + 1, cfg.steps + 1):
@@ -486,16 +500,23 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     at = 0
                 batch.append(prompts[order[at]])
                 at += 1
-            ro, m, kl = trainer.rollout(batch, seed=ctx.seed * 1000 + step)
+            batch = batch[rank::W]  # whole prompts, so GRPO/RLOO groups stay on one rank
+            ro, m, kl = trainer.rollout(batch, seed=ctx.seed * 1000 + step + 7919 * rank)
             t1 = time.perf_counter()
             m |= trainer.update(ro)
-            trainer.adapt_kl(kl, len(ro.seqs))
-            n_tok = int(ro.mask.sum())
+            if W > 1:  # every rank holds as many sequences: the mean of means is the mean
+                keys = sorted(k for k, v in m.items() if isinstance(v, float))
+                m |= dict(
+                    zip(keys, (v / W for v in dist.all_sum([m[k] for k in keys])), strict=True)
+                )
+                kl = dist.all_sum([kl])[0] / W
+            trainer.adapt_kl(kl, len(ro.seqs) * W)
+            n_tok = int(dist.all_sum([float(ro.mask.sum())])[0])
             m |= {"rollout/tokens_per_s": n_tok / max(t1 - t0, 1e-9),
                   "train/tokens_per_s": n_tok * cfg.epochs / max(time.perf_counter() - t1, 1e-9)}  # fmt: skip
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            if main and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 m |= trainer.evaluate(heldout)
-            if step == cfg.steps:
+            if main and step == cfg.steps:
                 m |= trainer.evaluate(heldout)
             for k, v in m.items():
                 if (
@@ -506,9 +527,15 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     from posttrain.train.loop import TrainingDiverged
 
                     raise TrainingDiverged(f"{ctx.name}: {k} is {v} at step {step}")
-            steplog.log(step, m)
+            if steplog is not None:
+                steplog.log(step, m)
             last = m
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if (
+                main
+                and cfg.checkpoint_every
+                and step % cfg.checkpoint_every == 0
+                and step < cfg.steps
+            ):
                 extra = {"kl_coef": trainer.kl_coef, "order": order, "at": at, "first": first,
                          "rng": rng.getstate()}  # fmt: skip
                 if trainer.value is not None:
@@ -517,9 +544,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                         "value_opt": trainer.value_opt.state_dict(),
                     }
                 save_checkpoint(ckpt_dir, step, trainer.policy, trainer.opt, extra, keep=2)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                dist.barrier()
     finally:
-        steplog.close()
-    save_model(trainer.policy, trainer.tok, ctx.stage_dir / "model")
+        if steplog is not None:
+            steplog.close()
+    dist.check_in_sync(trainer.policy)
+    if main:
+        save_model(trainer.policy, trainer.tok, ctx.stage_dir / "model")
     metrics = {k: v for k, v in last.items() if not k.endswith("tokens_per_s")} | first
     metrics |= {"train/steps": cfg.steps, "train/seconds": round(time.perf_counter() - t_start, 2)}
     return StageResult(metrics, {"model": f"{ctx.name}/model"})

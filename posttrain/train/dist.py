@@ -18,6 +18,7 @@ path run on rank 0 while the others wait. `train.fsdp` shards the model instead 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -25,16 +26,33 @@ import torch
 
 # Stages of these kinds share their work over the ranks (training data-parallel, sampling or
 # greedy decoding a share of the prompts); the others run on rank 0 only.
-DATA_PARALLEL_KINDS = {"pretrain", "sft", "reward", "dpo", "sample", "evaluate"}
+DATA_PARALLEL_KINDS = {"pretrain", "sft", "reward", "dpo", "sample", "evaluate", "grpo", "rloo"}
+
+
+_alone = False  # inside `alone()`: this rank works by itself (a rank-0-only stage)
 
 
 def active() -> bool:
-    """Whether this process is one of several in an initialised process group."""
+    """Whether this process is one of several in an initialised process group (and not inside
+    `alone()`)."""
     return (
-        torch.distributed.is_available()
+        not _alone
+        and torch.distributed.is_available()
         and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     )
+
+
+@contextlib.contextmanager
+def alone():
+    """Run a rank-0-only stage: everything here behaves as in a single process (no collective
+    a waiting rank could never join)."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def world() -> int:
@@ -121,6 +139,24 @@ def sync_grads(model: torch.nn.Module) -> None:
             n = p.grad.numel()
             p.grad.copy_(flat[at : at + n].view_as(p.grad))
             at += n
+
+
+def check_in_sync(model: torch.nn.Module) -> None:
+    """Raise if the ranks' copies of `model` differ (they take identical updates, so any
+    difference is a bug: a rank that skipped a step, or gradients summed wrongly)."""
+    if not active():
+        return
+    with torch.no_grad():
+        sums = [float(p.double().sum()) for p in model.parameters()]
+    mine = torch.tensor(sums, dtype=torch.float64, device=_collective_device())
+    low, high = mine.clone(), mine.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(
+            f"rank {rank()}: the ranks' model copies differ after training "
+            f"(largest parameter-sum gap {float((high - low).max()):.3g})"
+        )
 
 
 def broadcast_params(model: torch.nn.Module) -> None:

@@ -241,6 +241,8 @@ def train(
             _set_checkpointing(work, False)
     if work is not model:
         fsdp.unshard_into(model, work, device)
+    else:
+        dist.check_in_sync(model)  # data-parallel ranks took identical steps
     return result
 
 

@@ -268,10 +268,11 @@ def test_evaluate_on_two_ranks_gives_the_single_process_records(tmp_path, monkey
     assert reports[0]["evals"] == reports[1]["evals"]
 
 
-def test_grpo_and_rloo_on_two_ranks_stay_in_sync_and_ppo_runs_on_rank_0(tmp_path, monkeypatch):
-    """GRPO and RLOO: each rank rolls out its half of a step's prompts (whole groups) and the
-    gradients of every minibatch are summed over ranks, normalised by the whole minibatch; the
-    run checks the ranks' weights are identical at the end. PPO runs on rank 0 alone."""
+def test_ppo_grpo_and_rloo_on_two_ranks_stay_in_sync(tmp_path, monkeypatch):
+    """Each rank rolls out its half of a step's prompts (whole groups) and the gradients of
+    every minibatch are summed over ranks, normalised by the whole minibatch (PPO: rewards and
+    advantages whitened over both ranks, the value model too); the run checks the ranks' policy
+    and value weights are identical at the end."""
     from conftest import TINY_BASE
     from test_rl_stage import RL
 
@@ -285,9 +286,9 @@ def test_grpo_and_rloo_on_two_ranks_stay_in_sync_and_ppo_runs_on_rank_0(tmp_path
     path.write_text(yaml.safe_dump(raw | {"out": str(tmp_path / "run")}))
     monkeypatch.setenv("CI", "true")
     log = torchrun(["run", str(path)], tmp_path)
-    assert "grpo: running (data-parallel on 2 ranks)" in log
-    assert "rloo: running (data-parallel on 2 ranks)" in log
-    assert "ppo: running (on rank 0)" in log
+    for stage in ("ppo", "grpo", "rloo"):
+        assert f"{stage}: running (data-parallel on 2 ranks)" in log
+    assert "rank: running (on rank 0)" in log
     for stage in ("ppo", "grpo", "rloo"):
         lines = (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2, stage  # written once, by rank 0
@@ -296,3 +297,19 @@ def test_grpo_and_rloo_on_two_ranks_stay_in_sync_and_ppo_runs_on_rank_0(tmp_path
         assert math.isfinite(last["reward/mean"]) and math.isfinite(last["policy/loss"]), stage
     grpo = [json.loads(x) for x in (tmp_path / "run/grpo/metrics.jsonl").read_text().splitlines()]
     assert all("eval/reward" in m for m in grpo)  # rank 0 evaluated at every step
+
+
+def test_the_ranks_whitening_is_masked_whiten_over_all_their_entries(monkeypatch):
+    """rl._whiten under torchrun sums (x, x^2, count) over ranks; with the sums of one rank it
+    must be exactly ops.masked_whiten (the population variance over the valid entries)."""
+    from posttrain.ops import rl as ops
+    from posttrain.stages import rl
+    from posttrain.train import dist
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g) * 3 + 1
+    mask = torch.rand(5, 7, generator=g) > 0.3
+    expected = ops.masked_whiten(x, mask)
+    monkeypatch.setattr(dist, "active", lambda: True)
+    monkeypatch.setattr(dist, "all_sum", lambda values: list(values))
+    assert torch.allclose(rl._whiten(x, mask), expected, atol=1e-5)

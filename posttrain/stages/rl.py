@@ -209,6 +209,20 @@ def _value_model(cfg: Config, paths, tok, device):
     return reward_model_from(src, tok, device)
 
 
+def _whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ops.masked_whiten, with the mean and variance over every rank's rollout under torchrun."""
+    from posttrain.ops import rl as ops
+
+    if not dist.active():
+        return ops.masked_whiten(x, mask)
+    m = mask.bool()
+    xs = torch.where(m, x, torch.zeros_like(x)).double()
+    s, s2, n = dist.all_sum([float(xs.sum()), float((xs * xs).sum()), float(m.sum())])
+    mean = s / n
+    var = max(s2 / n - mean * mean, 0.0)
+    return torch.where(m, (x - mean) * (var + 1e-8) ** -0.5, torch.zeros_like(x))
+
+
 class RLTrainer:
     def __init__(self, cfg: Config, ctx: StageContext, paths: dict):
         from posttrain.models.load import load_model
@@ -269,7 +283,7 @@ class RLTrainer:
         if cfg.algo == "ppo":
             ro.values = from_flat(torch.cat(vals), mask)
             sc = (
-                ops.masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool))
+                _whiten(scores, torch.ones_like(scores, dtype=torch.bool))
                 if cfg.whiten_rewards
                 else scores
             )
@@ -281,7 +295,7 @@ class RLTrainer:
             ro.rewards = rewards
             adv, ret = ops.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
-                adv = ops.masked_whiten(adv, mask)
+                adv = _whiten(adv, mask)
             ro.advantages, ro.returns = adv, ret
         else:
             G, K = len(prompts), r.k
@@ -349,7 +363,7 @@ class RLTrainer:
             for mb in range(0, S, mb_size):
                 idx_mb = order[mb : mb + mb_size]
                 denom = self._denominator(ro.mask[idx_mb])
-                vdenom = float(ro.mask[idx_mb].sum().clamp(min=1))
+                vdenom = max(1.0, dist.all_sum([float(ro.mask[idx_mb].sum())])[0])
                 for mi in range(0, len(idx_mb), cfg.micro_batch_size):
                     idx = idx_mb[mi : mi + cfg.micro_batch_size]
                     mask = ro.mask[idx]
@@ -394,6 +408,7 @@ class RLTrainer:
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 if self.value is not None:
+                    dist.sync_grads(self.value)
                     torch.nn.utils.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm)
                     self.value_opt.step()
                     self.value_opt.zero_grad(set_to_none=True)
@@ -462,6 +477,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     torch.manual_seed(ctx.seed)
     trainer = RLTrainer(cfg, ctx, paths)
     dist.broadcast_params(trainer.policy)
+    if trainer.value is not None:
+        dist.broadcast_params(trainer.value)
     ctx.logger.info(f"{ctx.name}: {cfg.algo} on {len(prompts)} prompts, {cfg.steps} steps of "
                     f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.k} samples, reward {cfg.reward.kind}")  # fmt: skip
     order = list(range(len(prompts)))
@@ -550,6 +567,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         if steplog is not None:
             steplog.close()
     dist.check_in_sync(trainer.policy)
+    if trainer.value is not None:
+        dist.check_in_sync(trainer.value)
     if main:
         save_model(trainer.policy, trainer.tok, ctx.stage_dir / "model")
     metrics = {k: v for k, v in last.items() if not k.endswith("tokens_per_s")} | first

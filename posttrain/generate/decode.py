@@ -44,6 +44,7 @@ def generate(model, tokenizer, prompts, params: SamplingParams) -> list[Generati
     identical outputs (sampled outputs depend on the batching, greedy ones do not).
     """
     from posttrain.models.tokenizer import end_of_turn_ids
+    from posttrain.train import dist
 
     prompt_ids = [
         tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
@@ -62,9 +63,6 @@ def generate(model, tokenizer, prompts, params: SamplingParams) -> list[Generati
     generator.manual_seed(params.seed)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # stable
     results: list[Generation | None] = [None] * len(prompt_ids)
-
-    from posttrain.train import dist
-
     batches = [order[s : s + params.batch_size] for s in range(0, len(order), params.batch_size)]
     if params.shared:  # this rank's share of the batches (all of them in a single process)
         batches = dist.shard(batches)

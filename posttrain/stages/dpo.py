@@ -27,7 +27,7 @@ from pydantic import Field
 from posttrain.stages._prefs import PairTraining, load_split_pairs, pairs_path
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
 from posttrain.train import dist
-from posttrain.train.loop import MicroBatchObjective, TrainSettings
+from posttrain.train.loop import MicroBatchObjective, TrainSettings, micro_per_step
 
 
 class Config(PairTraining):
@@ -181,7 +181,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     settings = cfg.train
     if cfg.epochs is not None:
         settings = settings.model_copy(
-            update={"steps": data.steps_for(cfg.epochs, settings.grad_accum * dist.world())}
+            update={"steps": data.steps_for(cfg.epochs, micro_per_step(settings.grad_accum))}
         )
     ctx.logger.info(f"{ctx.name}: {cfg.loss} (beta {cfg.beta}) on {len(tokenized)} pairs "
                     f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip

@@ -16,7 +16,7 @@ from pydantic import Field
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, train_with_progress
 from posttrain.train import dist
-from posttrain.train.loop import TrainSettings
+from posttrain.train.loop import TrainSettings, micro_per_step
 
 
 class EvalSettings(StrictModel):
@@ -95,11 +95,9 @@ class WindowObjective:
     def batches(self, step: int) -> list[torch.Tensor]:
         """This rank's micro-batches: a step draws grad_accum x ranks of them, rank r takes
         every W-th (one process with W x grad_accum draws the same windows)."""
-        from posttrain.train import dist
-
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         high = len(self.stream) - self.seq_len - 1
-        n = self.grad_accum * dist.world()
+        n = micro_per_step(self.grad_accum)
         starts = torch.randint(0, high, (n, self.batch_size), generator=g)
         span = torch.arange(self.seq_len + 1)
         return [
@@ -151,7 +149,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     stream = tokenize_stream(read_texts(paths["data"]), tok)
     ctx.logger.info(
         f"{ctx.name}: {len(stream):,} training tokens; {cfg.train.steps} steps of "
-        f"{cfg.batch_size * cfg.train.grad_accum * dist.world() * cfg.seq_len:,} tokens"
+        f"{cfg.batch_size * micro_per_step(cfg.train.grad_accum) * cfg.seq_len:,} tokens"
     )
     objective = WindowObjective(
         stream, cfg.seq_len, cfg.batch_size, cfg.train.grad_accum, ctx.seed, ctx.device

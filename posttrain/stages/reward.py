@@ -31,7 +31,12 @@ from posttrain.stages._prefs import (
 )
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
 from posttrain.train import dist
-from posttrain.train.loop import MicroBatchObjective, TrainSettings, step_micro_indices
+from posttrain.train.loop import (
+    MicroBatchObjective,
+    TrainSettings,
+    micro_per_step,
+    step_micro_indices,
+)
 
 
 class Config(PairTraining):
@@ -267,7 +272,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         objective = BTObjective(data, settings.grad_accum, ctx.device, cfg.use_margin)
         per_epoch = data.per_epoch
     if cfg.epochs is not None:
-        steps = max(1, -(-int(cfg.epochs * per_epoch) // (settings.grad_accum * dist.world())))
+        steps = max(1, -(-int(cfg.epochs * per_epoch) // micro_per_step(settings.grad_accum)))
         settings = settings.model_copy(update={"steps": steps})
     ctx.logger.info(f"{ctx.name}: {cfg.loss} on {len(tokenized)} pairs "
                     f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip

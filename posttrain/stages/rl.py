@@ -469,7 +469,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     prompts = _load_prompts(cfg, paths["prompts"], cfg.families)
     heldout = _eval_prompts(cfg, paths)
     W, rank = dist.world(), dist.rank()
-    if W > 1:  # grpo and rloo under torchrun: each rank rolls out and trains on 1/W of a step
+    if W > 1:  # under torchrun each rank rolls out and trains on 1/W of a step
         for key, value in (("rollout.prompts_per_step", cfg.rollout.prompts_per_step),
                            ("minibatch_size", cfg.minibatch_size)):  # fmt: skip
             if value % W:

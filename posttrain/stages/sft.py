@@ -22,7 +22,7 @@ from posttrain.stages.base import (
     train_with_progress,
 )
 from posttrain.train import dist
-from posttrain.train.loop import MicroBatchObjective, TrainSettings
+from posttrain.train.loop import MicroBatchObjective, TrainSettings, micro_per_step
 
 
 class LoraSettings(StrictModel):
@@ -241,7 +241,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     settings = cfg.train
     if cfg.epochs is not None:
         settings = settings.model_copy(
-            update={"steps": data.steps_for(cfg.epochs, settings.grad_accum * dist.world())}
+            update={"steps": data.steps_for(cfg.epochs, micro_per_step(settings.grad_accum))}
         )
     ctx.logger.info(
         f"{ctx.name}: {stats.kept} examples ({stats.trained_tokens:,} trained of {stats.total_tokens:,} tokens), "

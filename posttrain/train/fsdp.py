@@ -26,15 +26,6 @@ import copy
 import torch
 
 
-def _blocks(model):
-    """The list of transformer blocks (decoder layers) of a causal LM or a reward model."""
-    for owner in (getattr(model, "get_decoder", lambda: None)(), getattr(model, "model", None)):
-        layers = getattr(owner, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers):
-            return layers
-    return None
-
-
 def _call(self, fn, *args, **kwargs):
     return fn(self, *args, **kwargs)
 
@@ -47,14 +38,14 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from posttrain.train import dist
+    from posttrain.train.loop import transformer_blocks
 
     if any(not p.requires_grad for p in model.parameters()):
         raise ValueError(
             "train.fsdp: the model has frozen parameters (LoRA?); sharding those is not "
             "supported yet: set train.fsdp: false (data parallelism still applies)"
         )
-    blocks = _blocks(model)
-    if blocks is None:
+    if transformer_blocks(model) is None:
         raise ValueError(
             f"train.fsdp: found no list of transformer blocks in {type(model).__name__}; "
             "set train.fsdp: false"
@@ -62,7 +53,7 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     model.to("cpu")
     work = copy.deepcopy(model)
     mesh = init_device_mesh(device.type, (dist.world(),))
-    for block in _blocks(work):
+    for block in transformer_blocks(work):
         fully_shard(block, mesh=mesh)  # moves the block to the mesh's device, then shards it
     fully_shard(work, mesh=mesh)
     work._posttrain_call = types.MethodType(_call, work)

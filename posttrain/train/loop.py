@@ -114,9 +114,14 @@ class MicroBatchObjective:
         ]
 
 
+def micro_per_step(grad_accum: int) -> int:
+    """Micro-batches one optimiser step consumes, over all data-parallel ranks."""
+    return grad_accum * dist.world()
+
+
 def step_micro_indices(step: int, grad_accum: int) -> list[int]:
     """The micro-batch indices this rank trains at optimiser step `step`."""
-    per_step = grad_accum * dist.world()
+    per_step = micro_per_step(grad_accum)
     return dist.shard(list(range(step * per_step, (step + 1) * per_step)))
 
 
@@ -272,7 +277,7 @@ def compile_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     rows and lengths of batches vary). Fuses the elementwise work (norms, rotary, SwiGLU, the
     autocast casts) into few kernels: on a GPU, where small models are launch-bound, that is
     the step's main cost. Returns the blocks compiled (already-compiled ones are skipped)."""
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     if blocks is None:
         raise ValueError(
             f"train.compile: found no list of transformer blocks in {type(model).__name__} "
@@ -291,11 +296,14 @@ def uncompile_layers(blocks: list[torch.nn.Module]) -> None:
         vars(block).pop("forward", None)
 
 
-def _blocks(model):
+def transformer_blocks(model) -> torch.nn.ModuleList | None:
+    """The list of transformer blocks (decoder layers) of a causal LM or a reward model."""
     get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else None
-    layers = getattr(decoder, "layers", None)
-    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+    for owner in (get() if callable(get) else None, getattr(model, "model", None)):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return layers
+    return None
 
 
 def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> TrainResult:

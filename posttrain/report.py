@@ -149,15 +149,88 @@ def plot_rl(run_dir: Path, stage: str, metrics: dict) -> Path | None:
     return _save(fig, run_dir / "plots" / f"{stage}_rl.png")
 
 
+def plot_calibration(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+    """Reliability diagram: accuracy against confidence in its own answer, one line per model."""
+    import math
+
+    from posttrain.eval.metrics import answerable, reliability
+
+    result = json.loads((run_dir / stage / "result.json").read_text())
+    curves = {}
+    for label, rel in result.get("artifacts", {}).items():
+        f = run_dir / rel
+        if not f.is_file():
+            continue
+        rs = [r for r in read_jsonl(f) if answerable(r) and r.get("logprob") is not None]
+        if rs:
+            curves[label] = reliability([math.exp(r["logprob"]) for r in rs],
+                                        [bool(r["components"].get("correct")) for r in rs])  # fmt: skip
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.2), dpi=100)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="calibrated")
+    for label, pts in curves.items():
+        ece = result.get("evals", {}).get(label, {}).get("calibration/ece")
+        pts = [p for p in pts if p[2] >= 5]  # a bin of fewer answers is noise, not a point
+        ax.plot([c for c, _, _ in pts], [a for _, a, _ in pts], "o-", ms=3, lw=1.2,
+                label=label if ece is None else f"{label} (ECE {ece:.2f})")  # fmt: skip
+    ax.set_xlabel("confidence (probability of its own answer)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"{stage}: calibration (answerable prompts, bins of 5+)")
+    fig.tight_layout()
+    return _save(fig, run_dir / "plots" / f"{stage}_calibration.png")
+
+
+def plot_over_optimisation(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+    """Best-of-k gold and proxy reward against the KL bound: over-optimisation at a glance."""
+    evals = json.loads((run_dir / stage / "result.json").read_text()).get("evals", {})
+    found = {label: m for label, m in evals.items() if "overopt/kl@1" in m}
+    if not found:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax2 = ax.twinx()
+    for label, m in found.items():
+        ks = sorted(int(key.split("@")[1]) for key in m if key.startswith("overopt/kl@"))
+        kl = [m[f"overopt/kl@{k}"] for k in ks]
+        ax.plot(kl, [m[f"overopt/gold@{k}"] for k in ks], "o-", ms=3, label=f"{label}: gold")
+        ax2.plot(kl, [m[f"overopt/reward@{k}"] for k in ks], "s--", ms=3, color="tab:red",
+                 label=f"{label}: proxy reward")  # fmt: skip
+        for k, x, y in zip(ks, kl, [m[f"overopt/gold@{k}"] for k in ks], strict=True):
+            ax.annotate(f"n={k}", (x, y), fontsize=7, textcoords="offset points", xytext=(2, 4))
+    ax.set_xlabel("KL bound of best-of-n (nats): log n - (n-1)/n")
+    ax.set_ylabel("gold (mean score)")
+    ax2.set_ylabel("proxy reward", color="tab:red")
+    ax.grid(alpha=0.3)
+    lines, lines2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
+    ax.set_title(f"{stage}: best-of-n, gold vs the proxy it optimises")
+    fig.tight_layout()
+    return _save(fig, run_dir / "plots" / f"{stage}_over_optimisation.png")
+
+
+def plot_evaluate(run_dir: Path, stage: str, metrics: dict) -> list[Path | None]:
+    return [
+        plot_calibration(run_dir, stage, metrics),
+        plot_over_optimisation(run_dir, stage, metrics),
+    ]
+
+
 PLOTTERS = {"rank": plot_rank, "reward": plot_reward, "dpo": plot_dpo, "ppo": plot_rl, "grpo": plot_rl,
-            "rloo": plot_rl}  # fmt: skip
+            "rloo": plot_rl, "evaluate": plot_evaluate}  # fmt: skip
 
 
 def stage_plots(run_dir: Path, stage: str, m: dict) -> list[Path]:
     """Every plot of one stage: its loss curve if it trained, then its kind's own plots."""
     found = [plot_curves(run_dir, stage)]
     if m["kind"] in PLOTTERS:
-        found.append(PLOTTERS[m["kind"]](run_dir, stage, m))
+        made = PLOTTERS[m["kind"]](run_dir, stage, m)
+        found += made if isinstance(made, list) else [made]
     return [p for p in found if p is not None]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.generate import SamplingParams
-from posttrain.generate.best_of_n import best_of_n, kl_bound
+from posttrain.generate.best_of_n import best_index, best_of_k_expectation, best_of_n, kl_bound
 from posttrain.models.presets import build_model
 
 
@@ -40,3 +40,22 @@ def test_best_of_n_picks_the_highest_reward(small_tokenizer, tmp_path):
         again = score(rm, tok, [conv] * 4, [g.text.strip() for g in b.samples])
         assert again == pytest.approx(b.rewards, abs=1e-5)
         assert b.best is b.samples[b.index]
+
+
+def test_best_of_k_expectation_equals_every_subset_enumerated():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for n in (1, 2, 5, 7):
+        # ties in the reward on purpose: the first of equals wins, as best_index decides
+        rewards = [float(rng.randint(0, 3)) for _ in range(n)]
+        values = [rng.random() for _ in range(n)]
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), k))
+            brute = sum(values[s[best_index([rewards[j] for j in s])]] for s in subsets)
+            assert best_of_k_expectation(rewards, values, k) == pytest.approx(brute / len(subsets))
+        assert best_of_k_expectation(rewards, values, 1) == pytest.approx(sum(values) / n)
+        assert best_of_k_expectation(rewards, values, n) == values[best_index(rewards)]
+    with pytest.raises(ValueError, match="k=3"):
+        best_of_k_expectation([1.0, 2.0], [0.0, 1.0], 3)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from posttrain.eval.metrics import distinct_n, summarize
+from posttrain.eval.metrics import distinct_n, expected_calibration_error, reliability, summarize
 
 EVAL = """
 evaluate:
@@ -69,3 +69,53 @@ def test_distinct_2_by_hand():
     assert distinct_n(["a b c", "a b d"], 2) == 0.75
     assert distinct_n(["same words", "same words"], 2) == 0.5
     assert distinct_n(["x", ""], 2) == 0.0
+
+
+def test_calibration_by_hand():
+    import math
+
+    records = [
+        rec("arithmetic", 1.0, correct=True) | {"logprob": math.log(0.9)},
+        rec("arithmetic", 0.0, correct=False) | {"logprob": math.log(0.9)},
+        rec("string", 1.0, correct=True) | {"logprob": math.log(0.3)},
+        rec("knowledge", 1.0, known=True, correct=True) | {"logprob": math.log(0.3)},
+        # not answerable: unknown entity (its hallucination's confidence is reported apart),
+        # safety and open prompts
+        rec("knowledge", 0.0, known=False, hallucinated=True) | {"logprob": math.log(0.8)},
+        rec("safety", 1.0, harmful=True, refused=True) | {"logprob": math.log(0.5)},
+        rec("open", 1.0) | {"logprob": math.log(0.1)},
+    ]
+    m = summarize(records)
+    # bins [0.9, 1.0]: conf 0.9, accuracy 1/2; [0.3, 0.4): conf 0.3, accuracy 1 -> ECE = .5*.4 + .5*.7
+    assert m["calibration/ece"] == pytest.approx(0.5 * 0.4 + 0.5 * 0.7)
+    assert m["calibration/confidence"] == pytest.approx(0.6)
+    assert m["calibration/accuracy"] == 0.75
+    assert m["calibration/confidence_hallucinated"] == pytest.approx(0.8)
+    assert "calibration/ece" not in summarize([rec("arithmetic", 1.0, correct=True)])  # no logprob
+
+
+def test_reliability_bins_and_ece_edges():
+    pts = reliability([0.05, 0.05, 0.95, 1.0], [False, True, True, True])
+    assert pts == [(0.05, 0.5, 2), (pytest.approx(0.975), 1.0, 2)]  # 1.0 falls in the last bin
+    assert expected_calibration_error([], []) == 0.0
+    assert expected_calibration_error([1.0, 0.0], [True, False]) == 0.0  # perfectly calibrated
+    with pytest.raises(ValueError, match="outside"):
+        reliability([1.2], [True])
+
+
+def test_fewshot_answer_stops_at_the_newline(small_tokenizer):
+    from posttrain.generate.decode import Generation
+    from posttrain.stages.evaluate import _answer
+
+    tok = small_tokenizer
+    ids = tok("42\nQ: What is 1", add_special_tokens=False)["input_ids"]
+    pieces = tok.batch_decode([[t] for t in ids])
+    cut = next(i for i, p in enumerate(pieces) if "\n" in p)
+    logps = [-0.1 * (i + 1) for i in range(len(ids))]
+    gen = Generation(tok.decode(ids), ids, logps, finished=False, truncated=True, prompt_ids=[])
+    text, n, truncated, logprob = _answer(gen, "fewshot", tok)
+    assert text == "42" and not truncated
+    assert n == len(tok("42", add_special_tokens=False)["input_ids"])  # digits, newline excluded
+    assert logprob == pytest.approx(sum(logps[: cut + 1]))  # up to and including the newline
+    chat = _answer(gen, "chat", tok)
+    assert chat[1] == len(ids) and chat[2] and chat[3] == pytest.approx(sum(logps))

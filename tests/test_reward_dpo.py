@@ -155,11 +155,18 @@ dpo:
   data: {val_fraction: 0.3, max_length: 96}
   batch_size: 8
   train: {lr: 1.0e-4, checkpoint_every: 0}
+evaluate:
+  models:
+    sft: {model: sft}
+    bon4: {model: sft, policy: best_of_n, reward_model: reward, n: 4}
+  max_new_tokens: 6
+  diversity: {n_prompts: 0}
 """
 
 
 def test_pipeline_through_reward_and_dpo(run_tiny):
-    stages = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "bon", "dpo"]
+    stages = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "bon", "dpo",
+              "evaluate"]  # fmt: skip
     report, run = run_tiny(stages, PREFS)
     rm = report["stages"]["reward"]
     for key in ("train/loss", "eval/accuracy", "eval/margin", "eval/ece", "eval/loss"):
@@ -196,6 +203,22 @@ def test_pipeline_through_reward_and_dpo(run_tiny):
     assert lines[0]["train/loss"] == pytest.approx(0.6931, abs=1e-3)
     assert lines[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
     assert lines[0]["kl/ref"] == pytest.approx(0.0, abs=1e-4)
+    # best-of-n in evaluate: the over-optimisation curve from its own samples, and its plot
+    ev = report["evals"]["bon4"]
+    assert [ev[f"overopt/kl@{k}"] for k in (1, 2, 4)] == pytest.approx(
+        [0.0, math.log(2) - 1 / 2, math.log(4) - 3 / 4]
+    )
+    recs = [json.loads(x) for x in (run / "evaluate/bon4.jsonl").read_text().splitlines()]
+    assert ev["overopt/gold@1"] == pytest.approx(
+        sum(sum(r["golds"]) / 4 for r in recs) / len(recs)  # best-of-1 = a random sample
+    )
+    assert ev["overopt/gold@4"] == pytest.approx(
+        sum(r["golds"][r["rewards"].index(r["reward"])] for r in recs) / len(recs)
+    )  # best-of-all = the picked one
+    assert ev["overopt/reward@4"] == pytest.approx(ev["bon/reward_best"])
+    assert "calibration/ece" in report["evals"]["sft"]
+    assert (run / "plots/evaluate_over_optimisation.png").is_file()
+    assert (run / "plots/evaluate_calibration.png").is_file()
 
 
 def test_dpo_precomputed_reference_equals_live_reference(tmp_path, tiny_lm, monkeypatch):
@@ -231,7 +254,11 @@ def test_dpo_precomputed_reference_equals_live_reference(tmp_path, tiny_lm, monk
 
 
 def test_ece_and_pearson_by_hand():
-    from posttrain.stages.reward import _ece, _pearson
+    from posttrain.eval.metrics import expected_calibration_error
+    from posttrain.stages.reward import _pearson
+
+    def _ece(conf, correct):  # the reward stage's: confidence max(p, 1 - p), bins over [0.5, 1]
+        return expected_calibration_error(conf, correct, lo=0.5)
 
     # Bin [0.6, 0.65): conf 0.6, 0.6 with 1 of 2 right -> |0.5 - 0.6| = 0.1, weight 2/4;
     # bin [0.9, 0.95): conf 0.9, 0.9 both right -> |1 - 0.9| = 0.1, weight 2/4. ECE = 0.1.

@@ -25,6 +25,21 @@ def best_index(rewards: list[float]) -> int:
     return max(range(len(rewards)), key=lambda j: (rewards[j], -j))
 
 
+def best_of_k_expectation(rewards: list[float], values: list[float], k: int) -> float:
+    """E[value of the best-of-k] for k of these n samples drawn without replacement, exactly.
+
+    The best of a subset is its highest reward (the first of equals, as best_index). Ranked by
+    that order from the bottom (i = 1..n), sample i wins a k-subset iff the subset holds it and
+    k - 1 of the i - 1 below it: probability C(i-1, k-1) / C(n, k) (Gao et al. 2023, eq. 6).
+    """
+    n = len(rewards)
+    if len(values) != n or not 1 <= k <= n:
+        raise ValueError(f"best-of-k: k={k} with {n} rewards and {len(values)} values")
+    order = sorted(range(n), key=lambda j: (rewards[j], -j))  # worst first
+    total = math.comb(n, k)
+    return sum(math.comb(i, k - 1) * values[j] for i, j in enumerate(order)) / total
+
+
 @dataclass
 class BestOfN:
     best: Generation

@@ -94,14 +94,19 @@ def _prompts(tasks, world, mode: str, tok, k: int) -> list:
     ]
 
 
-def _answer(gen, mode: str) -> tuple[str, int, bool]:
-    """(response text, its length in tokens, hit the limit). A few-shot answer ends at the first
-    newline: the tokens after it are the model starting the next Q/A pair, not the answer."""
+def _answer(gen, mode: str, tok) -> tuple[str, int, bool, float]:
+    """(response text, its length in tokens, hit the limit, summed log-prob of its tokens).
+
+    A few-shot answer ends at the first newline: the tokens after it are the model starting the
+    next Q/A pair, not the answer. Its log-prob then covers the tokens up to and including the
+    one that holds the newline (the few-shot analogue of the end-of-turn token a chat answer's
+    log-prob includes)."""
     if mode == "fewshot" and "\n" in gen.text:
-        head = gen.text.split("\n", 1)[0]
-        n = max(1, round(len(gen.token_ids) * len(head) / max(1, len(gen.text))))  # approx.
-        return head.strip(), n, False
-    return gen.text.strip(), len(gen.token_ids), gen.truncated
+        pieces = tok.batch_decode([[t] for t in gen.token_ids])
+        cut = next(i for i, p in enumerate(pieces) if "\n" in p)
+        n = cut + bool(pieces[cut].split("\n", 1)[0].strip())  # answer tokens, newline excluded
+        return gen.text.split("\n", 1)[0].strip(), max(1, n), False, sum(gen.logprobs[: cut + 1])
+    return gen.text.strip(), len(gen.token_ids), gen.truncated, sum(gen.logprobs)
 
 
 def evaluate_model(
@@ -131,13 +136,16 @@ def evaluate_model(
                                 batch_size=cfg.batch_size, seed=seed)  # fmt: skip
         picked = best_of_n(model, tok, rm, rm_tok, [t.messages() for t in tasks], spec.n, params)
         gens = [b.best for b in picked]
-        extra = [{"reward": b.reward, "rewards": b.rewards} for b in picked]
+        extra = [{"reward": b.reward, "rewards": b.rewards,
+                  "golds": [check(t, g.text.strip()).score for g in b.samples]}
+                 for t, b in zip(tasks, picked, strict=True)]  # fmt: skip
     records = []
     for task, gen, more in zip(tasks, gens, extra, strict=True):
-        text, n_tokens, truncated = _answer(gen, mode)
+        text, n_tokens, truncated, logprob = _answer(gen, mode, tok)
         c = check(task, text)
         records.append({"prompt_id": task.prompt_id, "family": task.family, "prompt": task.prompt, "response": text,
-                        "score": c.score, "components": c.components, "n_tokens": n_tokens, "truncated": truncated} | more)  # fmt: skip
+                        "score": c.score, "components": c.components, "n_tokens": n_tokens, "truncated": truncated,
+                        "logprob": logprob} | more)  # fmt: skip
     metrics = summarize(records)
     if bon is not None:
         metrics["bon/n"] = bon[2].n
@@ -145,15 +153,37 @@ def evaluate_model(
         metrics["bon/reward_best"] = sum(e["reward"] for e in extra) / len(extra)
         per_prompt = [sum(e["rewards"]) / len(e["rewards"]) for e in extra]
         metrics["bon/reward_samples"] = sum(per_prompt) / len(per_prompt)
+        metrics |= over_optimisation(extra, bon[2].n)
     if cfg.diversity.n_prompts:
         step = max(1, len(prompts) // cfg.diversity.n_prompts)
         chosen = prompts[::step][: cfg.diversity.n_prompts]
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.diversity.temperature,
                                 batch_size=cfg.batch_size, seed=seed)  # fmt: skip
         groups = sample_n(model, tok, chosen, cfg.diversity.n_samples, params)
-        scores = [distinct_n([_answer(g, mode)[0] for g in group], 2) for group in groups]
+        scores = [distinct_n([_answer(g, mode, tok)[0] for g in group], 2) for group in groups]
         metrics["diversity/distinct_2"] = sum(scores) / len(scores)
     return metrics, records
+
+
+def over_optimisation(picked: list[dict], n: int) -> dict:
+    """Gold and proxy reward of best-of-k for k = 1, 2, 4, ... <= n, from the same n samples per
+    prompt (the unbiased estimator of Gao et al. 2023), against the KL bound of best-of-k.
+
+    The proxy (the learned reward) rises with k by construction; gold that stops rising, or
+    falls, while the proxy rises is reward over-optimisation, seen without any extra sampling.
+    picked: per prompt {"rewards": [n proxy rewards], "golds": [n gold scores]}.
+    """
+    from posttrain.generate.best_of_n import best_of_k_expectation, kl_bound
+
+    out = {}
+    k = 1
+    while k <= n:
+        for name, key in (("gold", "golds"), ("reward", "rewards")):
+            vals = [best_of_k_expectation(p["rewards"], p[key], k) for p in picked]
+            out[f"overopt/{name}@{k}"] = sum(vals) / len(vals)
+        out[f"overopt/kl@{k}"] = kl_bound(k)
+        k *= 2
+    return out
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:

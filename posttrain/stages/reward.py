@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from posttrain.eval.metrics import expected_calibration_error
 from posttrain.stages._prefs import (
     PairTraining,
     candidate_gold,
@@ -135,19 +136,6 @@ class PLObjective(MicroBatchObjective):
         return plackett_luce_loss(rewards, order, mask).sum(), {}
 
 
-def _ece(conf: list[float], correct: list[bool], bins: int = 10) -> float:
-    """Expected calibration error of confidence max(p, 1-p) against correctness, bins over [0.5, 1]."""
-    total, err = len(conf), 0.0
-    for b in range(bins):
-        lo, hi = 0.5 + 0.5 * b / bins, 0.5 + 0.5 * (b + 1) / bins
-        idx = [i for i, c in enumerate(conf) if lo <= c < hi or (b == bins - 1 and c == hi)]
-        if idx:
-            acc = sum(correct[i] for i in idx) / len(idx)
-            avg = sum(conf[i] for i in idx) / len(idx)
-            err += len(idx) / total * abs(acc - avg)
-    return err
-
-
 def _pearson(xs: list[float], ys: list[float]) -> float | None:
     n = len(xs)
     if n < 2:
@@ -179,7 +167,7 @@ def evaluate_pairs(model, batches, device) -> dict:
         "eval/accuracy": float((t > 0).float().mean()),
         "eval/margin": float(t.mean()),
         "eval/loss": float(-torch.nn.functional.logsigmoid(t).mean()),
-        "eval/ece": _ece(conf, (t > 0).tolist()),
+        "eval/ece": expected_calibration_error(conf, (t > 0).tolist(), lo=0.5),
     }
 
 

@@ -159,7 +159,7 @@ def plot_calibration(run_dir: Path, stage: str, metrics: dict) -> Path | None:
     curves = {}
     for label, rel in result.get("artifacts", {}).items():
         f = run_dir / rel
-        if not f.is_file():
+        if label not in result.get("evals", {}) or not f.is_file():  # a benchmark's records
             continue
         rs = [r for r in read_jsonl(f) if answerable(r) and r.get("logprob") is not None]
         if rs:
@@ -281,7 +281,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_md(report: dict, plots: dict[str, list[Path]]) -> str:
     lines = [f"# posttrain report: {report['run']}", ""]
     if report["evals"]:
-        lines += ["## Report card (held-out toy-world prompts)", ""]
+        lines += ["## Report card (toy-world held-out prompts; public benchmarks)", ""]
         rows = [
             [f"`{k}`", *("" if v is None else _fmt(v) for v in vals)]
             for k, vals in card_rows(report["evals"])

@@ -155,6 +155,8 @@ dpo:
   data: {val_fraction: 0.3, max_length: 96}
   batch_size: 8
   train: {lr: 1.0e-4, checkpoint_every: 0}
+"""
+EVAL_BON = """
 evaluate:
   models:
     sft: {model: sft}
@@ -167,7 +169,7 @@ evaluate:
 def test_pipeline_through_reward_and_dpo(run_tiny):
     stages = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "bon", "dpo",
               "evaluate"]  # fmt: skip
-    report, run = run_tiny(stages, PREFS)
+    report, run = run_tiny(stages, PREFS + EVAL_BON)
     rm = report["stages"]["reward"]
     for key in ("train/loss", "eval/accuracy", "eval/margin", "eval/ece", "eval/loss"):
         assert key in rm, key

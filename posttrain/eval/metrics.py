@@ -52,8 +52,8 @@ def summarize(records: list[dict]) -> dict:
 
 def answerable(r: dict) -> bool:
     """A response with one right answer: arithmetic, string, or a question about a known entity."""
-    return r["family"] in ("arithmetic", "string") or (
-        r["family"] == "knowledge" and bool(r["components"].get("known"))
+    return r.get("family") in ("arithmetic", "string") or (
+        r.get("family") == "knowledge" and bool(r["components"].get("known"))
     )
 
 

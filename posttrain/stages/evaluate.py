@@ -1,9 +1,13 @@
-"""The evaluate stage: run models on the held-out toy-world prompts and score them with gold.
+"""The evaluate stage: run models on the held-out toy-world prompts and score them with gold,
+and on public benchmarks (XSTest, SimpleSafetyTests, GSM8K, MATH-500, TruthfulQA MC,
+AlpacaEval) when the config names them.
 
 Each evaluated model gets a label (base, sft, dpo, ...), per-prompt records in
-`<stage>/<label>.jsonl`, and a summary in result.json under "evals" -> report.json "evals".
-A base model is prompted few-shot (it knows no chat template); tuned models through the chat
-template. Gold metrics use greedy decoding; diversity uses several samples per prompt.
+`<stage>/<label>.jsonl` (toy world) and `<stage>/<label>.<benchmark>.jsonl`, and a summary in
+result.json under "evals" -> report.json "evals". A base model is prompted few-shot (it knows
+no chat template; on a benchmark, zero-shot "Q: ...\nA:"); tuned models through the chat
+template. Gold metrics use greedy decoding; diversity uses several samples per prompt;
+TruthfulQA compares the log-probs of its answer choices (no generation).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from posttrain.config import StrictModel
@@ -50,6 +55,21 @@ class DiversitySettings(StrictModel):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
 
 
+BenchmarkName = Literal[
+    "xstest", "simple_safety", "gsm8k", "math500", "truthfulqa_mc", "alpaca_eval"
+]
+
+
+class BenchmarkSpec(StrictModel):
+    path: str | None = Field(
+        None, description="The benchmark's file (null: its usual place under data_dir)."
+    )
+    n: int | None = Field(
+        None, ge=1, description="Evaluate n items spread evenly over the file (null: all)."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Generation limit per response.")
+
+
 class Config(StrictModel):
     models: dict[str, EvalModel] = Field(
         default_factory=lambda: {
@@ -58,7 +78,16 @@ class Config(StrictModel):
         },
         description="Label -> model to evaluate.",
     )
-    world_stage: str = Field("world", description="Stage holding tasks_eval.jsonl.")
+    world_stage: str | None = Field(
+        "world", description="Stage holding tasks_eval.jsonl (null: no toy-world prompts)."
+    )
+    benchmarks: dict[BenchmarkName, BenchmarkSpec] = Field(
+        default_factory=dict,
+        description="Public benchmarks to run every model on (a user's model): name -> settings.",
+    )
+    data_dir: str = Field(
+        "../shared/data", description="Where the benchmarks' files are unless a path is given."
+    )
     n_per_family: int | None = Field(None, ge=1, description="Eval prompts per family (null: all).")
     few_shot: int = Field(3, ge=0, description="Examples in few-shot prompts.")
     max_new_tokens: int = Field(48, ge=1, description="Generation limit per response.")
@@ -75,6 +104,20 @@ class Config(StrictModel):
         2, ge=0, description="Sample responses per family shown in the report."
     )
 
+    @model_validator(mode="after")
+    def _benchmarks_need(self) -> Config:
+        if "alpaca_eval" in self.benchmarks and self.reward_model is None:
+            raise ValueError("benchmarks.alpaca_eval needs reward_model (the judge of win rates)")
+        if self.world_stage is None and not self.benchmarks:
+            raise ValueError("world_stage is null and no benchmarks are named: nothing to evaluate")
+        return self
+
+
+def benchmark_path(name: str, spec: BenchmarkSpec, cfg: Config) -> Path:
+    from posttrain.eval.benchmarks import DEFAULT_PATHS
+
+    return Path(spec.path) if spec.path else Path(cfg.data_dir) / DEFAULT_PATHS[name]
+
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     found = {f"model:{label}": resolve_model(m.model, ctx) for label, m in cfg.models.items()}
@@ -82,6 +125,10 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
               for label, m in cfg.models.items() if m.reward_model}  # fmt: skip
     if cfg.reward_model:
         found["reward_model"] = resolve_model(cfg.reward_model, ctx)
+    found |= {f"benchmark:{name}": benchmark_path(name, spec, cfg)
+              for name, spec in cfg.benchmarks.items()}  # fmt: skip
+    if cfg.world_stage is None:
+        return found
     return found | {"tasks": resolve_input(None, ctx, cfg.world_stage, "tasks_eval.jsonl")}
 
 
@@ -187,17 +234,22 @@ def over_optimisation(picked: list[dict], n: int) -> dict:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
+    from posttrain.eval.benchmarks import READERS
     from posttrain.io import atomic_write_jsonl, read_jsonl
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
     from posttrain.world import Task
 
     paths = inputs(cfg, ctx)
-
-    tasks = [Task.from_dict(r) for r in read_jsonl(paths["tasks"])]
-    tasks = first_per_family(tasks, cfg.n_per_family)
-    world = ctx.world()
-    evals, samples, metrics = {}, {}, {}
+    tasks, world = [], None
+    if cfg.world_stage is not None:
+        tasks = [Task.from_dict(r) for r in read_jsonl(paths["tasks"])]
+        tasks = first_per_family(tasks, cfg.n_per_family)
+        world = ctx.world()
+    benches = {name: spread(READERS[name](paths[f"benchmark:{name}"]), spec.n)
+               for name, spec in cfg.benchmarks.items()}  # fmt: skip
+    evals, samples, metrics, artifacts = {}, {}, {}, {}
+    prefixes = {name.removesuffix("_mc") for name in benches}  # metric names: truthfulqa/mc1, ...
     scorer = None
     if cfg.reward_model:
         from posttrain.rl.rewards import ModelReward
@@ -208,44 +260,156 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             continue  # sampled: rank 0 alone (shared decoding is for greedy responses)
         path = paths[f"model:{label}"]
         model, tok = load_model(path, ctx.device), load_tokenizer(path)
-        ctx.logger.info(
-            f"{ctx.name}: evaluating {label} ({spec.model}, {spec.prompt} prompts) on {len(tasks)} prompts"
-        )
-        bon = None
-        if spec.policy == "best_of_n":
-            from posttrain.models.reward import reward_model_from
+        summary: dict = {}
+        if tasks:
+            ctx.logger.info(f"{ctx.name}: evaluating {label} ({spec.model}, {spec.prompt} prompts) "
+                            f"on {len(tasks)} toy-world prompts")  # fmt: skip
+            bon = None
+            if spec.policy == "best_of_n":
+                from posttrain.models.reward import reward_model_from
 
-            rm_path = paths[f"reward_model:{label}"]
-            rm_tok = load_tokenizer(rm_path)
-            bon = (reward_model_from(rm_path, rm_tok, ctx.device), rm_tok, spec)
-        summary, records = evaluate_model(model, tok, tasks, world, spec.prompt, cfg, ctx.seed, bon)
+                rm_path = paths[f"reward_model:{label}"]
+                rm_tok = load_tokenizer(rm_path)
+                bon = (reward_model_from(rm_path, rm_tok, ctx.device), rm_tok, spec)
+            summary, records = evaluate_model(
+                model, tok, tasks, world, spec.prompt, cfg, ctx.seed, bon
+            )
+            if dist.is_main():
+                if (
+                    scorer is not None
+                ):  # the learned reward of each response (chat form of the prompt)
+                    scored = scorer([{"messages": t.messages()} for t in tasks],
+                                    [r["response"] for r in records])  # fmt: skip
+                    for r, sc in zip(records, scored, strict=True):
+                        r["reward"] = sc["reward"]
+                    summary["reward/mean"] = sum(sc["reward"] for sc in scored) / len(scored)
+                atomic_write_jsonl(ctx.stage_dir / f"{label}.jsonl", records)
+                artifacts[label] = f"{ctx.name}/{label}.jsonl"
+                samples[label] = _samples(records, cfg.samples_per_family)
+        for name, items in benches.items():
+            if spec.policy == "best_of_n":
+                continue  # benchmarks decode greedily: best-of-n is a toy-world diagnostic
+            ctx.logger.info(f"{ctx.name}: {label} on {name} ({len(items)} items)")
+            bsummary, records = run_benchmark(
+                name, items, model, tok, spec.prompt, cfg, ctx.seed, scorer
+            )
+            if dist.is_main():
+                summary |= bsummary
+                atomic_write_jsonl(ctx.stage_dir / f"{label}.{name}.jsonl", records)
+                artifacts[f"{label}.{name}"] = f"{ctx.name}/{label}.{name}.jsonl"
         if not dist.is_main():
             continue
-        if scorer is not None:  # the learned reward of each response (chat form of the prompt)
-            scored = scorer(
-                [{"messages": t.messages()} for t in tasks], [r["response"] for r in records]
-            )
-            for r, sc in zip(records, scored, strict=True):
-                r["reward"] = sc["reward"]
-            summary["reward/mean"] = sum(sc["reward"] for sc in scored) / len(scored)
-        atomic_write_jsonl(ctx.stage_dir / f"{label}.jsonl", records)
         evals[label] = summary
-        samples[label] = _samples(records, cfg.samples_per_family)
-        metrics |= {
-            f"{label}/{k}": v
+        bench = {k: v for k, v in summary.items()
+                 if k.split("/")[0] in prefixes and k.rsplit("/", 1)[1] not in BENCH_DETAILS}  # fmt: skip
+        toy = {
+            k: v
             for k, v in summary.items()
-            if k.startswith(("gold/mean", "safety/", "knowledge/known"))
+            if k.startswith(("gold/", "safety/", "knowledge/known"))
         }
+        metrics |= {f"{label}/{k}": v for k, v in (toy | bench).items()
+                    if not k.startswith("gold/") or k == "gold/mean"}  # fmt: skip
+        logged = {k: v for k, v in (toy | bench).items() if k.startswith("gold/") or k in bench}
         ctx.logger.info(
-            f"{ctx.name}: {label}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("gold/"))
+            f"{ctx.name}: {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in logged.items())
         )
-    return StageResult(
-        metrics,
-        {label: f"{ctx.name}/{label}.jsonl" for label in cfg.models},
-        evals=evals,
-        samples=samples,
-    )
+    return StageResult(metrics, artifacts, evals=evals, samples=samples)
+
+
+BENCH_DETAILS = ("n", "mean_tokens", "truncated_rate", "mean_chars", "reference_mean_chars")
+
+
+def spread(items: list, n: int | None) -> list:
+    """n items evenly spaced over the list, in order (files are often sorted by category:
+    XSTest's first 250 prompts are all safe, so its first n would hold no unsafe one)."""
+    if n is None or n >= len(items):
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def run_benchmark(name: str, items: list, model, tok, mode: str, cfg: Config, seed: int,
+                  scorer=None) -> tuple[dict, list[dict]]:  # fmt: skip
+    """One public benchmark: greedy responses judged by its rule (or, for TruthfulQA, choice
+    log-probs). Returns (summary, per-item records); under torchrun the decoding is shared and
+    rank 0 alone gets them."""
+    from posttrain.eval import benchmarks as B
+    from posttrain.generate import SamplingParams, generate
+
+    if name == "truthfulqa_mc":
+        return _truthfulqa(items, model, tok, mode)
+    prompts = [
+        f"Q: {it.prompt}\nA:" if mode == "fewshot"
+        else tok.apply_chat_template(it.messages(), add_generation_prompt=True, tokenize=False)
+        for it in items
+    ]  # fmt: skip
+    params = SamplingParams(max_new_tokens=cfg.benchmarks[name].max_new_tokens, greedy=True,
+                            batch_size=cfg.batch_size, seed=seed, shared=True)  # fmt: skip
+    gens = generate(model, tok, prompts, params)
+    if not dist.is_main():
+        return {}, []
+    answers = [_answer(g, mode, tok) for g in gens]
+    responses = [a[0] for a in answers]
+    if name == "alpaca_eval":
+        convs = [{"messages": it.messages()} for it in items]
+        ours = [r["reward"] for r in scorer(convs, responses)]
+        ref = [r["reward"] for r in scorer(convs, [it.gold for it in items])]
+        summary = B.score_alpaca_eval(items, responses, ours, ref)
+        judged = [{"reward": o, "reference_reward": f} for o, f in zip(ours, ref, strict=True)]
+    else:
+        summary = B.SCORERS[name](items, responses)
+        judged = B.judge(name, items, responses)
+    summary[f"{name}/mean_tokens"] = sum(a[1] for a in answers) / max(1, len(answers))
+    summary[f"{name}/truncated_rate"] = sum(a[2] for a in answers) / max(1, len(answers))
+    records = [{"id": it.id, "prompt": it.prompt, "response": a[0], "gold": it.gold, "n_tokens": a[1],
+                "truncated": a[2], "logprob": a[3], **it.meta, **j}
+               for it, a, j in zip(items, answers, judged, strict=True)]  # fmt: skip
+    return summary, records
+
+
+@torch.no_grad()
+def choice_logps(model, tok, mode: str, question: str, choices: list[str]) -> list[float]:
+    """Summed log-prob of each answer choice after the question: a chat reply (through its
+    end-of-turn token), or the text after "Q: ...\nA:" for a base model."""
+    from posttrain.data.chat import TokenizedExample
+    from posttrain.data.pairs import SeqBatch, sequence_batch, sequence_logps, tokenize_reply
+
+    if mode == "chat":
+        msgs = [{"role": "user", "content": question}]
+        seqs = [tokenize_reply(tok, msgs, c) for c in choices]
+    else:
+        ctx_ids = tok(f"Q: {question}\nA:", add_special_tokens=False)["input_ids"]
+        seqs = []
+        for c in choices:
+            ids = tok(" " + c, add_special_tokens=False)["input_ids"]
+            seqs.append(TokenizedExample(ctx_ids + ids, [0] * len(ctx_ids) + [1] * len(ids), False))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch, target_seq, last = sequence_batch(seqs, pad, packing=True)
+    device = next(model.parameters()).device
+    sb = SeqBatch(batch, target_seq, last, len(seqs), torch.arange(len(seqs))).to(device)
+    return sequence_logps(model, sb).tolist()
+
+
+def _truthfulqa(items: list, model, tok, mode: str) -> tuple[dict, list[dict]]:
+    """TruthfulQA MC1/MC2 from the log-probs of the choices (rank 0 alone: no decoding)."""
+    from posttrain.eval.benchmarks import mc1_correct, score_mc
+
+    if not dist.is_main():
+        return {}, []
+    was_training = model.training
+    model.eval()
+    logps, records = [], []
+    for it in items:
+        choices = list(dict.fromkeys(it.mc1_choices + it.mc2_choices))  # each scored once
+        by_choice = dict(
+            zip(choices, choice_logps(model, tok, mode, it.question, choices), strict=True)
+        )
+        lp1, lp2 = [by_choice[c] for c in it.mc1_choices], [by_choice[c] for c in it.mc2_choices]
+        logps.append((lp1, lp2))
+        records.append({"id": it.id, "question": it.question, "mc1_logps": lp1, "mc2_logps": lp2,
+                        "chosen": it.mc1_choices[max(range(len(lp1)), key=lp1.__getitem__)],
+                        "correct": mc1_correct(it, lp1)})  # fmt: skip
+    model.train(was_training)
+    return score_mc(items, logps), records
 
 
 def _samples(records: list[dict], per_family: int) -> list[dict]:

@@ -232,6 +232,39 @@ def test_simpo_ignores_reference():
     assert torch.equal(base, with_ref)
 
 
+# --- ORPO ------------------------------------------------------------------------------------
+
+
+def test_orpo_hand_value_and_gradient():
+    # pi_c = log 1/2 -> odds 1; pi_r = log 1/4 -> odds 1/3; log odds ratio log 3, so the ratio
+    # term is -log sigmoid(log 3) = log 4/3 and the loss NLL + beta * that = log 2 + 0.1 log 4/3.
+    pc = torch.tensor([math.log(0.5)], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([math.log(0.25)], dtype=torch.float64, requires_grad=True)
+    loss, m = dpo_loss("orpo", pc, pr, None, None, beta=0.1)
+    assert math.isclose(loss.item(), math.log(2) + 0.1 * math.log(4 / 3), rel_tol=1e-12)
+    assert math.isclose(m["orpo/log_odds_ratio"].item(), LOG3, rel_tol=1e-12)
+    assert math.isclose(m["orpo/nll"].item(), math.log(2), rel_tol=1e-12)
+    loss.sum().backward()
+    # d/dpi log odds(pi) = 1 / (1 - e^pi); d/dx -log sigmoid(x) = -(1 - sigmoid(x)) = -1/4 here:
+    # dL/dpc = -1 + 0.1 * (-1/4) * 2 = -1.05; dL/dpr = 0.1 * (1/4) * 1/(1 - 1/4) = 1/30.
+    assert math.isclose(pc.grad.item(), -1.05, rel_tol=1e-12)
+    assert math.isclose(pr.grad.item(), 1 / 30, rel_tol=1e-12)
+
+
+def test_orpo_equal_responses_and_extremes():
+    pc = torch.tensor([-0.7, -1e-12, -80.0, -1e-12])
+    pr = torch.tensor([-0.7, -1e-12, -90.0, -80.0])
+    loss, m = dpo_loss("orpo", pc, pr, None, None, beta=0.5)
+    assert torch.isfinite(loss).all()
+    # equal responses: log odds ratio 0, ratio term log 2
+    assert math.isclose(loss[0].item(), 0.7 + 0.5 * math.log(2), rel_tol=1e-6)
+    assert math.isclose(loss[1].item(), 0.5 * math.log(2), abs_tol=1e-6)  # capped: no inf - inf
+    # both improbable: odds ~ p, the log odds ratio ~ pi_c - pi_r = 10
+    assert math.isclose(
+        loss[2].item(), 80.0 - 0.5 * F.logsigmoid(torch.tensor(10.0)).item(), rel_tol=1e-6
+    )
+
+
 # --- metrics and dispatch --------------------------------------------------------------------
 
 

@@ -156,6 +156,15 @@ dpo:
   batch_size: 8
   train: {lr: 1.0e-4, checkpoint_every: 0}
 """
+ORPO = """
+orpo:
+  kind: dpo
+  loss: orpo
+  beta: 0.2
+  data: {val_fraction: 0.3, max_length: 96}
+  batch_size: 8
+  train: {lr: 1.0e-4, checkpoint_every: 0}
+"""
 EVAL_BON = """
 evaluate:
   models:
@@ -168,8 +177,8 @@ evaluate:
 
 def test_pipeline_through_reward_and_dpo(run_tiny):
     stages = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "bon", "dpo",
-              "evaluate"]  # fmt: skip
-    report, run = run_tiny(stages, PREFS + EVAL_BON)
+              "orpo", "evaluate"]  # fmt: skip
+    report, run = run_tiny(stages, PREFS + ORPO + EVAL_BON)
     rm = report["stages"]["reward"]
     for key in ("train/loss", "eval/accuracy", "eval/margin", "eval/ece", "eval/loss"):
         assert key in rm, key
@@ -205,6 +214,14 @@ def test_pipeline_through_reward_and_dpo(run_tiny):
     assert lines[0]["train/loss"] == pytest.approx(0.6931, abs=1e-3)
     assert lines[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
     assert lines[0]["kl/ref"] == pytest.approx(0.0, abs=1e-4)
+    # ORPO: reference-free; each step's loss is its NLL plus beta times its odds-ratio term
+    for line in (run / "orpo/metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            assert row["train/loss"] == pytest.approx(
+                row["orpo/nll"] + 0.2 * row["orpo/ratio_loss"], rel=1e-4
+            )
+    assert "kl/ref" not in report["stages"]["orpo"] and "eval/orpo/nll" in report["stages"]["orpo"]
     # best-of-n in evaluate: the over-optimisation curve from its own samples, and its plot
     ev = report["evals"]["bon4"]
     assert [ev[f"overopt/kl@{k}"] for k in (1, 2, 4)] == pytest.approx(

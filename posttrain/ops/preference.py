@@ -1,10 +1,10 @@
-"""Preference-learning losses (DPO family, SimPO) and reward-model losses (Bradley-Terry,
+"""Preference-learning losses (DPO family, SimPO, ORPO) and reward-model losses (Bradley-Terry,
 Plackett-Luce). Pure torch.
 
 Conventions:
 - Inputs to the DPO-family losses are per-sequence log-probs, one entry per pair: (B,).
-  "policy"/"ref" are summed response log-probs (`sequence_logps`), except for SimPO, which
-  takes length-normalised ones (`sequence_mean_logps`).
+  "policy"/"ref" are summed response log-probs (`sequence_logps`), except for SimPO and ORPO
+  (REFERENCE_FREE), which take length-normalised ones (`sequence_mean_logps`).
 - Each pairwise loss returns `(per_pair_loss (B,), metrics)`; the caller reduces (mean).
   Metrics are detached 0-dim tensors with namespaced keys (`rewards/...`, `logps/...`).
 - Logs of sigmoids use `F.logsigmoid`, which is stable for large |x| (log(sigmoid(x)) is
@@ -189,12 +189,47 @@ def simpo_loss(
     return loss, _reward_metrics(chosen_rewards, rejected_rewards)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for very negative x (Maechler 2012)."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None = None,
+    ref_rejected: torch.Tensor | None = None,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, Metrics]:
+    """ORPO (Hong et al. 2024, eqs. 6-7), reference-free, SFT and preference in one loss:
+    -pi_c - beta * log sigmoid(log odds(pi_c) - log odds(pi_r)), with pi the *length-normalised*
+    log-prob (`sequence_mean_logps`: the paper's P = exp(mean token log-prob)), odds(p) =
+    p / (1 - p), and -pi_c the chosen response's per-token NLL. beta is the paper's lambda (TRL
+    calls it beta too). A probability of exactly 1 has infinite odds; pi is capped at -1e-6.
+    The ref arguments are accepted for a uniform call signature and ignored. Rewards in the
+    metrics are beta * pi, as TRL logs them.
+    """
+    _check_beta(beta)
+    cap = torch.tensor(-1e-6, dtype=policy_chosen.dtype, device=policy_chosen.device)
+    pc, pr = torch.minimum(policy_chosen, cap), torch.minimum(policy_rejected, cap)
+    log_odds = (pc - _log1mexp(pc)) - (pr - _log1mexp(pr))  # (B,)
+    ratio_loss = -F.logsigmoid(log_odds)  # (B,)
+    nll = -policy_chosen  # (B,)
+    metrics = _reward_metrics(beta * policy_chosen, beta * policy_rejected)
+    metrics |= {"orpo/nll": nll.detach().mean(), "orpo/log_odds_ratio": log_odds.detach().mean(),
+                "orpo/ratio_loss": ratio_loss.detach().mean()}  # fmt: skip
+    return nll + beta * ratio_loss, metrics
+
+
 DPO_LOSSES: dict[str, PairLoss] = {
     "sigmoid": dpo_sigmoid_loss,
     "ipo": ipo_loss,
     "hinge": slic_hinge_loss,
     "simpo": simpo_loss,
+    "orpo": orpo_loss,
 }
+# Losses without a reference model, on length-normalised log-probs.
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 def dpo_loss(

@@ -1,8 +1,9 @@
 """The DPO stage: optimise the policy directly on preference pairs (DPO and relatives).
 
 Losses are pure functions chosen by name from posttrain.ops.preference.DPO_LOSSES: `sigmoid`
-(DPO; with `label_smoothing` > 0, conservative DPO), `ipo`, `hinge` (SLiC) and `simpo`
-(reference-free, length-normalised). Each micro-batch of B pairs is one forward pass over its 2B
+(DPO; with `label_smoothing` > 0, conservative DPO), `ipo`, `hinge` (SLiC), and the
+reference-free, length-normalised `simpo` and `orpo` (ORPO adds the chosen response's NLL: SFT and
+preference optimisation in one stage, straight from a base model). Each micro-batch of B pairs is one forward pass over its 2B
 sequences (chosen then rejected), log-probs summed over the response tokens and end-of-turn,
 with the LM head applied only at those positions. The reference log-probs are computed once
 before training (`precompute_ref`, default) with the frozen initial model, so no second model
@@ -39,10 +40,12 @@ class Config(PairTraining):
     ref_model: str | None = Field(
         None, description="Reference model (default: the initial policy)."
     )
-    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = Field(
         "sigmoid", description="DPO-family loss (posttrain.ops.preference.DPO_LOSSES)."
     )
-    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward.")
+    beta: float = Field(
+        0.1, gt=0, description="Inverse temperature of the implicit reward (orpo: lambda)."
+    )
     label_smoothing: float = Field(
         0.0, ge=0, le=0.5, description="sigmoid: assumed label-noise rate (conservative DPO)."
     )
@@ -99,22 +102,21 @@ class DPOObjective(MicroBatchObjective):
 
     def loss(self, model, sb):
         from posttrain.data.pairs import sequence_logps
-        from posttrain.ops.preference import dpo_loss
+        from posttrain.ops.preference import REFERENCE_FREE, dpo_loss
 
         cfg, B = self.cfg, sb.n_pairs
         lp = sequence_logps(model, sb)
         pc, pr = lp[:B], lp[B:]
         has_ref = self.ref_logps is not None or self.ref_model is not None
         rc, rr = self._ref(sb) if has_ref else (None, None)
-        if cfg.loss == "simpo":
+        if cfg.loss in REFERENCE_FREE:
             n_tok = (
                 torch.zeros(sb.n_seqs, device=lp.device)
                 .index_add(0, sb.target_seq, torch.ones_like(sb.target_seq, dtype=torch.float))
                 .clamp(min=1)
             )
-            loss, m = dpo_loss(
-                "simpo", pc / n_tok[:B], pr / n_tok[B:], None, None, cfg.beta, gamma=cfg.simpo_gamma
-            )
+            kw = {"gamma": cfg.simpo_gamma} if cfg.loss == "simpo" else {}
+            loss, m = dpo_loss(cfg.loss, pc / n_tok[:B], pr / n_tok[B:], None, None, cfg.beta, **kw)
         else:
             kw = {"label_smoothing": cfg.label_smoothing} if cfg.loss == "sigmoid" else {}
             loss, m = dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, **kw)
@@ -165,7 +167,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         val = PairBatches(val_tok, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
                           row_len=row_len, seed=0).all()  # fmt: skip
     ref_model = ref_logps = val_ref = None
-    if cfg.loss != "simpo":
+    from posttrain.ops.preference import REFERENCE_FREE
+
+    if cfg.loss not in REFERENCE_FREE:
         ref = load_model(paths["ref_model"], ctx.device) if cfg.ref_model else model
         if cfg.precompute_ref:
             ctx.logger.info(

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     show = cfg_sub.add_parser("show", help="print the resolved config with defaults")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
-    for kind in ("pretrain", "sft", "sample", "rank", "reward", "dpo", "evaluate"):
+    for kind in ("pretrain", "sft", "sample", "rank", "reward", "dpo", "kto", "evaluate"):
         one = sub.add_parser(
             kind, help=f"run the {kind} stage alone from a config of its own settings"
         )

@@ -143,8 +143,8 @@ def test_a_pipeline_on_two_ranks(tmp_path, fsdp, monkeypatch):
 
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_reward_and_dpo_on_two_ranks(tmp_path, fsdp, monkeypatch):
-    """rank runs on rank 0; reward (Bradley-Terry and Plackett-Luce) and DPO train data-parallel,
-    or sharded (their reward-head and policy forwards inside FSDP's root method): the same
+    """rank runs on rank 0; reward (Bradley-Terry and Plackett-Luce), DPO and KTO train
+    data-parallel, or sharded (not KTO) (their reward-head and policy forwards inside FSDP's root method): the same
     losses and weights as one process with twice the accumulation."""
     from conftest import TINY_BASE
     from test_reward_dpo import PREFS
@@ -154,18 +154,23 @@ def test_reward_and_dpo_on_two_ranks(tmp_path, fsdp, monkeypatch):
     raw = yaml.safe_load(TINY_BASE) | yaml.safe_load(PREFS)
     raw["stages"] = ["world", "pretrain", "sft", "sample", "rank", "reward", "reward_pl", "dpo"]
     raw.pop("bon")
-    for stage in ("reward", "reward_pl", "dpo"):
+    trained = ["reward", "reward_pl", "dpo"]
+    if not fsdp:  # KTO: its reference point (z0) is one mean over both ranks' sequences
+        raw["stages"].append("kto")
+        raw["kto"] = {"data": {"val_fraction": 0.3, "max_length": 96}, "batch_size": 8,
+                      "train": {"lr": 1.0e-4, "checkpoint_every": 0}}  # fmt: skip
+        trained.append("kto")
+    for stage in trained:
         raw[stage]["epochs"] = 2
 
     def config(name: str, grad_accum: int) -> str:
         train = {"grad_accum": grad_accum, "fsdp": fsdp}
-        stages = ("pretrain", "sft", "reward", "reward_pl", "dpo")
-        return pipeline_config(tmp_path, raw, name, train, stages)
+        return pipeline_config(tmp_path, raw, name, train, ("pretrain", "sft", *trained))
 
     monkeypatch.setenv("CI", "true")
     assert main(["run", config("one", 2)]) == 0
     log = torchrun(["run", config("two", 1)], tmp_path)
-    for stage in ("reward", "reward_pl", "dpo"):
+    for stage in trained:
         assert f"{stage}: running (data-parallel on 2 ranks)" in log
         one, two = tmp_path / "one" / stage, tmp_path / "two" / stage
         assert len(losses(one)) >= 2

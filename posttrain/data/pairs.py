@@ -31,6 +31,9 @@ class TokenizedPair:
     rejected: TokenizedExample
     margin: float | None = None
     prompt_id: str = ""
+    # KTO (`tokenize_feedback`): chosen is the judged reply, rejected the mismatched reply whose
+    # log-ratio estimates the KL reference point, desirable the judgement.
+    desirable: bool | None = None
 
 
 @dataclass
@@ -81,6 +84,34 @@ def tokenize_pairs(
     return out, stats
 
 
+def tokenize_feedback(
+    tokenizer, records: list[dict], max_length: int, overlong: str = "truncate"
+) -> tuple[list[TokenizedPair], PairStats]:
+    """KTO's inputs: each feedback record's reply, paired with a mismatched sequence (its prompt
+    with the next record's reply, fixed once) whose policy-minus-reference log-ratio estimates
+    the KL reference point z0, as in the KTO paper and TRL. A record whose sequence or mismatch
+    does not fit is dropped (counted)."""
+    stats = PairStats(pairs=len(records))
+    out = []
+    for i, r in enumerate(records):
+        other = records[(i + 1) % len(records)]["completion"]
+        ex = fit_length(
+            tokenize_reply(tokenizer, r["messages"], r["completion"]), max_length, overlong
+        )
+        kl = fit_length(tokenize_reply(tokenizer, r["messages"], other), max_length, overlong)
+        if ex is None or kl is None:
+            stats.dropped_overlong += 1
+            continue
+        stats.truncated += ex.truncated
+        out.append(TokenizedPair(ex, kl, None, str(r.get("prompt_id", "")), bool(r["label"])))
+    stats.kept = len(out)
+    if not out:
+        raise ValueError(
+            f"no feedback records left (of {len(records)}) within max_length {max_length}"
+        )
+    return out, stats
+
+
 @dataclass
 class SeqBatch:
     batch: Batch  # (R, T) rows holding the sequences, padded or packed
@@ -89,11 +120,13 @@ class SeqBatch:
     n_seqs: int
     index: torch.Tensor  # (B,) indices of the pairs in this micro-batch (into the pair list)
     margin: torch.Tensor | None = None  # (B,) per-pair margins, when every pair has one
+    desirable: torch.Tensor | None = None  # (B,) bool, KTO: the judgement of each reply
 
     def to(self, device) -> SeqBatch:
         return SeqBatch(
             self.batch.to(device), self.target_seq.to(device), self.last.to(device), self.n_seqs,
             self.index, None if self.margin is None else self.margin.to(device),
+            None if self.desirable is None else self.desirable.to(device),
         )  # fmt: skip
 
     @property
@@ -132,7 +165,9 @@ def pair_batch(
     batch, target_seq, last = sequence_batch(seqs, pad_id, packing, row_len)
     margins = [p.margin for p in pairs]
     margin = None if any(m is None for m in margins) else torch.tensor(margins, dtype=torch.float)
-    return SeqBatch(batch, target_seq, last, len(seqs), torch.tensor(index), margin)
+    labels = [p.desirable for p in pairs]
+    desirable = None if any(x is None for x in labels) else torch.tensor(labels, dtype=torch.bool)
+    return SeqBatch(batch, target_seq, last, len(seqs), torch.tensor(index), margin, desirable)
 
 
 class PairBatches:

@@ -298,13 +298,9 @@ def _file_stem(path: Path) -> str:
     return Path(name).stem
 
 
-def validate_pair(rec: Any, where: str, default_prompt_id: str | None = None) -> dict:
-    """A normalised copy of a pair record (either form); DataError(f"{where}: ...") if it is bad.
-
-    The plain form {"prompt": str, "chosen", "rejected"} becomes messages = [the prompt as a user
-    turn], prompt_id = `default_prompt_id`. Keys outside the contract are dropped.
-    """
-    rec = _need_dict(rec, where)
+def _validate_prompt(rec: dict, where: str, default_prompt_id: str | None) -> tuple[str, list]:
+    """(prompt_id, messages) of a record's prompt: chat messages ending with a user turn, or a
+    plain "prompt" string (then prompt_id defaults to `default_prompt_id`)."""
     if "messages" in rec or "prompt" not in rec:
         raw = _field(rec, "messages", where)
         if not isinstance(raw, list) or not raw:
@@ -327,6 +323,17 @@ def validate_pair(rec: Any, where: str, default_prompt_id: str | None = None) ->
             raise DataError(f'{where}: field "prompt_id" must be a non-empty string')
     if not messages[-1]["content"].strip():
         raise DataError(f"{where}: the prompt's last user turn is empty")
+    return prompt_id, messages
+
+
+def validate_pair(rec: Any, where: str, default_prompt_id: str | None = None) -> dict:
+    """A normalised copy of a pair record (either form); DataError(f"{where}: ...") if it is bad.
+
+    The plain form {"prompt": str, "chosen", "rejected"} becomes messages = [the prompt as a user
+    turn], prompt_id = `default_prompt_id`. Keys outside the contract are dropped.
+    """
+    rec = _need_dict(rec, where)
+    prompt_id, messages = _validate_prompt(rec, where, default_prompt_id)
     out: dict = {"prompt_id": prompt_id, "messages": messages}
     for key in ("chosen", "rejected"):
         out[key] = _string(rec, key, where)
@@ -425,3 +432,64 @@ def load_pairs(path: str | Path, format: str = "auto") -> tuple[list[dict], Stat
     if format == "auto":
         format = detect_pair_format(path)
     return PAIR_READERS[format](path)
+
+
+# ---------------------------------------------------------------- unpaired feedback (KTO)
+# A feedback record is {"prompt_id", "messages", "completion": str, "label": bool}: one reply
+# judged good (True, desirable) or bad (False) on its own, thumbs up/down (TRL's "unpaired
+# preference" form also has the plain {"prompt", "completion", "label"}).
+
+
+def validate_feedback(rec: Any, where: str, default_prompt_id: str | None = None) -> dict:
+    """A normalised copy of a feedback record; DataError(f"{where}: ...") if it is bad."""
+    rec = _need_dict(rec, where)
+    prompt_id, messages = _validate_prompt(rec, where, default_prompt_id)
+    completion = _string(rec, "completion", where)
+    if not completion.strip():
+        raise DataError(f"{where}: field 'completion' is an empty response")
+    label = _field(rec, "label", where)
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: field 'label' must be true or false (got {label!r})")
+    return {"prompt_id": prompt_id, "messages": messages, "completion": completion, "label": label}
+
+
+def read_feedback_records(path: str | Path) -> tuple[list[dict], Stats]:
+    """Feedback JSONL, strict: the first bad record raises a DataError naming file and line."""
+    path = Path(path)
+    stem = _file_stem(path)
+    recs = [
+        validate_feedback(_raise(rec), where, f"{stem}/{_record_no(where)}")
+        for where, rec in _records(path)
+    ]
+    return recs, {"records": len(recs), "kept": len(recs), "skipped": 0}
+
+
+def pairs_to_feedback(pairs: list[dict]) -> list[dict]:
+    """Each pair as two feedback records: its chosen reply desirable, its rejected one not."""
+    return [
+        {
+            "prompt_id": p["prompt_id"],
+            "messages": p["messages"],
+            "completion": p[key],
+            "label": label,
+        }
+        for p in pairs
+        for key, label in (("chosen", True), ("rejected", False))
+    ]
+
+
+def load_feedback(path: str | Path, format: str = "auto") -> tuple[list[dict], Stats]:
+    """Feedback records from a feedback file (format "feedback", or auto when the first record
+    has "completion" and "label"), or from any preference-pair format, each pair split in two."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feedback data not found: {path}")
+    if format == "auto":
+        first = next(_records(path), None)
+        rec = _raise(first[1]) if first else None
+        if isinstance(rec, dict) and {"completion", "label"} <= set(rec):
+            format = "feedback"
+    if format == "feedback":
+        return read_feedback_records(path)
+    pairs, stats = load_pairs(path, format)
+    return pairs_to_feedback(pairs), stats | {"from_pairs": len(pairs)}

@@ -1,5 +1,5 @@
-"""Preference-learning losses (DPO family, SimPO, ORPO) and reward-model losses (Bradley-Terry,
-Plackett-Luce). Pure torch.
+"""Preference-learning losses (DPO family, SimPO, ORPO; KTO on unpaired feedback) and
+reward-model losses (Bradley-Terry, Plackett-Luce). Pure torch.
 
 Conventions:
 - Inputs to the DPO-family losses are per-sequence log-probs, one entry per pair: (B,).
@@ -219,6 +219,48 @@ def orpo_loss(
     metrics |= {"orpo/nll": nll.detach().mean(), "orpo/log_odds_ratio": log_odds.detach().mean(),
                 "orpo/ratio_loss": ratio_loss.detach().mean()}  # fmt: skip
     return nll + beta * ratio_loss, metrics
+
+
+def kto_loss(
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_ref_point: torch.Tensor | float,
+    beta: float,
+    *,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """KTO (Ethayarajh et al. 2024, eq. 8; TRL's `kto` loss) on unpaired judgements.
+
+    r = pi - ref, the summed log-ratio of each reply (B,); z0 = `kl_ref_point`, an estimate of
+    KL(policy || ref) that carries no gradient and is clamped at 0. A desirable reply costs
+    w_D (1 - sigmoid(beta (r - z0))), an undesirable one w_U (1 - sigmoid(beta (z0 - r))): each
+    is pushed to the right side of the reference point, with a saturating value function.
+    Metrics: rewards/mean (beta r), rewards/signed (beta r, negated for undesirable replies:
+    rising when training works), rewards/accuracy (replies on their right side of z0),
+    kl/ref_point (z0) and kto/desirable_frac.
+    """
+    _check_beta(beta)
+    d = desirable.bool()
+    z = (
+        torch.as_tensor(kl_ref_point, dtype=policy.dtype, device=policy.device)
+        .detach()
+        .clamp(min=0)
+    )
+    r = policy - ref  # (B,)
+    loss = torch.where(d, desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))  # fmt: skip
+    rd = (beta * r).detach()
+    sign = d.to(rd.dtype) * 2 - 1
+    metrics = {
+        "rewards/mean": rd.mean(),
+        "rewards/signed": (rd * sign).mean(),
+        "rewards/accuracy": ((r.detach() - z) * sign > 0).to(rd.dtype).mean(),
+        "kl/ref_point": z.expand_as(rd).mean(),
+        "kto/desirable_frac": d.to(rd.dtype).mean(),
+    }
+    return loss, metrics
 
 
 DPO_LOSSES: dict[str, PairLoss] = {

@@ -101,9 +101,7 @@ def test_reference_point_is_over_the_whole_step(small_tokenizer):
         obj = KTOObjective(cfg, data, "cpu", ref)
         mbs = []
         for g in groups:
-            reply, kl = _split(data, g)
-            reply.desirable = torch.tensor([tokenized[i].desirable for i in g])
-            mbs.append((reply, kl))
+            mbs.append(tuple(_split(data, g)))
         obj._step, obj._z = [kl for _, kl in mbs], None
         model.zero_grad()
         total = 0.0

@@ -197,9 +197,13 @@ class PairBatches:
             self._cache = {epoch: plan}
         return self._cache[epoch]
 
-    def micro(self, k: int) -> SeqBatch:
+    def indices(self, k: int) -> list[int]:
+        """The pairs of micro-batch k."""
         epoch, i = divmod(k, self.per_epoch)
-        index = self._plan(epoch)[i]
+        return self._plan(epoch)[i]
+
+    def micro(self, k: int) -> SeqBatch:
+        index = self.indices(k)
         return pair_batch(
             [self.pairs[j] for j in index], index, self.pad_id, self.packing, self.row_len
         )

@@ -27,7 +27,12 @@ from pydantic import Field
 from posttrain.stages._prefs import PairData, PairTraining, pairs_path, split_pairs
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
 from posttrain.train import dist
-from posttrain.train.loop import MicroBatchObjective, TrainSettings, micro_per_step
+from posttrain.train.loop import (
+    MicroBatchObjective,
+    TrainSettings,
+    micro_per_step,
+    step_micro_indices,
+)
 
 
 class FeedbackData(PairData):
@@ -56,7 +61,8 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
 
 
 def _split(data, index: list[int]):
-    """The replies of these records, and their mismatched sequences, as two SeqBatches."""
+    """(replies, mismatched sequences) of these records: two SeqBatches, the replies carrying
+    their judgements."""
     from posttrain.data.pairs import SeqBatch, sequence_batch
 
     out = []
@@ -64,6 +70,7 @@ def _split(data, index: list[int]):
         seqs = [getattr(data.pairs[i], part) for i in index]
         batch, target_seq, last = sequence_batch(seqs, data.pad_id, data.packing, data.row_len)
         out.append(SeqBatch(batch, target_seq, last, len(seqs), torch.tensor(index)))
+    out[0].desirable = torch.tensor([data.pairs[i].desirable for i in index], dtype=torch.bool)
     return out
 
 
@@ -83,11 +90,8 @@ class KTOObjective(MicroBatchObjective):
         return mb[0].batch.n_tokens
 
     def batches(self, step: int) -> list:
-        out = []
-        for sb in super().batches(step):
-            reply, kl = (b.to(self.device) for b in _split(self.data, sb.index.tolist()))
-            reply.desirable = sb.desirable.to(self.device)
-            out.append((reply, kl))
+        out = [tuple(b.to(self.device) for b in _split(self.data, self.data.indices(k)))
+               for k in step_micro_indices(step, self.grad_accum)]  # fmt: skip
         self._step, self._z = [kl for _, kl in out], None
         return out
 
@@ -181,11 +185,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         val_tok, _, val_data = _prepared(tok, val_recs, cfg, pad, 0)
         val_ref = reference_logps(model, val_data.all(), ctx.device, len(val_tok))
         val_obj = KTOObjective(cfg, val_data, ctx.device, val_ref)
-        val = []
-        for sb in val_data.all():
-            reply, kl = (b.to(ctx.device) for b in _split(val_data, sb.index.tolist()))
-            reply.desirable = sb.desirable.to(ctx.device)
-            val.append((reply, kl))
+        val = [tuple(b.to(ctx.device) for b in _split(val_data, sb.index.tolist()))
+               for sb in val_data.all()]  # fmt: skip
         evaluate = partial(evaluate_feedback, objective=val_obj, batches=val)
         if not settings.eval_every:
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})

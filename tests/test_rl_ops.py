@@ -198,6 +198,22 @@ def test_ppo_loss_clipping_by_hand():
     assert all(not v.requires_grad for v in m.values())
 
 
+def test_ppo_clip_higher_by_hand():
+    # DAPO's clip-higher, eps_low 0.2, eps_high 0.28. Tokens (log ratio, A):
+    #   ( 1,  2): ratio e -> clipped at 1.28: -1.28 * 2 = -2.56 (was -2.4 with one eps)
+    #   (-1, -2): ratio 1/e -> clipped at 0.8, unchanged: 1.6
+    #   (0.2, 2): ratio e^0.2 = 1.2214 < 1.28: unclipped now, -2 e^0.2 (clipped at 1.2 before)
+    old = _t([-1.0, -2.0, -1.0])
+    logps = old + _t([1.0, -1.0, 0.2])
+    A = _t([2.0, -2.0, 2.0])
+    loss, m = ppo_policy_loss(logps, old, A, _ones(1, 3), clip_eps=0.2, clip_eps_high=0.28)
+    torch.testing.assert_close(loss, _t([-2.56, 1.6, -2 * math.exp(0.2)]))
+    assert math.isclose(m["policy/clip_frac"].item(), 2 / 3, rel_tol=1e-12)
+    same, _ = ppo_policy_loss(logps, old, A, _ones(1, 3), clip_eps=0.2, clip_eps_high=None)
+    torch.testing.assert_close(same, ppo_policy_loss(logps, old, A, _ones(1, 3), clip_eps=0.2)[0])
+    torch.testing.assert_close(same, _t([-2.4, 1.6, -2.4]))
+
+
 def test_ppo_dual_clip_caps_negative_advantages():
     # eps = 0.2, dual_clip c = 3. Tokens (log ratio, A):
     #   (2, -2): -e^2 * -2 = 14.78 vs 2.4 -> 14.78; cap c|A| = 6 < 14.78 -> 6  (dual clipped)

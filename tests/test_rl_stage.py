@@ -27,11 +27,14 @@ grpo:
   micro_batch_size: 3
   loss_reduction: constant
   eval_prompts: 1
+  clip_eps_high: 0.28
+  drop_zero_std_groups: true
 rloo:
   steps: 2
   rollout: {prompts_per_step: 2, max_new_tokens: 8}
   loss_reduction: seq_mean
   eval_prompts: 0
+  mask_truncated: true
 evaluate:
   reward_model: reward
   max_new_tokens: 6
@@ -83,6 +86,12 @@ def test_rl_stages_run_and_log_their_diagnostics(run_tiny):
         "eval/reward" in report["stages"]["ppo"]
         and "eval/initial_reward" in report["stages"]["ppo"]
     )
+    # the responses in the policy loss: grpo leaves out its all-equal groups, rloo the
+    # responses that never ended
+    for row in [json.loads(x) for x in (run / "grpo/metrics.jsonl").read_text().splitlines()]:
+        assert row["rollout/loss_frac"] == pytest.approx(1 - row["reward/frac_zero_std"])
+    for row in [json.loads(x) for x in (run / "rloo/metrics.jsonl").read_text().splitlines()]:
+        assert row["rollout/loss_frac"] == pytest.approx(1 - row["rollout/no_eos_frac"])
     grpo = report["stages"]["grpo"]  # the verifier's reward is the gold score itself
     assert grpo["reward/mean"] == pytest.approx(grpo["gold/mean"]) and 0 <= grpo["reward/mean"] <= 1
     for label in ("sft", "ppo", "grpo"):
@@ -101,6 +110,8 @@ def test_algo_defaults_and_validation():
         GRPOConfig(rollout={"k": 1})
     with pytest.raises(ValueError, match="this is a grpo stage"):
         GRPOConfig(algo="ppo")
+    with pytest.raises(ValueError, match="drop_zero_std_groups is for grpo and rloo"):
+        PPOConfig(drop_zero_std_groups=True)
 
 
 def test_ppo_resume_after_a_stop_matches_an_unbroken_run(run_tiny, tmp_path, monkeypatch):

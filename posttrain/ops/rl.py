@@ -189,11 +189,16 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     dual_clip: float | None = None,
+    clip_eps_high: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (Schulman et al. 2017), per token, to minimise:
 
         ratio = exp(logps - old_logps)
-        loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+        loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+
+    eps_high = `clip_eps_high`, or eps when None; a larger one is DAPO's clip-higher (Yu et al.
+    2025): low-probability tokens with positive advantage may grow further, against entropy
+    collapse.
 
     dual_clip c > 1 (Ye et al. 2020): where A < 0, loss = min(loss, -c * A), i.e. capped at
     c * |A| (zero gradient there). (B, T) x3 -> ((B, T), metrics), 0 where masked.
@@ -205,6 +210,9 @@ def ppo_policy_loss(
     """
     if not clip_eps >= 0:
         raise ValueError(f"clip_eps must be >= 0, got {clip_eps}")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not high >= 0:
+        raise ValueError(f"clip_eps_high must be >= 0, got {clip_eps_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     mask = mask.bool()
@@ -212,7 +220,7 @@ def ppo_policy_loss(
     A = _clean(advantages, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -ratio * A
-    clipped = -torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * A
+    clipped = -torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * A
     loss = torch.maximum(unclipped, clipped)  # = -min(ratio A, clip(ratio) A)
     capped = torch.zeros_like(mask)
     if dual_clip is not None:

@@ -46,6 +46,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     components: list[dict] = field(default_factory=list)
+    loss_mask: torch.Tensor | None = None  # (S, L) the tokens the policy loss counts
 
     @property
     def lengths(self) -> list[int]:

@@ -94,6 +94,9 @@ class Config(StrictModel):
     value_lr: float = Field(1e-4, gt=0, description="PPO: value model learning rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip epsilon.")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip epsilon (null: clip_eps); DAPO's clip-higher: 0.28."
+    )
     dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 (null: off).")
     value_clip: float | None = Field(0.2, gt=0, description="PPO value clip (null: unclipped).")
     gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount.")
@@ -109,6 +112,14 @@ class Config(StrictModel):
         "token_mean",
         description="Policy-loss reduction; constant divides by max_new_tokens x sequences.",
     )
+    drop_zero_std_groups: bool = Field(
+        False,
+        description="GRPO/RLOO: leave groups whose rewards are all equal out of the loss and its "
+        "denominator (their advantages are 0; DAPO's dynamic sampling, without resampling).",
+    )
+    mask_truncated: bool = Field(
+        False, description="Leave responses that hit max_new_tokens out of the policy loss."
+    )
     eval_every: int = Field(0, ge=0, description="Held-out greedy eval every N steps (0: end).")
     checkpoint_every: int = Field(
         10, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
@@ -119,6 +130,8 @@ class Config(StrictModel):
     def _check(self) -> Config:
         if self.algo in ("grpo", "rloo") and self.rollout.k < 2:
             raise ValueError(f"{self.algo} needs rollout.k >= 2 samples per prompt")
+        if self.algo == "ppo" and self.drop_zero_std_groups:
+            raise ValueError("drop_zero_std_groups is for grpo and rloo (ppo has no groups)")
         if (
             self.minibatch_size % self.micro_batch_size
             and self.micro_batch_size < self.minibatch_size
@@ -307,6 +320,15 @@ class RLTrainer:
                 adv = ops.rloo_advantages(grid).view(-1)
             ro.advantages = adv[:, None].expand_as(ro.old_logp) * mask
         ro.scores = scores
+        # The tokens the policy loss counts: all valid ones, less the groups and responses the
+        # config leaves out (the value loss and the metrics of the rollout keep every one).
+        keep = torch.ones(len(ro.seqs), dtype=torch.bool, device=self.device)
+        if cfg.drop_zero_std_groups:
+            grid = scores.view(len(prompts), r.k)
+            keep &= (grid != grid[:, :1]).any(-1).repeat_interleave(r.k)
+        if cfg.mask_truncated:
+            keep &= ro.finished.to(self.device)
+        ro.loss_mask = mask & keep[:, None]
         m = {
             "reward/mean": float(raw_scores.mean()),
             "reward/std": float(raw_scores.std(unbiased=False)),
@@ -318,6 +340,7 @@ class RLTrainer:
         }
         if cfg.algo != "ppo":
             m["reward/frac_zero_std"] = float(ops.frac_zero_std(scores.view(len(prompts), r.k)))
+        m["rollout/loss_frac"] = float(keep.float().mean())  # responses in the policy loss
         gold = gold_scores(ro.prompts, ro.texts)
         if gold is not None:
             m["gold/mean"] = sum(gold) / len(gold)
@@ -362,27 +385,25 @@ class RLTrainer:
             rng.shuffle(order)
             for mb in range(0, S, mb_size):
                 idx_mb = order[mb : mb + mb_size]
-                denom = self._denominator(ro.mask[idx_mb])
+                denom = self._denominator(ro.loss_mask[idx_mb])
                 vdenom = max(1.0, dist.all_sum([float(ro.mask[idx_mb].sum())])[0])
+                bad = 0.0  # micro-batches with a non-finite policy loss (checked on every rank)
                 for mi in range(0, len(idx_mb), cfg.micro_batch_size):
                     idx = idx_mb[mi : mi + cfg.micro_batch_size]
-                    mask = ro.mask[idx]
+                    mask, lmask = ro.mask[idx], ro.loss_mask[idx]
                     b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
                     logp_flat, ent_flat = token_logps(
                         self.policy, b, cfg.rollout.temperature, with_entropy=True
                     )
                     logp, ent = from_flat(logp_flat, mask), from_flat(ent_flat.detach(), mask)
                     pl, pm = ops.ppo_policy_loss(logp, ro.old_logp[idx], ro.advantages[idx], mask,
-                                                 cfg.clip_eps, cfg.dual_clip)  # fmt: skip
+                                                 cfg.clip_eps, cfg.dual_clip, cfg.clip_eps_high)  # fmt: skip
                     if cfg.kl.where == "loss":
                         pl = pl + self.kl_coef * ops.kl_estimate(
                             logp, ro.ref_logp[idx], cfg.kl.estimator, mask=mask
                         )
-                    loss = self._reduce(pl, mask, denom)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"{self.ctx.name}: non-finite policy loss {loss.item()}"
-                        )
+                    loss = self._reduce(pl, lmask, denom)
+                    bad += float(not torch.isfinite(loss))
                     loss.backward()
                     w = len(idx) / len(idx_mb)
                     for k, v in pm.items():
@@ -401,6 +422,12 @@ class RLTrainer:
                         sums.setdefault("value/loss", []).append(vloss.item())
                         for k2, v2 in vm.items():
                             sums.setdefault(k2, []).append(float(v2) * w)
+                # every rank learns of a non-finite loss anywhere, and stops with the same error
+                n_bad = int(dist.all_sum([bad])[0])
+                if n_bad:
+                    raise TrainingDiverged(
+                        f"{self.ctx.name}: non-finite policy loss in {n_bad} micro-batch(es)"
+                    )
                 dist.sync_grads(self.policy)  # sums: each loss was divided by the global count
                 gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 if not torch.isfinite(gn):

@@ -371,13 +371,19 @@ def read_pair_records(path: str | Path) -> tuple[list[dict], Stats]:
     with a user turn, an unknown role. Plain records get prompt_id "<file stem>/<line>".
     stats: "records", "kept" (equal) and "skipped" (0: nothing is skipped).
     """
+    return _read_strict(path, validate_pair)
+
+
+def _read_strict(
+    path: str | Path, validate: Callable[[Any, str, str], dict]
+) -> tuple[list[dict], Stats]:
+    """Every record of a JSONL validated (plain ones get prompt_id "<file stem>/<line>")."""
     path = Path(path)
     stem = _file_stem(path)
-    pairs = [
-        validate_pair(_raise(rec), where, f"{stem}/{_record_no(where)}")
-        for where, rec in _records(path)
+    recs = [
+        validate(_raise(rec), where, f"{stem}/{_record_no(where)}") for where, rec in _records(path)
     ]
-    return pairs, {"records": len(pairs), "kept": len(pairs), "skipped": 0}
+    return recs, {"records": len(recs), "kept": len(recs), "skipped": 0}
 
 
 # ---------------------------------------------------------------- format choice
@@ -455,13 +461,7 @@ def validate_feedback(rec: Any, where: str, default_prompt_id: str | None = None
 
 def read_feedback_records(path: str | Path) -> tuple[list[dict], Stats]:
     """Feedback JSONL, strict: the first bad record raises a DataError naming file and line."""
-    path = Path(path)
-    stem = _file_stem(path)
-    recs = [
-        validate_feedback(_raise(rec), where, f"{stem}/{_record_no(where)}")
-        for where, rec in _records(path)
-    ]
-    return recs, {"records": len(recs), "kept": len(recs), "skipped": 0}
+    return _read_strict(path, validate_feedback)
 
 
 def pairs_to_feedback(pairs: list[dict]) -> list[dict]:

@@ -28,7 +28,12 @@ from pydantic import Field
 from posttrain.stages._prefs import PairTraining, load_split_pairs, pairs_path
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
 from posttrain.train import dist
-from posttrain.train.loop import MicroBatchObjective, TrainSettings, micro_per_step
+from posttrain.train.loop import (
+    MicroBatchObjective,
+    TrainSettings,
+    evaluate_objective,
+    micro_per_step,
+)
 
 
 class Config(PairTraining):
@@ -126,24 +131,6 @@ class DPOObjective(MicroBatchObjective):
         return loss.sum(), metrics
 
 
-@torch.no_grad()
-def evaluate_pairs(model, objective: DPOObjective, batches) -> dict:
-    """Held-out pairs: the loss and implicit-reward metrics, averaged over pairs."""
-    was_training = model.training
-    model.eval()
-    sums: dict[str, float] = {}
-    total, n = 0.0, 0
-    for sb in batches:
-        sb = sb.to(objective.device)
-        loss, m = objective.loss(model, sb)
-        total += loss.item()
-        n += sb.n_pairs
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    model.train(was_training)
-    return {"eval/loss": total / n} | {f"eval/{k}": v / n for k, v in sums.items()}
-
-
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.data.collate import check_packing_isolation
     from posttrain.data.pairs import PairBatches, tokenize_pairs
@@ -193,7 +180,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     evaluate = None
     if val:
         val_obj = DPOObjective(cfg, None, ctx.device, val_ref, ref_model)
-        evaluate = partial(evaluate_pairs, objective=val_obj, batches=val)
+        val = [sb.to(ctx.device) for sb in val]
+        evaluate = partial(evaluate_objective, objective=val_obj, batches=val)
         if not settings.eval_every:
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
     result = train_with_progress(ctx, model, objective, settings, evaluate)

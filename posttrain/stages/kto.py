@@ -30,6 +30,7 @@ from posttrain.train import dist
 from posttrain.train.loop import (
     MicroBatchObjective,
     TrainSettings,
+    evaluate_objective,
     micro_per_step,
     step_micro_indices,
 )
@@ -126,23 +127,6 @@ class KTOObjective(MicroBatchObjective):
         return loss.sum(), {k: v * reply.n_seqs for k, v in m.items()}
 
 
-@torch.no_grad()
-def evaluate_feedback(model, objective: KTOObjective, batches) -> dict:
-    """Held-out replies: the loss and reward metrics, averaged over replies; z0 per batch."""
-    was_training = model.training
-    model.eval()
-    sums: dict[str, float] = {}
-    total, n = 0.0, 0
-    for mb in batches:
-        loss, m = objective.loss(model, mb)
-        total += loss.item()
-        n += mb[0].n_seqs
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    model.train(was_training)
-    return {"eval/loss": total / n} | {f"eval/{k}": v / n for k, v in sums.items()}
-
-
 def _prepared(tok, records, cfg: Config, pad: int, seed: int):
     from posttrain.data.pairs import PairBatches, tokenize_feedback
 
@@ -187,7 +171,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         val_obj = KTOObjective(cfg, val_data, ctx.device, val_ref)
         val = [tuple(b.to(ctx.device) for b in _split(val_data, sb.index.tolist()))
                for sb in val_data.all()]  # fmt: skip
-        evaluate = partial(evaluate_feedback, objective=val_obj, batches=val)
+        evaluate = partial(evaluate_objective, objective=val_obj, batches=val)
         if not settings.eval_every:
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
     result = train_with_progress(ctx, model, objective, settings, evaluate)

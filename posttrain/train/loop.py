@@ -419,6 +419,24 @@ def _device(model) -> torch.device:
     return p.to_local().device if hasattr(p, "to_local") else p.device
 
 
+@torch.no_grad()
+def evaluate_objective(model, objective, batches: list) -> dict:
+    """Held-out batches (on the device) through a training objective: "eval/loss" and its
+    metrics, each averaged over the objective's weight (pairs, replies), in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    total, n = 0.0, 0.0
+    for b in batches:
+        loss, m = objective.loss(model, b)
+        total += loss.item()
+        n += objective.weight(b)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    model.train(was_training)
+    return {"eval/loss": total / n} | {f"eval/{k}": v / n for k, v in sums.items()}
+
+
 def train_on_batches(model, objective, batches: list, cfg: TrainSettings) -> list[float]:
     """Train on a fixed list of micro-batches, one per step (the benchmarks' harness: same data,
     same order as a hand-written loop), without checkpoints; returns the step losses."""

@@ -86,3 +86,27 @@ def train_with_progress(ctx: StageContext, model, objective, settings, evaluate=
     finally:
         if steplog is not None:
             steplog.close()
+
+
+def train_and_save(ctx: StageContext, model, tok, objective, settings, val_objective=None,
+                   val_batches: list | None = None) -> tuple:  # fmt: skip
+    """Train a policy (held-out batches through `val_objective` ten times over the run unless
+    settings.eval_every says otherwise), save it to <stage>/model on rank 0; returns the
+    TrainResult and the metrics every training stage reports."""
+    from functools import partial
+
+    from posttrain.models.load import save_model
+    from posttrain.train import dist
+    from posttrain.train.loop import evaluate_objective
+
+    evaluate = None
+    if val_batches:
+        evaluate = partial(evaluate_objective, objective=val_objective, batches=val_batches)
+        if not settings.eval_every:
+            settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
+    result = train_with_progress(ctx, model, objective, settings, evaluate)
+    if dist.is_main():
+        save_model(model, tok, ctx.stage_dir / "model")
+    metrics = {"train/loss": result.final_loss, "train/steps": result.steps,
+               "train/seconds": round(result.seconds, 2)}  # fmt: skip
+    return result, metrics

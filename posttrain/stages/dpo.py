@@ -18,7 +18,6 @@ policy's own samples, which the evaluate stage measures).
 from __future__ import annotations
 
 import copy
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -26,12 +25,10 @@ import torch
 from pydantic import Field
 
 from posttrain.stages._prefs import PairTraining, load_split_pairs, pairs_path
-from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
-from posttrain.train import dist
+from posttrain.stages.base import StageContext, StageResult, resolve_model, train_and_save
 from posttrain.train.loop import (
     MicroBatchObjective,
     TrainSettings,
-    evaluate_objective,
     micro_per_step,
 )
 
@@ -134,7 +131,7 @@ class DPOObjective(MicroBatchObjective):
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.data.collate import check_packing_isolation
     from posttrain.data.pairs import PairBatches, tokenize_pairs
-    from posttrain.models.load import load_model, save_model
+    from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
 
     paths = inputs(cfg, ctx)
@@ -177,17 +174,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     ctx.logger.info(f"{ctx.name}: {cfg.loss} (beta {cfg.beta}) on {len(tokenized)} pairs "
                     f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip
     objective = DPOObjective(cfg, data, ctx.device, ref_logps, ref_model)
-    evaluate = None
-    if val:
-        val_obj = DPOObjective(cfg, None, ctx.device, val_ref, ref_model)
-        val = [sb.to(ctx.device) for sb in val]
-        evaluate = partial(evaluate_objective, objective=val_obj, batches=val)
-        if not settings.eval_every:
-            settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
-    result = train_with_progress(ctx, model, objective, settings, evaluate)
-    if dist.is_main():
-        save_model(model, tok, ctx.stage_dir / "model")
-    metrics = {"train/loss": result.final_loss, "train/steps": result.steps,
-               "train/seconds": round(result.seconds, 2)}  # fmt: skip
+    val_obj = DPOObjective(cfg, None, ctx.device, val_ref, ref_model) if val else None
+    val = [sb.to(ctx.device) for sb in val]
+    result, metrics = train_and_save(ctx, model, tok, objective, settings, val_obj, val)
     metrics |= result.last | stats.metrics() | read_stats | result.eval
     return StageResult(metrics, {"model": f"{ctx.name}/model"})

@@ -17,7 +17,6 @@ computed once before training (the frozen initial model).
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -25,12 +24,11 @@ import torch
 from pydantic import Field
 
 from posttrain.stages._prefs import PairData, PairTraining, pairs_path, split_pairs
-from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
+from posttrain.stages.base import StageContext, StageResult, resolve_model, train_and_save
 from posttrain.train import dist
 from posttrain.train.loop import (
     MicroBatchObjective,
     TrainSettings,
-    evaluate_objective,
     micro_per_step,
     step_micro_indices,
 )
@@ -138,7 +136,7 @@ def _prepared(tok, records, cfg: Config, pad: int, seed: int):
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.data.preferences import load_feedback
-    from posttrain.models.load import load_model, save_model
+    from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
     from posttrain.stages.dpo import reference_logps
 
@@ -164,22 +162,16 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     ctx.logger.info(f"{ctx.name}: kto (beta {cfg.beta}) on {len(tokenized)} replies ({good} desirable; "
                     f"{len(val_recs)} held out), {settings.steps} steps")  # fmt: skip
     objective = KTOObjective(cfg, data, ctx.device, ref)
-    evaluate = None
+    val_obj, val = None, []
     if val_recs:
         val_tok, _, val_data = _prepared(tok, val_recs, cfg, pad, 0)
         val_ref = reference_logps(model, val_data.all(), ctx.device, len(val_tok))
         val_obj = KTOObjective(cfg, val_data, ctx.device, val_ref)
         val = [tuple(b.to(ctx.device) for b in _split(val_data, sb.index.tolist()))
                for sb in val_data.all()]  # fmt: skip
-        evaluate = partial(evaluate_objective, objective=val_obj, batches=val)
-        if not settings.eval_every:
-            settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
-    result = train_with_progress(ctx, model, objective, settings, evaluate)
-    if dist.is_main():
-        save_model(model, tok, ctx.stage_dir / "model")
-    metrics = {"train/loss": result.final_loss, "train/steps": result.steps,
-               "train/seconds": round(result.seconds, 2), "data/train_replies": len(tokenized),
-               "data/desirable": good, "data/val_replies": len(val_recs)}  # fmt: skip
+    result, metrics = train_and_save(ctx, model, tok, objective, settings, val_obj, val)
+    metrics |= {"data/train_replies": len(tokenized), "data/desirable": good,
+                "data/val_replies": len(val_recs)}  # fmt: skip
     metrics |= result.last | stats.metrics()
     metrics |= {f"read/{k}": v for k, v in read.items() if isinstance(v, int)}
     return StageResult(metrics | result.eval, {"model": f"{ctx.name}/model"})

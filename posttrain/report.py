@@ -222,7 +222,7 @@ def plot_evaluate(run_dir: Path, stage: str, metrics: dict) -> list[Path | None]
 
 
 PLOTTERS = {"rank": plot_rank, "reward": plot_reward, "dpo": plot_dpo, "ppo": plot_rl, "grpo": plot_rl,
-            "rloo": plot_rl, "evaluate": plot_evaluate}  # fmt: skip
+            "rloo": plot_rl, "online_dpo": plot_rl, "evaluate": plot_evaluate}  # fmt: skip
 
 
 def stage_plots(run_dir: Path, stage: str, m: dict) -> list[Path]:

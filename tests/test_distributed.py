@@ -273,7 +273,7 @@ def test_evaluate_on_two_ranks_gives_the_single_process_records(tmp_path, monkey
     assert reports[0]["evals"] == reports[1]["evals"]
 
 
-def test_ppo_grpo_and_rloo_on_two_ranks_stay_in_sync(tmp_path, monkeypatch):
+def test_ppo_grpo_rloo_and_online_dpo_on_two_ranks_stay_in_sync(tmp_path, monkeypatch):
     """Each rank rolls out its half of a step's prompts (whole groups) and the gradients of
     every minibatch are summed over ranks, normalised by the whole minibatch (PPO: rewards and
     advantages whitened over both ranks, the value model too); the run checks the ranks' policy
@@ -282,7 +282,8 @@ def test_ppo_grpo_and_rloo_on_two_ranks_stay_in_sync(tmp_path, monkeypatch):
     from test_rl_stage import RL
 
     raw = yaml.safe_load(TINY_BASE) | yaml.safe_load(RL)
-    raw["stages"] = ["world", "pretrain", "sft", "sample", "rank", "reward", "ppo", "grpo", "rloo"]
+    raw["stages"] = ["world", "pretrain", "sft", "sample", "rank", "reward", "ppo", "grpo", "rloo",
+                     "online_dpo"]  # fmt: skip
     raw.pop("evaluate")
     raw["grpo"] |= {"loss_reduction": "token_mean", "eval_every": 1}
     raw["rloo"] |= {"minibatch_size": 4, "rollout": {"prompts_per_step": 2, "k": 2,
@@ -291,10 +292,11 @@ def test_ppo_grpo_and_rloo_on_two_ranks_stay_in_sync(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(raw | {"out": str(tmp_path / "run")}))
     monkeypatch.setenv("CI", "true")
     log = torchrun(["run", str(path)], tmp_path)
-    for stage in ("ppo", "grpo", "rloo"):
+    rl_stages = ("ppo", "grpo", "rloo", "online_dpo")
+    for stage in rl_stages:
         assert f"{stage}: running (data-parallel on 2 ranks)" in log
     assert "rank: running (on rank 0)" in log
-    for stage in ("ppo", "grpo", "rloo"):
+    for stage in rl_stages:
         lines = (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2, stage  # written once, by rank 0
         assert (tmp_path / "run" / stage / "model/model.safetensors").is_file()

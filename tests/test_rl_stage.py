@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -35,6 +36,12 @@ rloo:
   loss_reduction: seq_mean
   eval_prompts: 0
   mask_truncated: true
+online_dpo:
+  steps: 2
+  rollout: {prompts_per_step: 4, k: 2, max_new_tokens: 8}
+  minibatch_size: 8
+  micro_batch_size: 4
+  eval_prompts: 0
 evaluate:
   reward_model: reward
   max_new_tokens: 6
@@ -65,6 +72,7 @@ def test_rl_stages_run_and_log_their_diagnostics(run_tiny):
         "ppo",
         "grpo",
         "rloo",
+        "online_dpo",
         "evaluate",
     ]
     report, run = run_tiny(stages, RL)
@@ -92,6 +100,15 @@ def test_rl_stages_run_and_log_their_diagnostics(run_tiny):
         assert row["rollout/loss_frac"] == pytest.approx(1 - row["reward/frac_zero_std"])
     for row in [json.loads(x) for x in (run / "rloo/metrics.jsonl").read_text().splitlines()]:
         assert row["rollout/loss_frac"] == pytest.approx(1 - row["rollout/no_eos_frac"])
+    # online DPO: a pair from every group whose two samples scored differently; at step 1 the
+    # policy is the reference, so DPO's loss is log 2 on the step's one minibatch
+    dpo = [json.loads(x) for x in (run / "online_dpo/metrics.jsonl").read_text().splitlines()]
+    for row in dpo:
+        assert row["dpo/pair_frac"] == pytest.approx(1 - row["reward/frac_zero_std"])
+        assert row["dpo/pairs"] == round(4 * row["dpo/pair_frac"])
+    assert dpo[0]["dpo/pairs"] > 0 and dpo[0]["policy/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert dpo[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+    assert dpo[1]["kl/ref"] != 0.0  # it moved
     grpo = report["stages"]["grpo"]  # the verifier's reward is the gold score itself
     assert grpo["reward/mean"] == pytest.approx(grpo["gold/mean"]) and 0 <= grpo["reward/mean"] <= 1
     for label in ("sft", "ppo", "grpo"):
@@ -112,6 +129,14 @@ def test_algo_defaults_and_validation():
         GRPOConfig(algo="ppo")
     with pytest.raises(ValueError, match="drop_zero_std_groups is for grpo and rloo"):
         PPOConfig(drop_zero_std_groups=True)
+    from posttrain.stages.rl import OnlineDPOConfig
+
+    d = OnlineDPOConfig()
+    assert d.rollout.k == 2 and d.kl.coef == 0.1 and d.reward.kind == "reward_model"
+    with pytest.raises(ValueError, match="minibatch_size must be a multiple of rollout.k"):
+        OnlineDPOConfig(rollout={"k": 3}, minibatch_size=8)
+    with pytest.raises(ValueError, match="kl.target is not used"):
+        OnlineDPOConfig(kl={"target": 1.0})
 
 
 def test_ppo_resume_after_a_stop_matches_an_unbroken_run(run_tiny, tmp_path, monkeypatch):
@@ -159,3 +184,54 @@ ppo:
     assert "ppo: resumed from step_0000002.pt (step 2)" in stream.getvalue()
     assert lines(run) == unbroken
     assert resumed["stages"]["ppo"]["eval/reward"] == clean["stages"]["ppo"]["eval/reward"]
+
+
+def test_online_dpo_update_raises_the_chosen_over_the_rejected(small_tokenizer):
+    """One update of online DPO on a hand-made rollout: in each group the higher-scored reply's
+    log-ratio to the reference rises relative to the lower one's; a tied group gives no pair."""
+    import copy
+    import types
+
+    from posttrain.data.chat import TokenizedExample
+    from posttrain.models.presets import build_model
+    from posttrain.rl.rollout import Rollout, batch_of, from_flat, response_mask, token_logps
+    from posttrain.stages.rl import OnlineDPOConfig, RLTrainer
+    from posttrain.train.loop import TrainSettings, make_optimizer
+
+    tok = small_tokenizer
+    torch.manual_seed(0)
+    policy = build_model("toy-xs", tok, max_position_embeddings=128)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    prompt = tok("Q: What is 12 plus 23?\nA:", add_special_tokens=False)["input_ids"]
+    replies = [" 35", " 36", " 10", " 11", " 7", " 7"]
+    seqs = []
+    for r in replies:
+        ids = tok(r, add_special_tokens=False)["input_ids"]
+        seqs.append(TokenizedExample(prompt + ids, [0] * len(prompt) + [1] * len(ids)))
+    mask = response_mask([sum(s.loss_mask) for s in seqs])
+    ro = Rollout(
+        [{}] * 6,
+        torch.tensor([0, 0, 1, 1, 2, 2]),
+        seqs,
+        replies,
+        torch.ones(6, dtype=torch.bool),
+        mask,
+    )
+    ro.scores = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.5, 0.5])  # chosen: 0 over 1, 3 over 2; a tie
+    with torch.no_grad():
+        ro.ref_logp = from_flat(token_logps(ref, batch_of(seqs, tok.pad_token_id, "cpu"))[0], mask)
+    ro.old_logp = ro.ref_logp.clone()
+    cfg = OnlineDPOConfig(
+        lr=1e-3, minibatch_size=6, micro_batch_size=2, rollout={"k": 2}, kl={"coef": 0.5}
+    )
+    trainer = object.__new__(RLTrainer)
+    trainer.cfg, trainer.policy, trainer.pad, trainer.device = cfg, policy, tok.pad_token_id, "cpu"
+    trainer.ctx, trainer.kl_coef = types.SimpleNamespace(seed=0, name="online_dpo"), 0.5
+    trainer.opt = make_optimizer(policy, TrainSettings(lr=1e-3, weight_decay=0.0))
+    m = trainer.update_dpo(ro)
+    assert m["dpo/pairs"] == 2 and m["dpo/pair_frac"] == pytest.approx(2 / 3)
+    assert m["policy/loss"] == pytest.approx(math.log(2), abs=1e-6)  # the loss before the step
+    with torch.no_grad():
+        now = from_flat(token_logps(policy, batch_of(seqs, tok.pad_token_id, "cpu"))[0], mask)
+    ratio = ((now - ro.ref_logp) * mask).sum(-1)
+    assert ratio[0] > ratio[1] and ratio[3] > ratio[2]

@@ -28,4 +28,5 @@ STAGES = {
     "ppo": rl.PPO,
     "grpo": rl.GRPO,
     "rloo": rl.RLOO,
+    "online_dpo": rl.ONLINE_DPO,
 }

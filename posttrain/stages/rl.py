@@ -1,4 +1,5 @@
-"""Online RL stages: PPO with a KL constraint, GRPO and RLOO (one file, three stage kinds).
+"""Online RL stages: PPO with a KL constraint, GRPO, RLOO and online DPO (one file, four stage
+kinds).
 
 Each step: take a batch of prompts; sample k responses each from the current policy
 (`rollout.temperature`); score them (a learned reward model, the toy world's verifier, or the
@@ -15,6 +16,9 @@ then advantages, and `epochs` passes of minibatch updates.
 - grpo: k samples per prompt, group-normalised advantages (optionally without the std division
   and with a constant normaliser, Dr. GRPO), KL to the reference as a k3 loss term.
 - rloo: k samples per prompt, leave-one-out baseline on (score - beta * sequence KL).
+- online_dpo: k samples per prompt, the best and worst of each group as a preference pair, DPO's
+  loss against the reference with beta = kl.coef (Guo et al. 2024): DPO on the policy's own,
+  fresh samples, judged by the reward.
 
 Logged every step: reward/mean, reward/std, rollout/mean_length, rollout/no_eos_frac, kl/ref,
 kl/coef, policy/entropy, policy/clip_frac, policy/approx_kl, value/loss,
@@ -70,7 +74,9 @@ class RolloutSettings(StrictModel):
 
 
 class Config(StrictModel):
-    algo: Literal["ppo", "grpo", "rloo"] = Field("ppo", description="The RL algorithm.")
+    algo: Literal["ppo", "grpo", "rloo", "online_dpo"] = Field(
+        "ppo", description="The RL algorithm."
+    )
     model: str = Field("sft", description="Stage or HF dir of the initial policy.")
     ref_model: str | None = Field(None, description="Reference model (default: initial policy).")
     value_model: str | None = Field(
@@ -128,8 +134,14 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        if self.algo in ("grpo", "rloo") and self.rollout.k < 2:
+        if self.algo in ("grpo", "rloo", "online_dpo") and self.rollout.k < 2:
             raise ValueError(f"{self.algo} needs rollout.k >= 2 samples per prompt")
+        if self.algo == "online_dpo":
+            if self.minibatch_size % self.rollout.k:
+                raise ValueError("online_dpo: minibatch_size must be a multiple of rollout.k "
+                                 "(a minibatch holds whole groups)")  # fmt: skip
+            if self.kl.target is not None:
+                raise ValueError("online_dpo: kl.coef is DPO's beta; kl.target is not used")
         if self.algo == "ppo" and self.drop_zero_std_groups:
             raise ValueError("drop_zero_std_groups is for grpo and rloo (ppo has no groups)")
         if (
@@ -145,6 +157,8 @@ DEFAULTS = {
     "grpo": {"rollout": {"k": 4, "prompts_per_step": 8}, "reward": {"kind": "verifier"},
              "kl": {"coef": 0.04, "where": "loss", "estimator": "k3"}},
     "rloo": {"rollout": {"k": 4, "prompts_per_step": 8}},
+    "online_dpo": {"rollout": {"k": 2, "prompts_per_step": 8}, "kl": {"coef": 0.1},
+                   "minibatch_size": 8, "epochs": 1},
 }  # fmt: skip
 
 
@@ -171,7 +185,9 @@ def _config_for(algo: str) -> type[Config]:
     return AlgoConfig
 
 
-PPOConfig, GRPOConfig, RLOOConfig = (_config_for(a) for a in ("ppo", "grpo", "rloo"))
+PPOConfig, GRPOConfig, RLOOConfig, OnlineDPOConfig = (
+    _config_for(a) for a in ("ppo", "grpo", "rloo", "online_dpo")
+)
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
@@ -316,8 +332,10 @@ class RLTrainer:
             grid = seq_reward.view(G, K)
             if cfg.algo == "grpo":
                 adv = ops.group_advantages(grid, std_normalize=cfg.std_normalize).view(-1)
-            else:
+            elif cfg.algo == "rloo":
                 adv = ops.rloo_advantages(grid).view(-1)
+            else:  # online DPO: no advantages; each group's best and worst make a pair
+                adv = torch.zeros_like(seq_reward)
             ro.advantages = adv[:, None].expand_as(ro.old_logp) * mask
         ro.scores = scores
         # The tokens the policy loss counts: all valid ones, less the groups and responses the
@@ -375,6 +393,8 @@ class RLTrainer:
         from posttrain.train.loop import TrainingDiverged
 
         cfg = self.cfg
+        if cfg.algo == "online_dpo":
+            return self.update_dpo(ro)
         S = len(ro.seqs)
         # Under torchrun each rank holds 1/W of the rollout and of every minibatch.
         mb_size = cfg.minibatch_size // dist.world()
@@ -443,6 +463,70 @@ class RLTrainer:
         # normalised by the whole minibatch): their sum over a minibatch is its value.
         n_mb = cfg.epochs * math.ceil(S / mb_size)
         return {k: sum(vs) / n_mb for k, vs in sums.items()}
+
+    def update_dpo(self, ro) -> dict:
+        """Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): in each group of k samples, the
+        highest-scored response is chosen and the lowest rejected (groups whose scores are all
+        equal give no pair); DPO's sigmoid loss with beta = kl.coef against the reference
+        log-probs of the rollout, both at the sampling temperature. A minibatch holds whole
+        groups; its loss is the mean over its pairs on every rank."""
+        from posttrain.ops.preference import dpo_loss
+        from posttrain.rl.rollout import batch_of, from_flat, token_logps
+        from posttrain.train.loop import TrainingDiverged
+
+        cfg, k = self.cfg, self.cfg.rollout.k
+        grid = ro.scores.view(-1, k)
+        pairs = [(g * k + int(row.argmax()), g * k + int(row.argmin()))
+                 for g, row in enumerate(grid) if row.max() > row.min()]  # fmt: skip
+        by_group = {c // k: (c, r) for c, r in pairs}
+        n_groups, mb_groups = len(grid), cfg.minibatch_size // k // dist.world()
+        rng = random.Random(self.ctx.seed + int(ro.old_logp.numel()))
+        sums: dict[str, float] = {}
+        n_mb = 0
+        for _ in range(cfg.epochs):
+            order = list(range(n_groups))
+            rng.shuffle(order)
+            for mb in range(0, n_groups, max(1, mb_groups)):  # the same count on every rank
+                mb_pairs = [
+                    by_group[g] for g in order[mb : mb + max(1, mb_groups)] if g in by_group
+                ]
+                total = dist.all_sum([float(len(mb_pairs))])[0]
+                if not total:
+                    continue  # no pair anywhere in this minibatch: every rank skips the step
+                n_mb += 1
+                bad = 0.0
+                for mi in range(0, len(mb_pairs), max(1, cfg.micro_batch_size // 2)):
+                    chunk = mb_pairs[mi : mi + max(1, cfg.micro_batch_size // 2)]
+                    idx = [c for c, _ in chunk] + [r for _, r in chunk]
+                    mask = ro.mask[idx]
+                    b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
+                    logp = from_flat(token_logps(self.policy, b, cfg.rollout.temperature)[0], mask)
+                    pi = (logp * mask).sum(-1)
+                    ref = (ro.ref_logp[idx] * mask).sum(-1)
+                    B = len(chunk)
+                    loss, m = dpo_loss("sigmoid", pi[:B], pi[B:], ref[:B], ref[B:], self.kl_coef)
+                    loss = loss.sum() / total
+                    bad += float(not torch.isfinite(loss))
+                    loss.backward()
+                    sums["policy/loss"] = sums.get("policy/loss", 0.0) + loss.item()
+                    for key, v in m.items():
+                        sums[key] = sums.get(key, 0.0) + float(v) * B / total
+                n_bad = int(dist.all_sum([bad])[0])
+                if n_bad:
+                    raise TrainingDiverged(
+                        f"{self.ctx.name}: non-finite DPO loss in {n_bad} micro-batch(es)"
+                    )
+                dist.sync_grads(self.policy)
+                gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(gn):
+                    raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm")
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+        # This rank's share of each minibatch mean, times W: run() averages the ranks' values.
+        W = dist.world()
+        out = {key: v * W / max(n_mb, 1) for key, v in sums.items()}
+        return out | {"dpo/pairs": float(len(pairs) * W),
+                      "dpo/pair_frac": len(pairs) / max(n_groups, 1)}  # fmt: skip
 
     def adapt_kl(self, kl: float, n: int) -> None:
         """Ziegler et al.'s proportional controller on the sequence KL."""
@@ -611,3 +695,4 @@ class _Kind:
 
 
 PPO, GRPO, RLOO = _Kind(PPOConfig), _Kind(GRPOConfig), _Kind(RLOOConfig)
+ONLINE_DPO = _Kind(OnlineDPOConfig)

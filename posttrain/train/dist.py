@@ -27,7 +27,7 @@ import torch
 # Stages of these kinds share their work over the ranks (training data-parallel, sampling or
 # greedy decoding a share of the prompts); the others run on rank 0 only.
 DATA_PARALLEL_KINDS = {"pretrain", "sft", "reward", "dpo", "kto", "sample", "evaluate", "ppo", "grpo",
-                       "rloo"}  # fmt: skip
+                       "rloo", "online_dpo"}  # fmt: skip
 
 
 _alone = False  # inside `alone()`: this rank works by itself (a rank-0-only stage)

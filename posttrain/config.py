@@ -182,13 +182,42 @@ def build_pipeline(raw: dict, source: str) -> Pipeline:
     return Pipeline(cfg, specs, source)
 
 
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
-    path = Path(path)
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        )
+    return out
+
+
+def read_config(path: Path, _seen: tuple = ()) -> dict | object:
+    """A pipeline YAML as a dict. `extends: OTHER.yaml` (relative to this file) starts from
+    that config: its mappings are merged key by key under this one's, anything else (a list
+    such as `stages`, a number) is replaced."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw  # (build_pipeline names what is wrong with a non-mapping)
+    parent = raw.pop("extends")
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: config key 'extends' must be a file name (got {parent!r})")
+    base = (path.parent / parent).resolve()
+    if base in _seen or base == path.resolve():
+        raise ConfigError(f"{path}: config key 'extends': {parent} extends itself in a cycle")
+    try:
+        inherited = read_config(base, (*_seen, path.resolve()))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: config key 'extends': {e}") from None
+    return _deep_merge(inherited, raw)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    path = Path(path)
+    raw = read_config(path)
     source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     return build_pipeline(apply_overrides(raw, list(overrides or [])), source)

@@ -141,3 +141,26 @@ def test_cli_reports_config_error_with_exit_code_2(tmp_path, capsys):
 
     assert main(["run", str(write(tmp_path, BASE)), "pretrain.train.lr=0"]) == 2
     assert "pretrain.train.lr" in capsys.readouterr().err
+
+
+def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
+    from posttrain.config import ConfigError
+
+    (tmp_path / "base.yaml").write_text(
+        "name: b\nstages: [world, pretrain]\npretrain: {batch_size: 8, train: {lr: 0.1, steps: 5}}\n"
+    )
+    (tmp_path / "more.yaml").write_text(
+        "extends: base.yaml\nstages: [world, pretrain, sft]\npretrain: {train: {steps: 7}}\n"
+    )
+    pipe = load_pipeline(tmp_path / "more.yaml")
+    assert pipe.config.name == "b" and [s.name for s in pipe.stages] == ["world", "pretrain", "sft"]
+    pre = next(s for s in pipe.stages if s.name == "pretrain").config
+    assert pre.batch_size == 8 and pre.train.lr == 0.1 and pre.train.steps == 7
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\nname: x\n")
+    with pytest.raises(ConfigError, match="loop.yaml: config key 'extends'.*cycle"):
+        load_pipeline(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\nname: x\n")
+    with pytest.raises(
+        ConfigError, match="orphan.yaml: config key 'extends'.*nowhere.yaml: config file not found"
+    ):
+        load_pipeline(tmp_path / "orphan.yaml")

@@ -164,3 +164,27 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
         ConfigError, match="orphan.yaml: config key 'extends'.*nowhere.yaml: config file not found"
     ):
         load_pipeline(tmp_path / "orphan.yaml")
+
+
+@pytest.mark.parametrize("name", ["toy.yaml", "toy_more.yaml"])
+def test_shipped_pipeline_configs_resolve(name):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pipe = load_pipeline(root / "configs" / name)
+    assert pipe.config.name == "toy" and pipe.stages[0].name == "world"
+    if name == "toy_more.yaml":  # extends toy.yaml: its stages and evaluated models, and more
+        names = [s.name for s in pipe.stages]
+        assert {"kto", "online_dpo", "ppo", "grpo"} <= set(names)
+        models = next(s for s in pipe.stages if s.name == "evaluate").config.models
+        assert {"base", "sft", "best_of_8", "kto", "online_dpo"} <= set(models)
+
+
+def test_benchmarks_config_is_a_valid_evaluate_config():
+    from pathlib import Path
+
+    from posttrain.stages.evaluate import Config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = Config(**yaml.safe_load((root / "configs/benchmarks.yaml").read_text()))
+    assert cfg.world_stage is None and set(cfg.benchmarks) >= {"xstest", "gsm8k", "truthfulqa_mc"}

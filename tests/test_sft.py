@@ -248,3 +248,29 @@ def test_neftune_and_checkpointing_through_the_sft_command(tmp_path, hf_dir, mon
         ]
     assert losses["ckpt"] == pytest.approx(losses["plain"], rel=1e-6)  # recomputed, not changed
     assert losses["neft"] != pytest.approx(losses["plain"], rel=1e-4)  # the noise is there
+
+
+def test_distillation_from_a_teacher(tmp_path, hf_dir, monkeypatch, capsys):
+    """sft.distill: at step 1 the student is its own teacher (the same model), so the KL term is
+    0 and the loss is (1 - alpha) x cross-entropy; a teacher of another vocabulary is an error."""
+    from posttrain.models.load import save_model
+    from posttrain.models.presets import build_model
+    from posttrain.models.tokenizer import train_tokenizer
+
+    monkeypatch.setenv("CI", "true")
+    data = write_data(tmp_path, CHAT)
+    cfg = sft_config(
+        tmp_path, hf_dir, data, val_fraction=0.2, distill={"teacher": str(hf_dir), "alpha": 0.25}
+    )
+    out = tmp_path / "run"
+    assert main(["sft", "--config", str(cfg), "--out", str(out)]) == 0
+    first = json.loads((out / "sft/metrics.jsonl").read_text().splitlines()[0])
+    assert first["kd/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["train/loss"] == pytest.approx(0.75 * first["kd/ce"], rel=1e-6)
+    m = json.loads((out / "sft/result.json").read_text())["metrics"]
+    assert m["eval/kd/kl"] > 0  # the student moved away from its teacher
+    other = train_tokenizer(["a different corpus entirely, " * 10] * 10, vocab_size=300)
+    save_model(build_model("toy-xs", other), other, tmp_path / "teacher")
+    cfg = sft_config(tmp_path, hf_dir, data, distill={"teacher": str(tmp_path / "teacher")})
+    assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / "bad")]) == 2
+    assert "sft.distill.teacher" in capsys.readouterr().err

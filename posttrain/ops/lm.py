@@ -1,4 +1,4 @@
-"""Next-token cross-entropy and per-token log-probs."""
+"""Next-token cross-entropy, per-token log-probs, and the distillation loss."""
 
 from __future__ import annotations
 
@@ -36,3 +36,32 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     )  # (B, T)
     return torch.where(labels == IGNORE_INDEX, torch.zeros_like(logps), logps)
+
+
+def distill_loss_sum(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Knowledge distillation (Hinton et al. 2015) summed over N target positions:
+    (1 - alpha) * CE(student, targets) + alpha * T^2 * KL(teacher_T || student_T), where _T is
+    the softmax at temperature T; the T^2 keeps the soft term's gradient scale independent of T.
+    (N, V), (N, V), (N,) -> (loss sum, {"kd/ce", "kd/kl"} sums, detached).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: the two models need the same vocabulary"
+        )
+    ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+    s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    t_logp = torch.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)  # (N, V)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum() * temperature**2
+    loss = (1.0 - alpha) * ce + alpha * kl
+    return loss, {"kd/ce": ce.detach(), "kd/kl": kl.detach()}

@@ -2,7 +2,9 @@
 
 The loss is the summed next-token cross-entropy over assistant tokens only (the loss mask comes
 from the chat template, see data/chat.py), divided by the number of trained tokens in the whole
-optimiser step (so packing and gradient accumulation change nothing).
+optimiser step (so packing and gradient accumulation change nothing). With `distill.teacher`
+(knowledge distillation, as OpenRLHF's KD and TRL's GKD do off-policy), the loss on the same
+tokens is (1 - alpha) x cross-entropy + alpha x T^2 x KL(teacher || student) at temperature T.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from posttrain.stages.base import (
     train_with_progress,
 )
 from posttrain.train import dist
-from posttrain.train.loop import MicroBatchObjective, TrainSettings, micro_per_step
+from posttrain.train.loop import (
+    MicroBatchObjective,
+    TrainSettings,
+    evaluate_objective,
+    micro_per_step,
+)
 
 
 class LoraSettings(StrictModel):
@@ -63,6 +70,16 @@ class ReplaySettings(StrictModel):
     )
 
 
+class DistillSettings(StrictModel):
+    teacher: str | None = Field(
+        None, description="Stage or HF dir of a teacher with the same vocabulary (null: off)."
+    )
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the teacher's soft targets (1 - alpha: labels)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models.")
+
+
 class Config(StrictModel):
     model: str = Field(
         "pretrain", description="A stage of this run whose model/ to start from, or a local HF dir."
@@ -96,6 +113,10 @@ class Config(StrictModel):
         default_factory=ReplaySettings,
         description="Mix pre-training text into every micro-batch to keep what the base knew.",
     )
+    distill: DistillSettings = Field(
+        default_factory=DistillSettings,
+        description="Knowledge distillation: also match a teacher's next-token distribution.",
+    )
     neftune_alpha: float | None = Field(
         None,
         gt=0,
@@ -124,11 +145,18 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     }
     if cfg.replay.rows:
         out["replay"] = resolve_input(cfg.replay.data, ctx, cfg.world_stage, "corpus_train.jsonl")
+    if cfg.distill.teacher:
+        out["teacher"] = resolve_model(cfg.distill.teacher, ctx)
     return out
 
 
 class SFTObjective(MicroBatchObjective):
-    """Summed cross-entropy over the trained tokens; a step's loss is its mean per token."""
+    """Summed cross-entropy over the trained tokens; a step's loss is its mean per token. With a
+    teacher (knowledge distillation), `ops.lm.distill_loss_sum` over the same tokens."""
+
+    def __init__(self, data, grad_accum: int, device, teacher=None, distill=None):
+        super().__init__(data, grad_accum, device)
+        self.teacher, self.distill = teacher, distill
 
     def weight(self, batch) -> float:
         return batch.n_loss_tokens
@@ -137,15 +165,20 @@ class SFTObjective(MicroBatchObjective):
         return batch.n_tokens
 
     def loss(self, model, batch):
+        import torch
         import torch.nn.functional as F
 
         from posttrain.models.forward import target_logits
+        from posttrain.ops.lm import distill_loss_sum
 
-        logits, targets = target_logits(
-            model, batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids
-        )
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return loss, {}
+        args = (batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids)
+        logits, targets = target_logits(model, *args)
+        if self.teacher is None:
+            return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
+        with torch.no_grad():
+            teacher_logits, _ = target_logits(self.teacher, *args)
+        d = self.distill
+        return distill_loss_sum(logits, teacher_logits, targets, d.alpha, d.temperature)
 
 
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -159,22 +192,6 @@ def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, 
     random.Random(seed + 17).shuffle(order)
     held = set(order[:n_val])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
-
-
-def heldout_loss(model, objective, batches) -> dict:
-    """Mean cross-entropy per trained token over the held-out batches."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in batches:
-            loss, _ = objective.loss(model, b.to(objective.device))
-            total += loss.item()
-            count += b.n_loss_tokens
-    model.train(was_training)
-    return {"eval/loss": total / max(1, count)}
 
 
 def neftune(model, alpha: float):
@@ -247,14 +264,24 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         f"{ctx.name}: {stats.kept} examples ({stats.trained_tokens:,} trained of {stats.total_tokens:,} tokens), "
         f"{data.per_epoch} micro-batches per epoch, {settings.steps} steps"
     )
-    objective = SFTObjective(data, settings.grad_accum, ctx.device)
+    teacher = None
+    if cfg.distill.teacher:
+        teacher = load_model(paths["teacher"], ctx.device).eval().requires_grad_(False)
+        sizes = (
+            model.get_output_embeddings().weight.shape[0],
+            teacher.get_output_embeddings().weight.shape[0],
+        )
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"sft.distill.teacher {paths['teacher']}: vocabulary of {sizes[1]} "
+                             f"tokens, the student's has {sizes[0]}: they must be the same")  # fmt: skip
+    objective = SFTObjective(data, settings.grad_accum, ctx.device, teacher, cfg.distill)
     evaluate = None
     if val:
         val_batches = [
-            pad_batch(val[i : i + cfg.batch_size], data.pad_id)
+            pad_batch(val[i : i + cfg.batch_size], data.pad_id).to(ctx.device)
             for i in range(0, len(val), cfg.batch_size)
         ]
-        evaluate = partial(heldout_loss, objective=objective, batches=val_batches)
+        evaluate = partial(evaluate_objective, objective=objective, batches=val_batches)
         if not settings.eval_every:
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
     noise = neftune(model, cfg.neftune_alpha) if cfg.neftune_alpha else None

@@ -2,6 +2,7 @@
 
 posttrain run CONFIG [KEY=VALUE ...] [--force STAGE] [--resume]
 posttrain config show CONFIG [KEY=VALUE ...]
+posttrain data inspect|curate ...
 posttrain annotate serve|add-annotator|add-admin|export --run RUN ...
 """
 
@@ -59,6 +60,35 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--json", action="store_true", help="one JSON line per example: input_ids, loss_mask"
     )
+    curate = data_sub.add_parser(
+        "curate", help="filter, decontaminate and deduplicate chat data into a messages JSONL"
+    )
+    curate.add_argument("--data", required=True, help="chat data file")
+    curate.add_argument("--out", required=True, help="output messages JSONL")
+    curate.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "messages", "alpaca", "sharegpt", "oasst", "hh"],
+    )
+    curate.add_argument("--dedup", default="exact", choices=["none", "exact", "near"])
+    curate.add_argument("--near-threshold", type=float, default=0.8, help="MinHash Jaccard")
+    curate.add_argument(
+        "--decontaminate",
+        nargs="+",
+        default=[],
+        metavar="PATH_OR_NAME",
+        help="eval files or benchmark names (e.g. gsm8k) whose prompts must not be trained on",
+    )
+    curate.add_argument("--data-dir", default="../shared/data", help="where named benchmarks are")
+    curate.add_argument("--min-response-words", type=int, default=1)
+    curate.add_argument("--max-response-words", type=int, default=None)
+    curate.add_argument(
+        "--drop-pattern",
+        nargs="+",
+        default=[],
+        metavar="REGEX",
+        help="drop examples whose assistant text matches (case-insensitive)",
+    )
     from posttrain.annotate.cli import add_parser as add_annotate_parser
 
     add_annotate_parser(sub)
@@ -90,6 +120,24 @@ def _single_stage(args):
     return build_pipeline(raw, source)
 
 
+def _curate(args) -> int:
+    import json
+
+    from posttrain.data.curate import CurateSettings, curate_file
+
+    settings = CurateSettings(
+        dedup=args.dedup,
+        near_threshold=args.near_threshold,
+        decontaminate=args.decontaminate,
+        data_dir=args.data_dir,
+        min_response_words=args.min_response_words,
+        max_response_words=args.max_response_words,
+        drop_patterns=args.drop_pattern,
+    )
+    print(json.dumps(curate_file(args.data, args.out, args.format, settings)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -103,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             from posttrain.annotate.cli import main as annotate_main
 
             return annotate_main(args)
+        if args.command == "data" and args.action == "curate":
+            return _curate(args)
         if args.command == "data":
             from posttrain.data.inspect import inspect
 

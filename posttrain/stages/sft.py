@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.config import StrictModel
+from posttrain.data.curate import CurateSettings
 from posttrain.stages.base import (
     StageContext,
     StageResult,
@@ -56,6 +57,11 @@ class DataSettings(StrictModel):
     )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="A malformed record: stop, or skip and count it."
+    )
+    curate: CurateSettings | None = Field(
+        None,
+        description="Curate the examples after reading (filters, decontamination, dedup; "
+        "see posttrain/data/curate.py); null: use them all.",
     )
 
 
@@ -147,6 +153,11 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
         out["replay"] = resolve_input(cfg.replay.data, ctx, cfg.world_stage, "corpus_train.jsonl")
     if cfg.distill.teacher:
         out["teacher"] = resolve_model(cfg.distill.teacher, ctx)
+    if cfg.data.curate is not None:
+        from posttrain.data.curate import resolve_eval_file
+
+        for i, entry in enumerate(cfg.data.curate.decontaminate):
+            out[f"curate:{i}"] = resolve_eval_file(entry, cfg.data.curate.data_dir)
     return out
 
 
@@ -227,6 +238,20 @@ def _save(model, tok, cfg: Config, out: Path):
     save_model(model, tok, out)
 
 
+def _curate(examples: list, settings: CurateSettings, ctx: StageContext) -> tuple[list, dict]:
+    from posttrain.data.curate import curate
+
+    kept, stats = curate(examples, settings)
+    dropped = ", ".join(f"{v} {k.split('dropped_')[1]}" for k, v in stats.items()
+                        if "dropped_" in k and v)  # fmt: skip
+    ctx.logger.info(f"{ctx.name}: curated {stats['curate/in']} examples to "
+                    f"{stats['curate/kept']} (dropped: {dropped or 'none'})")  # fmt: skip
+    if not kept:
+        raise ValueError(f"sft.data.curate left no examples of {stats['curate/in']} "
+                         f"(dropped: {dropped or 'none'})")  # fmt: skip
+    return kept, stats
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.data.collate import pad_batch
     from posttrain.data.readers import load_chat_data
@@ -237,6 +262,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     paths = inputs(cfg, ctx)
     tok = load_tokenizer(paths["model"])
     examples, read_stats = load_chat_data(paths["data"], cfg.data.format, cfg.data.on_error)
+    curate_stats = {}
+    if cfg.data.curate is not None:
+        examples, curate_stats = _curate(examples, cfg.data.curate, ctx)
     tokenized, stats = tokenize_examples(tok, examples, cfg.max_length, cfg.overlong, cfg.train_on)
     tokenized, val = split_validation(tokenized, cfg.val_fraction, ctx.seed)
     stats.read = read_stats
@@ -302,6 +330,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         | stats.metrics()
         | result.eval
         | {"data/val_examples": len(val)}
+        | {f"data/{k}": v for k, v in curate_stats.items()}
     )
     if read_stats.get("errors"):
         metrics["data/first_error"] = read_stats["errors"][0]

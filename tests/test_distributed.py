@@ -123,6 +123,11 @@ def test_a_pipeline_on_two_ranks(tmp_path, fsdp, monkeypatch):
     base = yaml.safe_load(TINY_BASE)
     base["stages"] = ["world", "pretrain", "sft", "evaluate"]
     base["evaluate"] = {"max_new_tokens": 4, "diversity": {"n_prompts": 0}}
+    from conftest import SHARED_DATA
+
+    if SHARED_DATA.is_dir():  # public benchmarks too: shared decoding, and rank 0's log-probs
+        base["evaluate"] |= {"data_dir": str(SHARED_DATA), "benchmarks": {
+            name: {"n": 3, "max_new_tokens": 4} for name in ("xstest", "gsm8k", "truthfulqa_mc")}}  # fmt: skip
 
     def config(name: str, grad_accum: int) -> str:
         train = {"grad_accum": grad_accum, "fsdp": fsdp}
@@ -139,6 +144,15 @@ def test_a_pipeline_on_two_ranks(tmp_path, fsdp, monkeypatch):
     assert_same_weights(one / "pretrain/model", two / "pretrain/model")
     report = json.loads((two / "report.json").read_text())
     assert set(report["evals"]) == {"base", "sft"}
+    if SHARED_DATA.is_dir():  # the same benchmark answers as one process
+        one_report = json.loads((one / "report.json").read_text())
+        for label in ("base", "sft"):
+            for key in ("xstest/false_refusal_rate", "gsm8k/accuracy", "truthfulqa/mc1"):
+                assert report["evals"][label][key] == one_report["evals"][label][key], (label, key)
+            recs = [[json.loads(x) for x in (run / f"evaluate/{label}.xstest.jsonl").read_text()
+                     .splitlines()] for run in (one, two)]  # fmt: skip
+            for a, b in zip(*recs, strict=True):  # log-probs: 1 thread per rank vs 2, rounding
+                assert a.pop("logprob") == pytest.approx(b.pop("logprob"), abs=1e-4) and a == b
 
 
 @pytest.mark.parametrize("fsdp", [False, True])

@@ -214,11 +214,45 @@ def plot_over_optimisation(run_dir: Path, stage: str, metrics: dict) -> Path | N
     return _save(fig, run_dir / "plots" / f"{stage}_over_optimisation.png")
 
 
+# (x, y, panel title) of the trade-off scatter: each evaluated model is one point per panel
+TRADEOFFS = [
+    ("safety/false_refusal_rate", "safety/violation_rate", "safety: violations vs false refusals"),
+    ("xstest/false_refusal_rate", "xstest/violation_rate", "XSTest: violations vs false refusals"),
+    ("length/mean_tokens", "gold/mean", "length vs gold (length hacking?)"),
+    ("knowledge/hallucination_rate", "knowledge/known_accuracy", "hallucination vs known facts"),
+]
+
+
+def plot_tradeoffs(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+    """One point per evaluated model on the trade-offs post-training moves along: safety
+    (violations vs false refusals), length vs gold, and abstaining vs knowing."""
+    evals = json.loads((run_dir / stage / "result.json").read_text()).get("evals", {})
+    panels = [(x, y, t) for x, y, t in TRADEOFFS
+              if sum(x in m and y in m for m in evals.values()) >= 2]  # fmt: skip
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.6 * len(panels), 3.4), dpi=100, squeeze=False
+    )
+    for ax, (x, y, title) in zip(axes[0], panels, strict=True):
+        for label, m in evals.items():
+            if x in m and y in m:
+                ax.scatter(m[x], m[y], s=18)
+                ax.annotate(
+                    label, (m[x], m[y]), fontsize=7, textcoords="offset points", xytext=(3, 3)
+                )
+        ax.set_xlabel(x, fontsize=8)
+        ax.set_ylabel(y, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, run_dir / "plots" / f"{stage}_tradeoffs.png")
+
+
 def plot_evaluate(run_dir: Path, stage: str, metrics: dict) -> list[Path | None]:
-    return [
-        plot_calibration(run_dir, stage, metrics),
-        plot_over_optimisation(run_dir, stage, metrics),
-    ]
+    return [plot_tradeoffs(run_dir, stage, metrics), plot_calibration(run_dir, stage, metrics),
+            plot_over_optimisation(run_dir, stage, metrics)]  # fmt: skip
 
 
 PLOTTERS = {"rank": plot_rank, "reward": plot_reward, "dpo": plot_dpo, "ppo": plot_rl, "grpo": plot_rl,

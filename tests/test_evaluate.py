@@ -28,6 +28,8 @@ def test_pipeline_with_sft_and_evaluate_writes_report_card(tmp_path, run_tiny):
     md = (tmp_path / "run/report.md").read_text()
     assert "| metric | base | sft |" in md and "Sample responses: sft" in md
     assert (tmp_path / "run/plots/sft_loss.png").is_file()
+    assert (tmp_path / "run/plots/evaluate_tradeoffs.png").is_file()  # a point per model
+    assert (tmp_path / "run/plots/evaluate_calibration.png").is_file()
 
 
 def rec(family, score, n_tokens=3, truncated=False, **components):

@@ -121,3 +121,21 @@ def test_benchmark_config_errors_name_the_key_and_the_file(
     assert main(["evaluate", "--config", str(cfg), "--out", str(tmp_path / "d")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert not (tmp_path / "d/evaluate/result.json").exists()
+
+
+def test_items_that_cannot_fit_the_context_are_counted_or_named(
+    tmp_path, models, shared_data, monkeypatch, capsys
+):
+    monkeypatch.setenv("CI", "true")
+    lm, rm = models  # a 512-token context
+    cfg = eval_config(tmp_path, lm, rm, shared_data, reward_model=None,
+                      benchmarks={"gsm8k": {"n": 4, "max_new_tokens": 330}})  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["evaluate", "--config", str(cfg), "--out", str(out)]) == 0
+    ev = json.loads((out / "evaluate/result.json").read_text())["evals"]["mine"]
+    recs = (out / "evaluate/mine.gsm8k.jsonl").read_text().splitlines()
+    assert ev["gsm8k/skipped_overlong"] + len(recs) == 4 and ev["gsm8k/n"] == len(recs)
+    cfg = eval_config(tmp_path, lm, rm, shared_data, reward_model=None,
+                      benchmarks={"gsm8k": {"n": 2, "max_new_tokens": 510}})  # fmt: skip
+    assert main(["evaluate", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 2
+    assert "evaluate.benchmarks.gsm8k: no prompt fits" in capsys.readouterr().err

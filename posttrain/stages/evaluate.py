@@ -316,7 +316,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     return StageResult(metrics, artifacts, evals=evals, samples=samples)
 
 
-BENCH_DETAILS = ("n", "mean_tokens", "truncated_rate", "mean_chars", "reference_mean_chars")
+BENCH_DETAILS = (
+    "n",
+    "mean_tokens",
+    "truncated_rate",
+    "mean_chars",
+    "reference_mean_chars",
+    "skipped_overlong",
+)
 
 
 def spread(items: list, n: int | None) -> list:
@@ -342,8 +349,18 @@ def run_benchmark(name: str, items: list, model, tok, mode: str, cfg: Config, se
         else tok.apply_chat_template(it.messages(), add_generation_prompt=True, tokenize=False)
         for it in items
     ]  # fmt: skip
-    params = SamplingParams(max_new_tokens=cfg.benchmarks[name].max_new_tokens, greedy=True,
-                            batch_size=cfg.batch_size, seed=seed, shared=True)  # fmt: skip
+    new_tokens = cfg.benchmarks[name].max_new_tokens
+    # An item whose prompt and answer cannot fit the model's context is left out and counted.
+    limit = getattr(model.config, "max_position_embeddings", None)
+    fits = [limit is None or len(tok(p, add_special_tokens=False)["input_ids"]) + new_tokens <= limit
+            for p in prompts]  # fmt: skip
+    if not any(fits):
+        raise ValueError(f"evaluate.benchmarks.{name}: no prompt fits the model's context of "
+                         f"{limit} tokens with max_new_tokens={new_tokens}")  # fmt: skip
+    items = [it for it, ok in zip(items, fits, strict=True) if ok]
+    prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
+    params = SamplingParams(max_new_tokens=new_tokens, greedy=True, batch_size=cfg.batch_size,
+                            seed=seed, shared=True)  # fmt: skip
     gens = generate(model, tok, prompts, params)
     if not dist.is_main():
         return {}, []
@@ -358,6 +375,7 @@ def run_benchmark(name: str, items: list, model, tok, mode: str, cfg: Config, se
     else:
         summary = B.SCORERS[name](items, responses)
         judged = B.judge(name, items, responses)
+    summary[f"{name}/skipped_overlong"] = len(fits) - len(items)
     summary[f"{name}/mean_tokens"] = sum(a[1] for a in answers) / max(1, len(answers))
     summary[f"{name}/truncated_rate"] = sum(a[2] for a in answers) / max(1, len(answers))
     records = [{"id": it.id, "prompt": it.prompt, "response": a[0], "gold": it.gold, "n_tokens": a[1],

@@ -152,3 +152,42 @@ def test_resume_after_a_stop_gives_the_same_final_loss(tiny, monkeypatch):
         json.loads(x)["step"] for x in (run_dir / "pretrain/metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2, 3, 4]
+
+
+def test_midtraining_mixes_its_windows_into_the_last_steps_only():
+    """Before `start` the windows are exactly those of plain pre-training; from then on the last
+    round(fraction x B) windows of every micro-batch come from the mid-training stream."""
+    import torch
+
+    from posttrain.stages.pretrain import WindowObjective
+
+    base = torch.arange(1, 500)  # tokens < 1000
+    mid = torch.arange(1000, 1400)  # tokens >= 1000
+    plain = WindowObjective(base, 8, 4, 2, seed=3, device="cpu")
+    mixed = WindowObjective(base, 8, 4, 2, seed=3, device="cpu", mid=(mid, 5, 0.5))
+    for step in range(8):
+        a, b = plain.batches(step), mixed.batches(step)
+        # plain pre-training draws what it always drew: seeded window starts per step
+        g = torch.Generator().manual_seed(3 * 1_000_003 + step)
+        starts = torch.randint(0, len(base) - 9, (2, 4), generator=g)
+        assert all(torch.equal(a[i], base[starts[i][:, None] + torch.arange(9)]) for i in range(2))
+        assert len(a) == len(b) == 2
+        for x, y in zip(a, b, strict=True):
+            if step < 5:
+                assert torch.equal(x, y)
+            else:
+                assert torch.equal(x[:2], y[:2]) and bool((y[2:] >= 1000).all())
+                assert bool((y[2:, 1:] - y[2:, :-1] == 1).all())  # contiguous windows of it
+
+
+def test_pretrain_with_midtraining_on_the_worlds_conversations(run_tiny):
+    from posttrain.config import ConfigError
+
+    extra = "pretrain: {midtrain: {from_world: true, start: 0.5, fraction: 0.5}}"
+    report, run = run_tiny(["world", "pretrain", "sft"], extra)
+    m = report["stages"]["pretrain"]
+    assert m["train/steps"] == 3 and m["midtrain/first_step"] == 2 and m["midtrain/tokens"] > 0
+    with pytest.raises(ConfigError, match="give data or from_world, not both"):
+        run_tiny(
+            ["world", "pretrain", "sft"], "pretrain: {midtrain: {from_world: true, data: x.jsonl}}"
+        )

@@ -2,6 +2,9 @@
 
 On the toy world it builds a tiny Llama from a preset and trains it on the world's corpus; on a
 user's model it continues pre-training a local HF directory on their text (JSONL or .txt).
+`midtrain` mixes instruction data (chat rendered with the template, or text) into the last part
+of training, DESIGN.md's mid-training: from step `start` x steps, `fraction` of every
+micro-batch's windows come from it (the rest, and every earlier step, are unchanged).
 Then it measures held-out perplexity and, on the toy world, the base model's gold score on the
 verifiable task families by few-shot continuation.
 """
@@ -9,9 +12,10 @@ verifiable task families by few-shot continuation.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.config import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, train_with_progress
@@ -32,6 +36,36 @@ class EvalSettings(StrictModel):
     max_heldout_tokens: int = Field(
         200_000, ge=1, description="Cap on held-out tokens for perplexity."
     )
+
+
+class MidtrainSettings(StrictModel):
+    data: str | None = Field(
+        None,
+        description="Instruction data mixed into the end of pre-training: chat JSONL (any format "
+        "the sft stage reads, rendered with the chat template) or text; null: off.",
+    )
+    from_world: bool = Field(
+        False, description="Use the toy world's SFT conversations (sft_train.jsonl) as the data."
+    )
+    format: Literal["chat", "text"] = Field(
+        "chat", description="chat: conversations through the chat template; text: {text} JSONL."
+    )
+    start: float = Field(
+        0.8,
+        ge=0,
+        lt=1,
+        description="Fraction of the steps after which it is mixed in (with a "
+        "wsd schedule, set it to where the decay starts).",
+    )
+    fraction: float = Field(
+        0.25, gt=0, le=1, description="Share of each micro-batch's windows drawn from it then."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MidtrainSettings:
+        if self.data and self.from_world:
+            raise ValueError("midtrain: give data or from_world, not both")
+        return self
 
 
 class Config(StrictModel):
@@ -55,6 +89,10 @@ class Config(StrictModel):
         default_factory=TrainSettings, description="Optimiser and schedule."
     )
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation.")
+    midtrain: MidtrainSettings = Field(
+        default_factory=MidtrainSettings,
+        description="Mid-training: instruction data mixed into the last part (the decay phase).",
+    )
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
@@ -66,6 +104,10 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
         found["tokenizer"] = resolve_input(cfg.tokenizer, ctx, cfg.world_stage, "tokenizer")
     if cfg.model not in _presets():
         found["model"] = Path(cfg.model)
+    if cfg.midtrain.data or cfg.midtrain.from_world:
+        found["midtrain"] = resolve_input(
+            cfg.midtrain.data, ctx, cfg.world_stage, "sft_train.jsonl"
+        )
     return found
 
 
@@ -86,11 +128,18 @@ class WindowObjective:
         grad_accum: int,
         seed: int,
         device,
+        mid: tuple[torch.Tensor, int, float] | None = None,
     ):
         if len(stream) < seq_len + 2:
             raise ValueError(f"training text too short: {len(stream)} tokens for seq_len {seq_len}")
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.grad_accum, self.seed, self.device = grad_accum, seed, device
+        # mid-training: (its stream, the first step that mixes it in, its share of windows)
+        self.mid = mid
+        if mid is not None and len(mid[0]) < seq_len + 2:
+            raise ValueError(
+                f"mid-training text too short: {len(mid[0])} tokens for seq_len {seq_len}"
+            )
 
     def batches(self, step: int) -> list[torch.Tensor]:
         """This rank's micro-batches: a step draws grad_accum x ranks of them, rank r takes
@@ -100,10 +149,14 @@ class WindowObjective:
         n = micro_per_step(self.grad_accum)
         starts = torch.randint(0, high, (n, self.batch_size), generator=g)
         span = torch.arange(self.seq_len + 1)
-        return [
-            self.stream[starts[i][:, None] + span].to(self.device)
-            for i in dist.shard(list(range(n)))
-        ]  # fmt: skip  (each (B, T+1))
+        windows = self.stream[starts[..., None] + span]  # (n, B, T+1)
+        if self.mid is not None and step >= self.mid[1]:
+            mid, _, share = self.mid
+            k = max(1, round(share * self.batch_size))  # the last k windows of each micro-batch
+            gm = torch.Generator().manual_seed(self.seed * 1_000_033 + step)
+            mstarts = torch.randint(0, len(mid) - self.seq_len - 1, (n, k), generator=gm)
+            windows[:, self.batch_size - k :] = mid[mstarts[..., None] + span]
+        return [windows[i].to(self.device) for i in dist.shard(list(range(n)))]  # each (B, T+1)
 
     def weight(self, batch: torch.Tensor) -> float:
         return batch.shape[0] * (batch.shape[1] - 1)
@@ -118,6 +171,18 @@ class WindowObjective:
         logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # (B, T, V)
         loss, _ = lm_loss_sum(logits, batch[:, 1:])
         return loss, {}
+
+
+def _midtrain_texts(cfg: MidtrainSettings, path: Path, tok) -> list[str]:
+    """Mid-training documents: text, or conversations rendered with the chat template."""
+    from posttrain.data.text import read_texts
+
+    if cfg.format == "text":
+        return read_texts(path)
+    from posttrain.data.readers import load_chat_data
+
+    examples, _ = load_chat_data(path)
+    return [tok.apply_chat_template(e["messages"], tokenize=False) for e in examples]
 
 
 def _model_and_tokenizer(cfg: Config, ctx: StageContext, paths: dict):
@@ -151,8 +216,16 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         f"{ctx.name}: {len(stream):,} training tokens; {cfg.train.steps} steps of "
         f"{cfg.batch_size * micro_per_step(cfg.train.grad_accum) * cfg.seq_len:,} tokens"
     )
+    mid = None
+    if "midtrain" in paths:
+        mid_stream = tokenize_stream(_midtrain_texts(cfg.midtrain, paths["midtrain"], tok), tok)
+        first = int(cfg.midtrain.start * cfg.train.steps)
+        mid = (mid_stream, first, cfg.midtrain.fraction)
+        ctx.logger.info(f"{ctx.name}: mid-training on {len(mid_stream):,} tokens of "
+                        f"{paths['midtrain']}, {cfg.midtrain.fraction:.0%} of the windows from "
+                        f"step {first + 1}")  # fmt: skip
     objective = WindowObjective(
-        stream, cfg.seq_len, cfg.batch_size, cfg.train.grad_accum, ctx.seed, ctx.device
+        stream, cfg.seq_len, cfg.batch_size, cfg.train.grad_accum, ctx.seed, ctx.device, mid
     )
     result = train_with_progress(ctx, model, objective, cfg.train)
     metrics = {
@@ -162,6 +235,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         "train/seconds": round(result.seconds, 2),
         "train/epochs": round(result.tokens / len(stream), 3),
     }
+    if mid is not None:
+        metrics |= {"midtrain/tokens": len(mid[0]), "midtrain/first_step": mid[1] + 1}
     if not dist.is_main():  # rank 0 saves and evaluates; its result is the stage's
         return StageResult(metrics)
     save_model(model, tok, ctx.stage_dir / "model")

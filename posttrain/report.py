@@ -149,22 +149,18 @@ def plot_rl(run_dir: Path, stage: str, metrics: dict) -> Path | None:
     return _save(fig, run_dir / "plots" / f"{stage}_rl.png")
 
 
-def plot_calibration(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+def plot_calibration(run_dir: Path, stage: str, result: dict) -> Path | None:
     """Reliability diagram: accuracy against confidence in its own answer, one line per model."""
-    import math
+    from posttrain.eval.metrics import confidences, reliability
 
-    from posttrain.eval.metrics import answerable, reliability
-
-    result = json.loads((run_dir / stage / "result.json").read_text())
     curves = {}
     for label, rel in result.get("artifacts", {}).items():
         f = run_dir / rel
         if label not in result.get("evals", {}) or not f.is_file():  # a benchmark's records
             continue
-        rs = [r for r in read_jsonl(f) if answerable(r) and r.get("logprob") is not None]
-        if rs:
-            curves[label] = reliability([math.exp(r["logprob"]) for r in rs],
-                                        [bool(r["components"].get("correct")) for r in rs])  # fmt: skip
+        conf, correct = confidences(read_jsonl(f))
+        if conf:
+            curves[label] = reliability(conf, correct)
     if not curves:
         return None
     plt = _pyplot()
@@ -186,10 +182,9 @@ def plot_calibration(run_dir: Path, stage: str, metrics: dict) -> Path | None:
     return _save(fig, run_dir / "plots" / f"{stage}_calibration.png")
 
 
-def plot_over_optimisation(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+def plot_over_optimisation(run_dir: Path, stage: str, result: dict) -> Path | None:
     """Best-of-k gold and proxy reward against the KL bound: over-optimisation at a glance."""
-    evals = json.loads((run_dir / stage / "result.json").read_text()).get("evals", {})
-    found = {label: m for label, m in evals.items() if "overopt/kl@1" in m}
+    found = {label: m for label, m in result.get("evals", {}).items() if "overopt/kl@1" in m}
     if not found:
         return None
     plt = _pyplot()
@@ -197,11 +192,11 @@ def plot_over_optimisation(run_dir: Path, stage: str, metrics: dict) -> Path | N
     ax2 = ax.twinx()
     for label, m in found.items():
         ks = sorted(int(key.split("@")[1]) for key in m if key.startswith("overopt/kl@"))
-        kl = [m[f"overopt/kl@{k}"] for k in ks]
-        ax.plot(kl, [m[f"overopt/gold@{k}"] for k in ks], "o-", ms=3, label=f"{label}: gold")
+        kl, gold = [m[f"overopt/kl@{k}"] for k in ks], [m[f"overopt/gold@{k}"] for k in ks]
+        ax.plot(kl, gold, "o-", ms=3, label=f"{label}: gold")
         ax2.plot(kl, [m[f"overopt/reward@{k}"] for k in ks], "s--", ms=3, color="tab:red",
                  label=f"{label}: proxy reward")  # fmt: skip
-        for k, x, y in zip(ks, kl, [m[f"overopt/gold@{k}"] for k in ks], strict=True):
+        for k, x, y in zip(ks, kl, gold, strict=True):
             ax.annotate(f"n={k}", (x, y), fontsize=7, textcoords="offset points", xytext=(2, 4))
     ax.set_xlabel("KL bound of best-of-n (nats): log n - (n-1)/n")
     ax.set_ylabel("gold (mean score)")
@@ -223,10 +218,10 @@ TRADEOFFS = [
 ]
 
 
-def plot_tradeoffs(run_dir: Path, stage: str, metrics: dict) -> Path | None:
+def plot_tradeoffs(run_dir: Path, stage: str, result: dict) -> Path | None:
     """One point per evaluated model on the trade-offs post-training moves along: safety
     (violations vs false refusals), length vs gold, and abstaining vs knowing."""
-    evals = json.loads((run_dir / stage / "result.json").read_text()).get("evals", {})
+    evals = result.get("evals", {})
     panels = [(x, y, t) for x, y, t in TRADEOFFS
               if sum(x in m and y in m for m in evals.values()) >= 2]  # fmt: skip
     if not panels:
@@ -251,8 +246,10 @@ def plot_tradeoffs(run_dir: Path, stage: str, metrics: dict) -> Path | None:
 
 
 def plot_evaluate(run_dir: Path, stage: str, metrics: dict) -> list[Path | None]:
-    return [plot_tradeoffs(run_dir, stage, metrics), plot_calibration(run_dir, stage, metrics),
-            plot_over_optimisation(run_dir, stage, metrics)]  # fmt: skip
+    """The evaluate stage's plots, from its result.json (evals and the records it wrote)."""
+    result = json.loads((run_dir / stage / "result.json").read_text())
+    return [plot(run_dir, stage, result)
+            for plot in (plot_tradeoffs, plot_calibration, plot_over_optimisation)]  # fmt: skip
 
 
 PLOTTERS = {"rank": plot_rank, "reward": plot_reward, "dpo": plot_dpo, "ppo": plot_rl, "grpo": plot_rl,

@@ -135,6 +135,7 @@ def test_items_that_cannot_fit_the_context_are_counted_or_named(
     ev = json.loads((out / "evaluate/result.json").read_text())["evals"]["mine"]
     recs = (out / "evaluate/mine.gsm8k.jsonl").read_text().splitlines()
     assert ev["gsm8k/skipped_overlong"] + len(recs) == 4 and ev["gsm8k/n"] == len(recs)
+    assert ev["gsm8k/skipped_overlong"] > 0 and recs  # both kinds: some fit, some do not
     cfg = eval_config(tmp_path, lm, rm, shared_data, reward_model=None,
                       benchmarks={"gsm8k": {"n": 2, "max_new_tokens": 510}})  # fmt: skip
     assert main(["evaluate", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 2

@@ -396,7 +396,7 @@ def curate(examples: list[dict], settings: CurateSettings) -> tuple[list[dict], 
         decontamination_ngrams(settings.decontaminate, settings) if settings.decontaminate else None
     )
     lo, hi = settings.min_response_words, settings.max_response_words
-    kept, seen = [], set()
+    kept, texts, seen = [], [], set()
     for ex in examples:
         n = response_words(ex)
         if n < lo or (hi is not None and n > hi):
@@ -414,9 +414,9 @@ def curate(examples: list[dict], settings: CurateSettings) -> tuple[list[dict], 
                 stats["curate/dropped_exact_duplicate"] += 1
                 continue
             seen.add(key)
+            texts.append(key)  # near dedup shingles it too (its separators are not words)
         kept.append(ex)
     if settings.dedup == "near" and kept:
-        texts = [normalized_text(ex) for ex in kept]  # separators are not words
         dup = near_duplicates(texts, settings.near_threshold, settings.num_perm, settings.bands)
         stats["curate/dropped_near_duplicate"] = sum(dup)
         kept = [ex for ex, d in zip(kept, dup, strict=True) if not d]

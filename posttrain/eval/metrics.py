@@ -57,6 +57,12 @@ def answerable(r: dict) -> bool:
     )
 
 
+def confidences(records: list[dict]) -> tuple[list[float], list[bool]]:
+    """(confidence, correct) of the answerable records that carry a log-prob."""
+    rs = [r for r in records if answerable(r) and r.get("logprob") is not None]
+    return [math.exp(r["logprob"]) for r in rs], [bool(r["components"].get("correct")) for r in rs]
+
+
 def calibration(records: list[dict]) -> dict:
     """How well the model's confidence in its own answer predicts that the answer is right.
 
@@ -65,11 +71,9 @@ def calibration(records: list[dict]) -> dict:
     report's figure 8); the toy world shows whether a stage did. Also the mean confidence of
     hallucinated answers about unknown entities: tail knowledge stated with certainty.
     """
-    rs = [r for r in records if answerable(r) and r.get("logprob") is not None]
-    if not rs:
+    conf, correct = confidences(records)
+    if not conf:
         return {}
-    conf = [math.exp(r["logprob"]) for r in rs]
-    correct = [bool(r["components"].get("correct")) for r in rs]
     hallucinated = [math.exp(r["logprob"]) for r in records
                     if r.get("logprob") is not None and r["components"].get("hallucinated")]  # fmt: skip
     return {

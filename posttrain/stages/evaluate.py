@@ -250,6 +250,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                for name, spec in cfg.benchmarks.items()}  # fmt: skip
     evals, samples, metrics, artifacts = {}, {}, {}, {}
     prefixes = {name.removesuffix("_mc") for name in benches}  # metric names: truthfulqa/mc1, ...
+
+    def is_bench(k: str) -> bool:  # a benchmark's headline metric, not one of its details
+        return k.split("/")[0] in prefixes and k.rsplit("/", 1)[1] not in BENCH_DETAILS
+
     scorer = None
     if cfg.reward_model:
         from posttrain.rl.rewards import ModelReward
@@ -275,9 +279,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 model, tok, tasks, world, spec.prompt, cfg, ctx.seed, bon
             )
             if dist.is_main():
-                if (
-                    scorer is not None
-                ):  # the learned reward of each response (chat form of the prompt)
+                if scorer is not None:  # the learned reward of each response (prompt in chat form)
                     scored = scorer([{"messages": t.messages()} for t in tasks],
                                     [r["response"] for r in records])  # fmt: skip
                     for r, sc in zip(records, scored, strict=True):
@@ -300,19 +302,12 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         if not dist.is_main():
             continue
         evals[label] = summary
-        bench = {k: v for k, v in summary.items()
-                 if k.split("/")[0] in prefixes and k.rsplit("/", 1)[1] not in BENCH_DETAILS}  # fmt: skip
-        toy = {
-            k: v
-            for k, v in summary.items()
-            if k.startswith(("gold/", "safety/", "knowledge/known"))
-        }
-        metrics |= {f"{label}/{k}": v for k, v in (toy | bench).items()
-                    if not k.startswith("gold/") or k == "gold/mean"}  # fmt: skip
-        logged = {k: v for k, v in (toy | bench).items() if k.startswith("gold/") or k in bench}
-        ctx.logger.info(
-            f"{ctx.name}: {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in logged.items())
-        )
+
+        metrics |= {f"{label}/{k}": v for k, v in summary.items() if is_bench(k) or k == "gold/mean"
+                    or k.startswith(("safety/", "knowledge/known"))}  # fmt: skip
+        logged = ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
+                           if k.startswith("gold/") or is_bench(k))  # fmt: skip
+        ctx.logger.info(f"{ctx.name}: {label}: {logged}")
     return StageResult(metrics, artifacts, evals=evals, samples=samples)
 
 
@@ -373,8 +368,8 @@ def run_benchmark(name: str, items: list, model, tok, mode: str, cfg: Config, se
         summary = B.score_alpaca_eval(items, responses, ours, ref)
         judged = [{"reward": o, "reference_reward": f} for o, f in zip(ours, ref, strict=True)]
     else:
-        summary = B.SCORERS[name](items, responses)
         judged = B.judge(name, items, responses)
+        summary = B.summarize_judged(name, items, judged)
     summary[f"{name}/skipped_overlong"] = len(fits) - len(items)
     summary[f"{name}/mean_tokens"] = sum(a[1] for a in answers) / max(1, len(answers))
     summary[f"{name}/truncated_rate"] = sum(a[2] for a in answers) / max(1, len(answers))

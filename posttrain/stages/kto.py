@@ -167,8 +167,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         val_tok, _, val_data = _prepared(tok, val_recs, cfg, pad, 0)
         val_ref = reference_logps(model, val_data.all(), ctx.device, len(val_tok))
         val_obj = KTOObjective(cfg, val_data, ctx.device, val_ref)
-        val = [tuple(b.to(ctx.device) for b in _split(val_data, sb.index.tolist()))
-               for sb in val_data.all()]  # fmt: skip
+        n, bs = len(val_tok), cfg.batch_size
+        val = [tuple(b.to(ctx.device) for b in _split(val_data, list(range(s, min(s + bs, n)))))
+               for s in range(0, n, bs)]  # fmt: skip
     result, metrics = train_and_save(ctx, model, tok, objective, settings, val_obj, val)
     metrics |= {"data/train_replies": len(tokenized), "data/desirable": good,
                 "data/val_replies": len(val_recs)}  # fmt: skip

@@ -149,14 +149,15 @@ class WindowObjective:
         n = micro_per_step(self.grad_accum)
         starts = torch.randint(0, high, (n, self.batch_size), generator=g)
         span = torch.arange(self.seq_len + 1)
-        windows = self.stream[starts[..., None] + span]  # (n, B, T+1)
+        mine = dist.shard(list(range(n)))  # every rank draws all n, gathers only its own
+        windows = self.stream[starts[mine, :, None] + span]  # (len(mine), B, T+1)
         if self.mid is not None and step >= self.mid[1]:
             mid, _, share = self.mid
             k = max(1, round(share * self.batch_size))  # the last k windows of each micro-batch
             gm = torch.Generator().manual_seed(self.seed * 1_000_033 + step)
             mstarts = torch.randint(0, len(mid) - self.seq_len - 1, (n, k), generator=gm)
-            windows[:, self.batch_size - k :] = mid[mstarts[..., None] + span]
-        return [windows[i].to(self.device) for i in dist.shard(list(range(n)))]  # each (B, T+1)
+            windows[:, self.batch_size - k :] = mid[mstarts[mine, :, None] + span]
+        return [w.to(self.device) for w in windows]  # each (B, T+1)
 
     def weight(self, batch: torch.Tensor) -> float:
         return batch.shape[0] * (batch.shape[1] - 1)

@@ -390,7 +390,6 @@ class RLTrainer:
         from posttrain.ops import rl as ops
         from posttrain.ops.reduce import masked_sum
         from posttrain.rl.rollout import batch_of, from_flat, token_logps, token_values
-        from posttrain.train.loop import TrainingDiverged
 
         cfg = self.cfg
         if cfg.algo == "online_dpo":
@@ -442,18 +441,7 @@ class RLTrainer:
                         sums.setdefault("value/loss", []).append(vloss.item())
                         for k2, v2 in vm.items():
                             sums.setdefault(k2, []).append(float(v2) * w)
-                # every rank learns of a non-finite loss anywhere, and stops with the same error
-                n_bad = int(dist.all_sum([bad])[0])
-                if n_bad:
-                    raise TrainingDiverged(
-                        f"{self.ctx.name}: non-finite policy loss in {n_bad} micro-batch(es)"
-                    )
-                dist.sync_grads(self.policy)  # sums: each loss was divided by the global count
-                gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                if not torch.isfinite(gn):
-                    raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm")
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                self._policy_step(bad, "policy")
                 if self.value is not None:
                     dist.sync_grads(self.value)
                     torch.nn.utils.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm)
@@ -464,6 +452,25 @@ class RLTrainer:
         n_mb = cfg.epochs * math.ceil(S / mb_size)
         return {k: sum(vs) / n_mb for k, vs in sums.items()}
 
+    def _policy_step(self, bad: float, what: str) -> None:
+        """One optimiser step of the policy after a minibatch's backward passes. `bad` counts
+        this rank's non-finite losses: summed over ranks first, so every rank stops with the
+        same error; then gradients summed over ranks (each loss was divided by the global
+        count), clipped, applied."""
+        from posttrain.train.loop import TrainingDiverged
+
+        n_bad = int(dist.all_sum([bad])[0])
+        if n_bad:
+            raise TrainingDiverged(
+                f"{self.ctx.name}: non-finite {what} loss in {n_bad} micro-batch(es)"
+            )
+        dist.sync_grads(self.policy)
+        gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+        if not torch.isfinite(gn):
+            raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
     def update_dpo(self, ro) -> dict:
         """Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): in each group of k samples, the
         highest-scored response is chosen and the lowest rejected (groups whose scores are all
@@ -472,31 +479,29 @@ class RLTrainer:
         groups; its loss is the mean over its pairs on every rank."""
         from posttrain.ops.preference import dpo_loss
         from posttrain.rl.rollout import batch_of, from_flat, token_logps
-        from posttrain.train.loop import TrainingDiverged
 
         cfg, k = self.cfg, self.cfg.rollout.k
         grid = ro.scores.view(-1, k)
         pairs = [(g * k + int(row.argmax()), g * k + int(row.argmin()))
                  for g, row in enumerate(grid) if row.max() > row.min()]  # fmt: skip
         by_group = {c // k: (c, r) for c, r in pairs}
-        n_groups, mb_groups = len(grid), cfg.minibatch_size // k // dist.world()
+        n_groups, mb_groups = len(grid), max(1, cfg.minibatch_size // k // dist.world())
+        mb_pairs_per_micro = max(1, cfg.micro_batch_size // 2)
         rng = random.Random(self.ctx.seed + int(ro.old_logp.numel()))
         sums: dict[str, float] = {}
         n_mb = 0
         for _ in range(cfg.epochs):
             order = list(range(n_groups))
             rng.shuffle(order)
-            for mb in range(0, n_groups, max(1, mb_groups)):  # the same count on every rank
-                mb_pairs = [
-                    by_group[g] for g in order[mb : mb + max(1, mb_groups)] if g in by_group
-                ]
+            for mb in range(0, n_groups, mb_groups):  # the same count on every rank
+                mb_pairs = [by_group[g] for g in order[mb : mb + mb_groups] if g in by_group]
                 total = dist.all_sum([float(len(mb_pairs))])[0]
                 if not total:
                     continue  # no pair anywhere in this minibatch: every rank skips the step
                 n_mb += 1
                 bad = 0.0
-                for mi in range(0, len(mb_pairs), max(1, cfg.micro_batch_size // 2)):
-                    chunk = mb_pairs[mi : mi + max(1, cfg.micro_batch_size // 2)]
+                for mi in range(0, len(mb_pairs), mb_pairs_per_micro):
+                    chunk = mb_pairs[mi : mi + mb_pairs_per_micro]
                     idx = [c for c, _ in chunk] + [r for _, r in chunk]
                     mask = ro.mask[idx]
                     b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
@@ -511,17 +516,7 @@ class RLTrainer:
                     sums["policy/loss"] = sums.get("policy/loss", 0.0) + loss.item()
                     for key, v in m.items():
                         sums[key] = sums.get(key, 0.0) + float(v) * B / total
-                n_bad = int(dist.all_sum([bad])[0])
-                if n_bad:
-                    raise TrainingDiverged(
-                        f"{self.ctx.name}: non-finite DPO loss in {n_bad} micro-batch(es)"
-                    )
-                dist.sync_grads(self.policy)
-                gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                if not torch.isfinite(gn):
-                    raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm")
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                self._policy_step(bad, "DPO")
         # This rank's share of each minibatch mean, times W: run() averages the ranks' values.
         W = dist.world()
         out = {key: v * W / max(n_mb, 1) for key, v in sums.items()}

@@ -1,15 +1,19 @@
 """Admin routes: progress per annotator, agreement over the human labels, export.
 
 Agreement is the rank stage's own `agreement_metrics` (gold agreement where the candidates carry
-gold, Cohen's kappa per annotator pair, Krippendorff's alpha); export is `export.export`.
+gold, Cohen's kappa per annotator pair, Krippendorff's alpha); export is `export.export`. Both
+skip a stored ranking that fails the checks and list it, with its row id, under `invalid`.
+The export form redirects after its POST (303 to `GET /admin/export`, which shows the last
+export), so reloading the result page exports nothing.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from posttrain.annotate import db
 from posttrain.annotate.pages import render
@@ -26,7 +30,7 @@ def overview(store, conn) -> dict:
     zero = {"ranked": 0, "skipped": 0, "revisions": 0}
     rows = [{"name": a.name, "group": a.group, "assigned": len(assigned.get(a.name, [])),
              **counted.get(a.name, zero)} for a in people]  # fmt: skip
-    rankings = human_rankings(conn, store.cands)
+    rankings, invalid = human_rankings(conn, store.cands)
     per_prompt = Counter(r["prompt_id"] for r in rankings)
     need = min(store.k, len(people)) or 1
     return {
@@ -38,21 +42,25 @@ def overview(store, conn) -> dict:
         "complete": sum(n >= need for n in per_prompt.values()),
         "rows": rows,
         "metrics": agreement_metrics(rankings, store.cands) if rankings else {},
+        "invalid": invalid,
     }
 
 
 def add_admin_routes(app: FastAPI, gate) -> None:
-    from posttrain.annotate.export import export
+    from posttrain.annotate.export import export, last_export
 
     store, session, threaded = gate.store, gate.session, gate.threaded
 
-    def admin_page(conn, s, exported=None) -> HTMLResponse:
+    def admin_page(conn, s, show_export: bool = False) -> HTMLResponse:
         o = overview(store, conn)
         metrics = [
             (k, f"{v:.3f}" if isinstance(v, float) else v) for k, v in o.pop("metrics").items()
         ]
+        exported = last_export(conn) if show_export else None
+        if exported:
+            exported["when"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(exported["time"]))
         html = render("admin.html", title="Progress", me=s.annotator, csrf=s.csrf, metrics=metrics,
-                      exported=exported, **o)  # fmt: skip
+                      show_export=show_export, exported=exported, **o)  # fmt: skip
         return HTMLResponse(html)
 
     def do_export():
@@ -68,13 +76,21 @@ def add_admin_routes(app: FastAPI, gate) -> None:
 
         return await threaded(work)()
 
-    @app.post("/admin/export", response_class=HTMLResponse)
+    @app.get("/admin/export", response_class=HTMLResponse)
+    async def admin_export_result(request: Request):
+        def work(conn):
+            return admin_page(conn, session(request, conn, role="admin"), show_export=True)
+
+        return await threaded(work)()
+
+    @app.post("/admin/export")
     async def admin_export(request: Request):
         form = await request.form()
 
         def work(conn):
-            s = gate.write_session(request, conn, form.get("csrf"), role="admin")
-            return admin_page(conn, s, exported=do_export())
+            gate.write_session(request, conn, form.get("csrf"), role="admin")
+            do_export()
+            return RedirectResponse("/admin/export", 303)  # reloading the result re-posts nothing
 
         return await threaded(work)()
 
@@ -92,6 +108,6 @@ def add_admin_routes(app: FastAPI, gate) -> None:
             gate.write_session(request, conn, request.headers.get("x-csrf-token"), role="admin")
             e = do_export()
             return {"paths": {k: str(v) for k, v in e.paths.items()}, "rankings": e.rankings,
-                    "pairs": e.pairs, "metrics": e.metrics}  # fmt: skip
+                    "pairs": e.pairs, "metrics": e.metrics, "invalid": e.invalid}  # fmt: skip
 
         return await threaded(work)()

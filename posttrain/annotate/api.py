@@ -2,11 +2,14 @@
 
     POST /api/login {"token"}              -> {"annotator", "group", "role", "csrf"} + cookie
     GET  /api/me | /api/queue | /api/labels | /api/prompt/{prompt_id}
-    POST /api/rank {"prompt_id", "order"}  (header X-CSRF-Token) -> {"prompt_id", "order", "revision"}
+    POST /api/rank {"prompt_id", "order"}  (header X-CSRF-Token)
+                                           -> {"prompt_id", "order", "revision", "changed"}
     POST /api/skip {"prompt_id"}           (header X-CSRF-Token)
 
-A 200 from /api/rank means the ranking is committed to disk. Submitting again for the same prompt
-replaces the caller's own ranking (`revision` counts up); it never adds a second one.
+A 200 from /api/rank means the ranking is committed to disk. Submitting a different order for
+the same prompt replaces the caller's own ranking (`revision` counts up); the same ranking again
+(a retry) is acknowledged with `"changed": false` and the stored revision. Neither adds a second
+one. Bodies over 1 MiB get 413, JSON nested too deeply 400 (see `checks`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from fastapi import FastAPI, HTTPException, Request
 
 from posttrain.annotate import db
+from posttrain.annotate.checks import clip
 from posttrain.annotate.core import Gate, content_text, letter, progress
 
 COUNTS = ("assigned", "ranked", "skipped", "queued")
@@ -22,15 +26,13 @@ COUNTS = ("assigned", "ranked", "skipped", "queued")
 def check_fields(body: dict, allowed: set[str]) -> None:
     extra = sorted(set(body) - allowed)
     if extra:
-        raise HTTPException(422, f"unknown field {extra[0]!r} (allowed: {sorted(allowed)}); "
+        raise HTTPException(422, f"unknown field {clip(extra[0])} (allowed: {sorted(allowed)}); "
                             "labels are always stored as the logged-in annotator's")  # fmt: skip
     if not isinstance(body.get("prompt_id"), str):
         raise HTTPException(422, "'prompt_id' must be a string")
 
 
 def add_api_routes(app: FastAPI, gate: Gate) -> None:
-    from posttrain.stages.rank import check_order
-
     store = gate.store
 
     @app.get("/api/me")
@@ -89,12 +91,12 @@ def add_api_routes(app: FastAPI, gate: Gate) -> None:
             pid = body["prompt_id"]
             gate.require_mine(conn, s, pid)
             n = len(store.cands[pid]["responses"])
-            try:
-                check_order(body.get("order"), n, f"prompt {pid!r}")
+            try:  # save_ranking checks the order (checks.check_ranking) before it stores it
+                saved = db.save_ranking(conn, pid, s.annotator.name, body.get("order"), n)
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
-            rev = db.save_ranking(conn, pid, s.annotator.name, body["order"], n)
-            return {"prompt_id": pid, "order": body["order"], "revision": rev}
+            return {"prompt_id": pid, "order": body["order"], "revision": saved.revision,
+                    "changed": saved.changed}  # fmt: skip
 
         return await gate.threaded(work)()
 

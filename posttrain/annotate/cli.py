@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     serve.add_argument("--k", type=int, default=2, help="annotators per prompt (default 2)")
     for name, what in (("add-annotator", "an annotator"), ("add-admin", "an admin")):
         add = acts.add_parser(name, help=f"register {what}; prints a one-time login link")
-        add.add_argument("name", help="letters, digits, '_', '.', '-'")
+        add.add_argument("name", help="letters, digits, '_', '.', '-'; not path-like ('..')")
         add.add_argument("--run", required=True, help="run directory")
         add.add_argument("--url", default="http://127.0.0.1:8000",
                          help="the app's address, for the printed link")  # fmt: skip
@@ -71,4 +71,8 @@ def report_export(run: str, stage: str | None) -> None:
         print(f"  {path}")
     for k, v in e.metrics.items():
         print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    if e.invalid:
+        print(f"warning: left out {len(e.invalid)} invalid stored ranking(s):")
+        for r in e.invalid:
+            print(f"  invalid ranking id {r['id']}: {r['problem']}")
     print(f"train on them with the rank stage: rank.labels: {e.paths['rankings']}")

@@ -2,6 +2,8 @@
 
 A route's database work runs in the thread pool on a connection of its own (`Gate.threaded`),
 so a slow fsync never blocks the event loop and no connection is shared between threads.
+A request body (JSON or form) over `checks.MAX_BODY` is refused with 413 as it arrives
+(`BodyLimit`), and a JSON body nested deeper than `checks.MAX_DEPTH` with 400.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
 from posttrain.annotate import db
+from posttrain.annotate.checks import MAX_BODY, MAX_DEPTH, check_ranking, clip, too_deep
 
 COOKIE = "posttrain_session"
+TOO_LARGE = (f"the request body is larger than {MAX_BODY // 1024 // 1024} MiB ({MAX_BODY:,} bytes),"
+             " the limit for JSON and form bodies")  # fmt: skip
+TOO_DEEP = f"the JSON body is nested too deeply (more than {MAX_DEPTH} levels)"
 
 
 @dataclass
@@ -75,9 +81,12 @@ def open_store(run_dir: str | Path, stage: str, k: int = 2) -> Store:
 
 
 def progress(store: Store, conn, name: str) -> dict:
-    """An annotator's queue (unranked, unskipped assigned prompts in file order) and counts."""
+    """An annotator's queue (unranked, unskipped assigned prompts in file order) and counts. A
+    stored ranking that fails the checks counts as not ranked: the prompt is back in the queue,
+    and ranking it again replaces the bad row."""
     assigned = store.assignment(conn).get(name, [])
-    ranked = set(db.rankings_of(conn, name)) & set(store.cands)
+    ranked = {p for p, order in db.rankings_of(conn, name).items()
+              if p in store.cands and valid_order(order, len(store.cands[p]["responses"]))}  # fmt: skip
     skipped = (db.skips_of(conn, name) & set(store.cands)) - ranked
     queue = [p for p in assigned if p not in ranked and p not in skipped]
     return {
@@ -88,6 +97,14 @@ def progress(store: Store, conn, name: str) -> dict:
         "queue": queue,
         "skipped_ids": sorted(skipped, key=store.position.get),
     }
+
+
+def valid_order(order, n: int) -> bool:
+    try:
+        check_ranking(order, n, "")
+    except ValueError:
+        return False
+    return True
 
 
 def content_text(message: dict) -> str:
@@ -158,19 +175,56 @@ class Gate:
         """The prompt must be assigned to the caller (or ranked or skipped by them before)."""
         name = s.annotator.name
         if not isinstance(pid, str) or pid not in self.store.cands:
-            raise HTTPException(404, f"unknown prompt_id {pid!r}")
+            raise HTTPException(404, f"unknown prompt_id {clip(pid)}")
         if pid in self.store.assignment(conn).get(name, []):
             return
         if pid in db.rankings_of(conn, name) or pid in db.skips_of(conn, name):
             return
-        raise HTTPException(403, f"prompt {pid!r} is not in your queue")
+        raise HTTPException(403, f"prompt {clip(pid)} is not in your queue")
 
     @staticmethod
     async def json_body(request: Request) -> dict:
+        """The body as a JSON object: 413 over MAX_BODY (BodyLimit), 400 nested too deeply,
+        422 not a JSON object."""
         try:
             body = await request.json()
+        except RecursionError:  # the parser's own stack: 100,000 '[' in 200 kB
+            raise HTTPException(400, TOO_DEEP) from None
         except ValueError:
             raise HTTPException(422, "the body must be a JSON object") from None
+        if too_deep(body):
+            raise HTTPException(400, TOO_DEEP)
         if not isinstance(body, dict):
             raise HTTPException(422, "the body must be a JSON object")
         return body
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over MAX_BODY is refused with 413, JSON and forms alike.
+
+    A declared Content-Length over the limit is refused before anything is read; a chunked body
+    is counted as it arrives, and the route reading it gets the 413 (an HTTPException) once the
+    count passes the limit, so no more than MAX_BODY is ever held.
+    """
+
+    def __init__(self, app, on_refuse):
+        self.app, self.on_refuse = app, on_refuse  # on_refuse(scope) -> the 413 response
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            return await self.on_refuse(scope)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    raise HTTPException(413, TOO_LARGE)
+            return message
+
+        await self.app(scope, limited, send)

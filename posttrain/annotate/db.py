@@ -6,8 +6,9 @@ server. Every request opens its own connection (`connect`); writes take the writ
 (`BEGIN IMMEDIATE`) so concurrent writers queue on the busy timeout instead of failing.
 
 Secrets (login tokens, session ids) are stored as sha256 hashes only. A ranking is unique per
-(prompt_id, annotator): submitting again updates that annotator's own label and counts a
-revision; it never adds a row.
+(prompt_id, annotator): submitting a different order updates that annotator's own label and
+counts a revision; the same order again (a retry, a double submit) changes nothing. It never adds
+a row.
 """
 
 from __future__ import annotations
@@ -16,18 +17,18 @@ import contextlib
 import hashlib
 import json
 import random
-import re
 import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+from posttrain.annotate.checks import check_name, check_ranking, clip, same_ranking
 
 DB_NAME = "annotations.sqlite"
 SESSION_SECONDS = 30 * 24 * 3600
-# No '+' or '~' in names: the rank stage joins annotator names with them.
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -148,14 +149,6 @@ def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
 # ----------------------------------------------------------------------------- annotators
 
 
-def check_name(value: str, what: str) -> str:
-    if not NAME_RE.match(value):
-        raise ValueError(
-            f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '.' or '-'"
-        )
-    return value
-
-
 def add_annotator(
     path: str | Path, name: str, group: str | None = None, admin: bool = False
 ) -> tuple[str, bool]:
@@ -270,19 +263,45 @@ def display_order(prompt_id: str, name: str, n: int) -> list[int]:
 # ----------------------------------------------------------------------------- labels
 
 
-def save_ranking(conn: sqlite3.Connection, prompt_id: str, name: str, order: list, n: int) -> int:
-    """Store NAME's ranking of a prompt (already checked); returns its revision (1 = first)."""
+class Saved(NamedTuple):
+    revision: int  # 1 = the first ranking of this prompt by this annotator
+    changed: bool  # False: the same ranking was already stored (a replay), nothing was written
+
+
+def save_ranking(conn: sqlite3.Connection, prompt_id: str, name: str, order: list, n: int) -> Saved:
+    """Store NAME's ranking of a prompt. The order is checked here (`check_ranking`), whatever
+    the caller did before: a ValueError, and nothing stored, if agreement or export would refuse
+    it. The same ranking again is acknowledged with the stored revision and writes nothing; a
+    different one replaces it and counts a revision."""
+    check_ranking(order, n, f"prompt {clip(prompt_id)}")
     now = time.time()
     with transaction(conn):
-        [(rev,)] = conn.execute(
-            "INSERT INTO rankings (prompt_id, annotator, order_json, n_candidates, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (prompt_id, annotator) DO UPDATE SET "
-            "order_json = excluded.order_json, n_candidates = excluded.n_candidates, "
-            "updated = excluded.updated, revisions = revisions + 1 RETURNING revisions",
-            (prompt_id, name, json.dumps(order), n, now, now),
-        ).fetchall()
+        row = conn.execute(
+            "SELECT order_json, n_candidates, revisions FROM rankings "
+            "WHERE prompt_id = ? AND annotator = ?",
+            (prompt_id, name),
+        ).fetchone()
+        if row is not None and row[1] == n and same_ranking(load_order(row[0]), order):
+            saved = Saved(row[2], changed=False)
+        else:
+            [(rev,)] = conn.execute(
+                "INSERT INTO rankings (prompt_id, annotator, order_json, n_candidates, created, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (prompt_id, annotator) DO UPDATE "
+                "SET order_json = excluded.order_json, n_candidates = excluded.n_candidates, "
+                "updated = excluded.updated, revisions = revisions + 1 RETURNING revisions",
+                (prompt_id, name, json.dumps(order), n, now, now),
+            ).fetchall()
+            saved = Saved(rev, changed=True)
         conn.execute("DELETE FROM skips WHERE prompt_id = ? AND annotator = ?", (prompt_id, name))
-    return rev
+    return saved
+
+
+def load_order(order_json: str):
+    """A stored order, or None where the row does not hold JSON (a row no check ever saw)."""
+    try:
+        return json.loads(order_json)
+    except (ValueError, RecursionError):
+        return None
 
 
 def save_skip(conn: sqlite3.Connection, prompt_id: str, name: str) -> None:
@@ -297,7 +316,7 @@ def rankings_of(conn: sqlite3.Connection, name: str) -> dict[str, list]:
     rows = conn.execute(
         "SELECT prompt_id, order_json FROM rankings WHERE annotator = ?", (name,)
     ).fetchall()
-    return {pid: json.loads(o) for pid, o in rows}
+    return {pid: load_order(o) for pid, o in rows}
 
 
 def skips_of(conn: sqlite3.Connection, name: str) -> set[str]:
@@ -306,15 +325,19 @@ def skips_of(conn: sqlite3.Connection, name: str) -> set[str]:
 
 
 def all_rankings(conn: sqlite3.Connection) -> list[dict]:
-    """Every stored ranking as the rank stage's record plus its candidate count."""
+    """Every stored ranking as the rank stage's record plus its row id, candidate count and
+    stored text (`order` is None where that text is not JSON). Not checked: see
+    `export.human_rankings`."""
     rows = conn.execute(
-        "SELECT r.prompt_id, r.annotator, a.grp, r.order_json, r.n_candidates FROM rankings r "
-        "JOIN annotators a ON a.name = r.annotator ORDER BY r.prompt_id, r.annotator"
+        "SELECT r.id, r.prompt_id, r.annotator, a.grp, r.order_json, r.n_candidates "
+        "FROM rankings r JOIN annotators a ON a.name = r.annotator "
+        "ORDER BY r.prompt_id, r.annotator"
     ).fetchall()
     return [
-        {"prompt_id": p, "annotator": a, "group": g, "order": json.loads(o), "n_candidates": n}
-        for p, a, g, o, n in rows
-    ]
+        {"id": i, "prompt_id": p, "annotator": a, "group": g, "order": load_order(o),
+         "order_json": o, "n_candidates": n}
+        for i, p, a, g, o, n in rows
+    ]  # fmt: skip
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:

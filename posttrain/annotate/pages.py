@@ -76,6 +76,12 @@ id="rank_{{ c.index }}" name="rank_{{ c.index }}" value="{{ c.value }}"></label>
 <p>Stage <code>{{ stage }}</code>: {{ n_prompts }} prompts, each for {{ k }} annotator(s);
 {{ total }} rankings; {{ covered }} prompts ranked at least once, {{ complete }} by all
 {{ k }} of their annotators.</p>
+{% if invalid %}<div class="error" id="invalid" role="alert"><p>{{ invalid|length }} stored
+ranking(s) are invalid: they are left out of the counts above, the agreement figures and the
+export. The annotator can rank the prompt again to replace one.</p><ul>
+{% for r in invalid[:50] %}<li>ranking id {{ r.id }}: {{ r.problem }}</li>{% endfor %}
+{% if invalid|length > 50 %}<li>... and {{ invalid|length - 50 }} more</li>{% endif %}</ul></div>
+{% endif %}
 <table id="progress"><tr><th>annotator</th><th>group</th><th>assigned</th><th>ranked</th>
 <th>skipped</th><th>re-submitted</th></tr>{% for a in rows %}<tr><td>{{ a.name }}</td>
 <td>{{ a.group }}</td><td>{{ a.assigned }}</td><td>{{ a.ranked }}</td><td>{{ a.skipped }}</td>
@@ -86,8 +92,11 @@ id="rank_{{ c.index }}" name="rank_{{ c.index }}" value="{{ c.value }}"></label>
 candidates with gold scores.</p>{% else %}<p>No rankings yet.</p>{% endif %}
 <h2>Export</h2>
 {% if exported %}<p id="exported">Wrote {{ exported.rankings }} rankings and {{ exported.pairs }}
-pairs:</p><ul>{% for name, path in exported.paths.items() %}<li><code>{{ path }}</code></li>
-{% endfor %}</ul>{% endif %}
+pairs at {{ exported.when }}:</p><ul>{% for name, path in exported.paths.items() %}
+<li><code>{{ path }}</code></li>{% endfor %}</ul>
+{% if exported.invalid %}<p class="error">Left out {{ exported.invalid|length }} invalid
+ranking(s): ids {{ exported.invalid|map(attribute="id")|join(", ") }}.</p>{% endif %}
+{% elif show_export %}<p id="exported">No export yet.</p>{% endif %}
 <form method="post" action="/admin/export"><input type="hidden" name="csrf" value="{{ csrf }}">
 <button type="submit" id="export" class="primary">Export rankings.jsonl and pairs.jsonl</button>
 </form>{% endblock %}""",
@@ -177,6 +186,7 @@ DEFAULTS = {
     "error": None,
     "previous": False,
     "exported": None,
+    "show_export": False,
     "token": None,
 }
 

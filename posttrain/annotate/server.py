@@ -6,6 +6,9 @@ session's CSRF token (form field `csrf` or header `X-CSRF-Token`), and a POST wh
 another site, or whose `Sec-Fetch-Site` says cross-site, is refused before it reaches a route.
 Rankings are stored under the session's annotator only, and only for prompts assigned to them:
 no route reads or writes another annotator's labels.
+
+Input limits (`checks`): a body over 1 MiB gets 413, JSON nested too deeply 400, an invalid
+order 422; an error message quotes at most a short prefix of any value that was sent.
 """
 
 from __future__ import annotations
@@ -13,11 +16,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.annotate import db
-from posttrain.annotate.core import COOKIE, Gate, Store, content_text, letter, open_store, progress
+from posttrain.annotate.checks import clip, clip_text
+from posttrain.annotate.core import (
+    COOKIE,
+    TOO_LARGE,
+    BodyLimit,
+    Gate,
+    Store,
+    content_text,
+    letter,
+    open_store,
+    progress,
+)
 from posttrain.annotate.pages import CSS, JS, render
 
 HEADERS = {
@@ -28,8 +43,10 @@ HEADERS = {
     "Referrer-Policy": "same-origin",  # no-referrer would make POSTs send `Origin: null`
     "Cache-Control": "no-store",
 }
-TITLES = {401: "Not logged in", 403: "Refused", 404: "Not found", 409: "Conflict",
-          422: "Invalid input"}  # fmt: skip
+TITLES = {400: "Bad request", 401: "Not logged in", 403: "Refused", 404: "Not found",
+          409: "Conflict", 413: "Too large", 422: "Invalid input"}  # fmt: skip
+MAX_MESSAGE = 1000  # an error message longer than this is cut: it quoted too much of the input
+SHOWN_RANK = 8  # characters of a refused rank field shown again in its input box
 
 
 def order_from_ranks(ranks: dict[int, int]) -> list:
@@ -47,14 +64,14 @@ def parse_form_ranks(form, shown: list[int]) -> list:
     allowed = {f"rank_{i}" for i in shown}
     extra = sorted(k for k in form.keys() if k.startswith("rank_") and k not in allowed)
     if extra:
-        raise ValueError(f"unknown field {extra[0]!r}: rank only the responses shown")
+        raise ValueError(f"unknown field {clip(extra[0])}: rank only the responses shown")
     ranks, missing = {}, []
     for pos, i in enumerate(shown):
         v = str(form.get(f"rank_{i}") or "").strip()
         if not v:
             missing.append(letter(pos))
         elif not v.isdecimal() or int(v) < 1:
-            raise ValueError(f"response {letter(pos)}: rank {v!r} is not a whole number from 1")
+            raise ValueError(f"response {letter(pos)}: rank {clip(v)} is not a whole number from 1")
         else:
             ranks[i] = int(v)
     if missing:
@@ -63,6 +80,7 @@ def parse_form_ranks(form, shown: list[int]) -> list:
 
 
 def error_response(request: Request, status: int, message: str) -> Response:
+    message = clip_text(message, MAX_MESSAGE)  # whatever a check quoted, never the whole input
     if request.url.path.startswith("/api/"):
         return JSONResponse({"detail": message}, status_code=status)
     title = TITLES.get(status, "Error")
@@ -75,12 +93,19 @@ def set_cookie(resp: Response, sid: str) -> Response:
     return resp
 
 
+def too_large(scope) -> Response:
+    return error_response(Request(scope), 413, TOO_LARGE)
+
+
 def create_app(store: Store) -> FastAPI:
     from posttrain.annotate.admin import add_admin_routes
     from posttrain.annotate.api import add_api_routes
 
     app = FastAPI(title="posttrain annotate", docs_url=None, redoc_url=None, openapi_url=None)
     gate = Gate(store)
+    # Added before `guard`, so inside it: the 413 a route gets while reading the body passes out
+    # through guard as a response, not as an error out of the task group guard reads it in.
+    app.add_middleware(BodyLimit, on_refuse=too_large)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -101,6 +126,12 @@ def create_app(store: Store) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)  # ours and the router's 404/405 alike
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)  # a path parameter: say which, quote nothing
+    async def invalid_parameter(request: Request, exc: RequestValidationError):
+        e = exc.errors()[0]
+        where = " ".join(str(x) for x in e.get("loc", ()))
+        return error_response(request, 422, f"{where}: {e.get('msg', 'invalid')}")
 
     @app.get("/static/app.css")
     async def css():
@@ -161,7 +192,7 @@ def add_login_routes(app: FastAPI, gate: Gate) -> None:
 
 
 def add_page_routes(app: FastAPI, gate: Gate) -> None:
-    from posttrain.stages.rank import check_order, tiers
+    from posttrain.stages.rank import tiers
 
     store = gate.store
 
@@ -193,7 +224,7 @@ def add_page_routes(app: FastAPI, gate: Gate) -> None:
         rec = store.cands[pid]
         shown = db.display_order(pid, name, len(rec["responses"]))
         previous = db.rankings_of(conn, name).get(pid)
-        if values is None and previous is not None:  # show the stored ranking, to revise it
+        if values is None and isinstance(previous, list):  # the stored ranking, to revise it
             values = {
                 f"rank_{i}": str(t + 1) for t, tier in enumerate(tiers(previous)) for i in tier
             }
@@ -225,13 +256,12 @@ def add_page_routes(app: FastAPI, gate: Gate) -> None:
             s = gate.write_session(request, conn, form.get("csrf"))
             pid = gate.mine_at(conn, s, index)
             n = len(store.cands[pid]["responses"])
-            try:
+            try:  # save_ranking checks the order (checks.check_ranking) before it stores it
                 order = parse_form_ranks(form, db.display_order(pid, s.annotator.name, n))
-                check_order(order, n, f"prompt {pid!r}")
+                db.save_ranking(conn, pid, s.annotator.name, order, n)
             except ValueError as e:
-                values = {k: str(v) for k, v in form.items() if k.startswith("rank_")}
+                values = {k: str(v)[:SHOWN_RANK] for k, v in form.items() if k.startswith("rank_")}
                 return rank_page(conn, s, index, error=str(e), values=values, status=422)
-            db.save_ranking(conn, pid, s.annotator.name, order, n)
             return RedirectResponse("/rank/next", 303)
 
         return await gate.threaded(work)()

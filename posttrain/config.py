@@ -1,30 +1,23 @@
 """Pipeline configuration: one YAML file, pydantic models per stage, dotted CLI overrides.
 
 A pipeline file has a few top-level settings (`name`, `out`, `seed`, `device`, `log`), a
-`stages` list, and one section per listed stage keyed by the stage's name. A section may set
-`kind` to reuse a stage type under another name (e.g. `eval_base: {kind: evaluate, ...}`).
-Every error names the file and the dotted key.
+`stages` list, and one section per stage keyed by the stage's name. A section may set `kind`
+to reuse a stage type under another name (e.g. `eval_base: {kind: evaluate, ...}`). Sections
+of stages not in `stages` are validated but not run, so `stages=[world, pretrain]` runs a
+prefix of a full file. Every error names the file and the dotted key.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-
-class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ConfigError(ValueError):
-    """A config problem; the message names the file and the dotted key."""
+from posttrain.settings import ConfigError, StrictModel
 
 
 class LogConfig(StrictModel):
@@ -64,12 +57,16 @@ class Pipeline:
     config: PipelineConfig
     stages: list[StageSpec]
     source: str
+    # Sections of stages not in `stages` (e.g. after `stages=[sft]` on a full file): validated,
+    # never run; kept so that the world stays the file's and pipeline.yaml reloads the same.
+    unlisted: list[StageSpec] = field(default_factory=list)
 
     def world_config(self):
-        """The toy world's settings: those of the first `world` stage, else the defaults."""
+        """The toy world's settings: those of the first `world` stage (listed first, else an
+        unlisted one: the world that stage built), else the defaults."""
         from posttrain.world import WorldConfig
 
-        for s in self.stages:
+        for s in [*self.stages, *self.unlisted]:
             if s.kind == "world":
                 return WorldConfig(**s.config.model_dump(include=set(WorldConfig.model_fields)))
         return WorldConfig()
@@ -83,7 +80,7 @@ class Pipeline:
     def resolved(self) -> dict:
         """The full config with every default filled in, as it would be written to pipeline.yaml."""
         d = self.config.model_dump(mode="json")
-        for s in self.stages:
+        for s in [*self.stages, *self.unlisted]:
             sec = s.config.model_dump(mode="json")
             d[s.name] = ({"kind": s.kind} if s.kind != s.name else {}) | sec
         return d
@@ -124,14 +121,15 @@ def _format_validation(err: ValidationError, source: str, prefix: str, model) ->
             fields = _fields_at(model, e["loc"][:-1])
             lines.append(f"{source}: unknown config key '{key}'{_hint(str(e['loc'][-1]), fields)}")
         else:
-            lines.append(f"{source}: config key '{key}': {e['msg']} (got {e.get('input')!r})")
+            fix = "; give a finite number" if e["type"] == "finite_number" else ""
+            lines.append(f"{source}: config key '{key}': {e['msg']} (got {e.get('input')!r}){fix}")
     return ConfigError("\n".join(lines))
 
 
 def _fields_at(model, loc) -> list[str]:
     for part in loc:
-        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
-        ann = getattr(field, "annotation", None)
+        info = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        ann = getattr(info, "annotation", None)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
@@ -161,25 +159,44 @@ def build_pipeline(raw: dict, source: str) -> Pipeline:
     cfg = validate(PipelineConfig, top, source)
     if len(set(cfg.stages)) != len(cfg.stages):
         raise ConfigError(f"{source}: config key 'stages' lists a stage twice: {cfg.stages}")
-    for key in raw:
-        if key not in cfg.stages:
-            allowed = [*PipelineConfig.model_fields, *cfg.stages]
+    for name in cfg.stages:  # a name with neither a stage type nor a section is a typo
+        if name not in STAGES and not isinstance(raw.get(name), dict):
             raise ConfigError(
-                f"{source}: unknown config key '{key}'{_hint(key, allowed)}; "
-                f"top-level keys are {list(PipelineConfig.model_fields)} or a stage listed in 'stages'"
+                f"{source}: config key 'stages' names an unknown stage {name!r}"
+                f"{_hint(name, STAGES)}; known stages: {sorted(STAGES)} (or add a section "
+                f"'{name}: {{kind: <stage>}}' to run a stage type under another name)"
             )
-    specs = []
-    for name in cfg.stages:
-        section = dict(raw.get(name) or {})
-        kind = section.pop("kind", name)
-        if kind not in STAGES:
-            where = f"'{name}.kind'" if name in raw and "kind" in (raw[name] or {}) else "'stages'"
+    for key, section in raw.items():  # a section for an unlisted stage is allowed (not run)
+        is_stage = isinstance(section, dict) and "kind" in section
+        if key not in cfg.stages and key not in STAGES and not is_stage:
+            allowed = [*PipelineConfig.model_fields, *cfg.stages, *STAGES]
             raise ConfigError(
-                f"{source}: config key {where}: unknown stage type {kind!r}{_hint(kind, STAGES)}; "
-                f"known: {sorted(STAGES)}"
+                f"{source}: unknown config key '{key}'{_hint(key, allowed)}; top-level keys are "
+                f"{list(PipelineConfig.model_fields)}, a stage type {sorted(STAGES)}, or a "
+                "section with 'kind' naming one"
             )
-        specs.append(StageSpec(name, kind, validate(STAGES[kind].Config, section, source, name)))
-    return Pipeline(cfg, specs, source)
+    specs = [_stage_spec(name, raw.get(name), source, STAGES) for name in cfg.stages]
+    unlisted = [_stage_spec(k, v, source, STAGES) for k, v in raw.items() if k not in cfg.stages]
+    return Pipeline(cfg, specs, source, unlisted)
+
+
+def _stage_spec(name: str, section, source: str, stages: dict) -> StageSpec:
+    """One stage's section validated against its stage type's Config."""
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{source}: config key '{name}' must be a mapping, got {section!r}")
+    section = dict(section or {})
+    if "kind" not in section and name not in stages:
+        raise ConfigError(
+            f"{source}: config key '{name}': {name!r} is not a stage type{_hint(name, stages)}; "
+            f"set '{name}.kind' to one of {sorted(stages)}"
+        )
+    kind = section.pop("kind", name)
+    if kind not in stages:
+        raise ConfigError(
+            f"{source}: config key '{name}.kind': unknown stage type {kind!r}"
+            f"{_hint(str(kind), stages)}; known: {sorted(stages)}"
+        )
+    return StageSpec(name, kind, validate(stages[kind].Config, section, source, name))
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

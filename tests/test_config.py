@@ -1,3 +1,7 @@
+import re
+import typing
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -62,8 +66,13 @@ def test_overrides_use_dotted_keys(tmp_path):
             r"config key 'pretrain\.train\.lr': Input should be greater than 0",
         ),
         (BASE, ["pretrain.train.schedule=exponential"], r"config key 'pretrain\.train\.schedule'"),
-        # unknown top-level key
-        (BASE + "sft:\n  lr: 1\n", [], r"p\.yaml: unknown config key 'sft'"),
+        # unknown top-level key; a section of an unlisted stage is validated (not run)
+        (
+            BASE + "sfft:\n  lr: 1\n",
+            [],
+            r"p\.yaml: unknown config key 'sfft' \(did you mean 'sft'\?\)",
+        ),
+        (BASE + "sft:\n  lr: 1\n", [], r"p\.yaml: unknown config key 'sft\.lr'"),
         (BASE + "sed: 1\n", [], r"unknown config key 'sed' \(did you mean 'seed'\?\)"),
         # world settings are validated too
         (
@@ -76,7 +85,12 @@ def test_overrides_use_dotted_keys(tmp_path):
         (
             "stages: [pretrian]\n",
             [],
-            r"config key 'stages': unknown stage type 'pretrian' \(did you mean 'pretrain'\?\)",
+            r"config key 'stages' names an unknown stage 'pretrian' \(did you mean 'pretrain'\?\)",
+        ),
+        (
+            "stages: [base]\nbase: {seq_len: 3}\n",
+            [],
+            r"config key 'base': 'base' is not a stage type; set 'base\.kind' to one of",
         ),
         (
             "stages: [base]\nbase: {kind: evaluat}\n",
@@ -188,3 +202,140 @@ def test_benchmarks_config_is_a_valid_evaluate_config():
     root = Path(__file__).resolve().parents[1]
     cfg = Config(**yaml.safe_load((root / "configs/benchmarks.yaml").read_text()))
     assert cfg.world_stage is None and set(cfg.benchmarks) >= {"xstest", "gsm8k", "truthfulqa_mc"}
+
+
+TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, key",
+    [
+        (BASE, ["pretrain.train.lr=1e9999"], "pretrain.train.lr"),  # parsed as inf
+        (BASE, ["pretrain.train.weight_decay=.inf"], "pretrain.train.weight_decay"),  # ge=0 only
+        (BASE, ["pretrain.train.lr=-.inf"], "pretrain.train.lr"),
+        (BASE + "    weight_decay: .nan\n", [], "pretrain.train.weight_decay"),
+        (BASE, ["world.zipf_exponent=.inf"], "world.zipf_exponent"),
+        # an unbounded float: only finiteness stops it
+        ("stages: [rank]\nrank: {pool: {annotators: [{name: a, length: .inf}]}}\n", [],
+         "rank.pool.annotators.0.length"),
+    ],
+)  # fmt: skip
+def test_non_finite_floats_are_errors_naming_the_key(tmp_path, text, overrides, key):
+    with pytest.raises(ConfigError, match=rf"p\.yaml.*config key '{re.escape(key)}'.*finite"):
+        load_pipeline(write(tmp_path, text), overrides)
+
+
+def _models(model, seen=None):
+    """Every pydantic model reachable from `model`'s fields (through lists, dicts, unions)."""
+    seen = set() if seen is None else seen
+    if model in seen:
+        return seen
+    seen.add(model)
+    for f in model.model_fields.values():
+        todo = [f.annotation]
+        while todo:
+            ann = todo.pop()
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                _models(ann, seen)
+            todo += typing.get_args(ann)
+    return seen
+
+
+def test_every_config_model_refuses_inf_and_nan():
+    from posttrain.config import PipelineConfig
+    from posttrain.stages import STAGES
+
+    models = set()
+    for root in [PipelineConfig, *(m.Config for m in STAGES.values())]:
+        models |= _models(root)
+    assert len(models) > 20
+    lax = sorted(m.__name__ for m in models if m.model_config.get("allow_inf_nan", True))
+    assert not lax, f"config models that accept inf/nan: {lax}"
+
+
+def test_cli_refuses_an_infinite_override_with_exit_code_2(tmp_path, capsys):
+    from posttrain.cli import main
+
+    assert main(["config", "show", str(write(tmp_path, BASE)), "pretrain.train.lr=1e9999"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'pretrain.train.lr'" in err and "give a finite number" in err
+
+
+def test_overriding_stages_to_a_prefix_of_a_full_file_runs_only_those():
+    pipe = load_pipeline(TOY, ["stages=[world,pretrain]"])
+    assert [s.name for s in pipe.stages] == ["world", "pretrain"]
+    assert pipe.stage("pretrain").config.train.lr == 3.0e-3
+    with pytest.raises(KeyError):
+        pipe.stage("sft")
+    # the other sections stay in the resolved config, so pipeline.yaml reloads the same
+    assert pipe.resolved()["stages"] == ["world", "pretrain"] and "sft" in pipe.resolved()
+
+
+def test_an_unlisted_world_section_still_sets_the_world():
+    # `stages=[sft]` re-runs one stage of a full file: its world is the file's, not the default
+    full, only_sft = load_pipeline(TOY), load_pipeline(TOY, ["stages=[sft]"])
+    assert only_sft.world_config() == full.world_config()
+    assert only_sft.world_config().chat_docs == 8000
+
+
+def test_a_stages_typo_names_the_stage_and_lists_the_known_ones(capsys):
+    from posttrain.cli import main
+
+    assert main(["config", "show", str(TOY), "stages=[world,pretrian]"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'stages' names an unknown stage 'pretrian'" in err
+    assert "did you mean 'pretrain'?" in err and "known stages: ['best_of_n', 'dpo'," in err
+    assert "unknown config key 'pretrain'" not in err  # the old message blamed the section
+
+
+LOW = ["stages", "train", "generate", "eval", "rl", "data", "world", "models", "ops"]
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules a file imports when it runs (imports under `if TYPE_CHECKING:` are skipped)."""
+    import ast
+
+    out, todo = set(), [ast.parse(path.read_text())]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            todo += node.orelse
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        todo += ast.iter_child_nodes(node)
+    return out
+
+
+def test_layers_below_the_pipeline_never_import_config_or_pipeline():
+    # DESIGN.md: the shared settings live below the stages; only the pipeline knows the registry
+    root = Path(__file__).resolve().parents[1] / "posttrain"
+    high = {"posttrain.config", "posttrain.pipeline", "posttrain.cli"}
+    bad = [
+        f"{f.relative_to(root.parent)} imports {sorted(_runtime_imports(f) & high)}"
+        for layer in LOW
+        for f in sorted((root / layer).rglob("*.py"))
+        if _runtime_imports(f) & high
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_importing_the_stages_does_not_load_the_pipeline_config():
+    import subprocess
+    import sys
+
+    code = "import sys, posttrain.stages; print('posttrain.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_subset_reads_the_models_of_unlisted_stages_from_the_run_dir(tmp_path):
+    # `stages=[sft]` re-runs SFT on the pretrain model an earlier run left in the run directory
+    from posttrain.log import Logger
+    from posttrain.stages.base import StageContext, resolve_model
+
+    pipe = load_pipeline(TOY, ["stages=[sft]"])
+    ctx = StageContext("sft", "sft", tmp_path, pipe, Logger())
+    assert resolve_model(pipe.stage("sft").config.model, ctx) == tmp_path / "pretrain" / "model"

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -18,8 +19,13 @@ def test_pipeline_with_sft_and_evaluate_writes_report_card(tmp_path, run_tiny):
         ev = report["evals"][label]
         for key in ["gold/mean", "gold/arithmetic", "gold/string", "gold/knowledge", "gold/safety", "gold/open",
                     "safety/violation_rate", "safety/false_refusal_rate", "knowledge/known_accuracy",
-                    "knowledge/hallucination_rate", "length/mean_tokens", "diversity/distinct_2"]:  # fmt: skip
+                    "knowledge/hallucination_rate", "length/mean_tokens", "diversity/distinct_2",
+                    "diversity/across_distinct_2", "diversity/ead", "diversity/self_bleu",
+                    "diversity/across_ead", "diversity/across_self_bleu", "policy/entropy"]:  # fmt: skip
             assert key in ev, (label, key)
+        assert 0 <= ev["diversity/self_bleu"] <= 1 and 0 <= ev["diversity/across_self_bleu"] <= 1
+        V = json.loads((tmp_path / "run/pretrain/model/config.json").read_text())["vocab_size"]
+        assert 0 < ev["policy/entropy"] <= math.log(V) + 1e-4  # nats; uniform is the most
         records = [
             json.loads(x)
             for x in (tmp_path / f"run/evaluate/{label}.jsonl").read_text().splitlines()
@@ -74,8 +80,6 @@ def test_distinct_2_by_hand():
 
 
 def test_calibration_by_hand():
-    import math
-
     records = [
         rec("arithmetic", 1.0, correct=True) | {"logprob": math.log(0.9)},
         rec("arithmetic", 0.0, correct=False) | {"logprob": math.log(0.9)},
@@ -107,7 +111,7 @@ def test_reliability_bins_and_ece_edges():
 
 def test_fewshot_answer_stops_at_the_newline(small_tokenizer):
     from posttrain.generate.decode import Generation
-    from posttrain.stages.evaluate import _answer
+    from posttrain.stages.evaluate import _answer, _answer_ids
 
     tok = small_tokenizer
     ids = tok("42\nQ: What is 1", add_special_tokens=False)["input_ids"]
@@ -121,3 +125,7 @@ def test_fewshot_answer_stops_at_the_newline(small_tokenizer):
     assert logprob == pytest.approx(sum(logps[: cut + 1]))  # up to and including the newline
     chat = _answer(gen, "chat", tok)
     assert chat[1] == len(ids) and chat[2] and chat[3] == pytest.approx(sum(logps))
+    # the tokens whose entropies policy/entropy averages: those the log-prob sums over
+    assert (
+        _answer_ids(gen, "fewshot", tok) == ids[: cut + 1] and _answer_ids(gen, "chat", tok) == ids
+    )

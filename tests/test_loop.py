@@ -207,3 +207,70 @@ def test_gradient_checkpointing_on_a_model_without_it_names_the_key():
     settings = TrainSettings(steps=1, checkpoint_every=0, gradient_checkpointing=True)
     with pytest.raises(ValueError, match=r"train\.gradient_checkpointing: TinyLM does not"):
         train(make_model(), SeqObjective(), settings, ckpt_dir="/nonexistent")
+
+
+def _held_out_eval(model):
+    """A held-out 'evaluation': the mean logit (any deterministic function of the weights)."""
+    with torch.no_grad():
+        return {"eval/loss": model(torch.arange(V)[None]).mean().item()}
+
+
+class MetricObjective(SeqObjective):
+    def loss(self, model, b):
+        loss, _ = super().loss(model, b)
+        return loss, {"acc": 0.5 * self.weight(b)}  # the objective's own metric
+
+
+def test_resume_from_the_final_checkpoint_reports_what_the_unbroken_run_did(tmp_path):
+    # Killed after the last checkpoint (e.g. while saving the model): --resume has no step
+    # left to run, and must still report the last step's loss, metrics and evaluation.
+    settings = cfg(steps=4, checkpoint_every=2, eval_every=2)
+    full = train(
+        make_model(), MetricObjective(), settings, ckpt_dir=tmp_path, evaluate=_held_out_eval
+    )
+    assert list_checkpoints(tmp_path)[-1].name == "step_0000004.pt"
+    assert set(full.eval) == {"eval/loss"} and full.last == {"train/acc": 0.5}
+    resumed = train(make_model(seed=5), MetricObjective(), settings, ckpt_dir=tmp_path,
+                    resume=True, evaluate=_held_out_eval)  # fmt: skip
+    assert resumed.resumed_from == 4
+    assert (resumed.final_loss, resumed.tokens, resumed.eval, resumed.last) == (
+        full.final_loss,
+        full.tokens,
+        full.eval,
+        full.last,
+    )
+
+
+def test_checkpoint_write_on_a_full_disk_keeps_the_earlier_ones_and_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from posttrain.io import DiskFullError
+    from posttrain.train import checkpoint
+
+    real = torch.save
+
+    def full_disk_at_8(obj, f):
+        if obj["step"] == 8:
+            with open(f, "wb") as fh:
+                fh.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_at_8)
+    with pytest.raises(DiskFullError, match=r"while writing .*step_0000008\.pt; free space"):
+        train(make_model(), SeqObjective(), cfg(), ckpt_dir=tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004.pt"]
+    full = train(make_model(), SeqObjective(), cfg(), ckpt_dir=tmp_path / "full")
+    resumed = train(make_model(seed=3), SeqObjective(), cfg(), ckpt_dir=tmp_path, resume=True)
+    assert resumed.resumed_from == 4 and resumed.final_loss == full.final_loss
+
+
+def test_leftovers_of_a_killed_checkpoint_write_go_on_resume(tmp_path):
+    train(make_model(), SeqObjective(), cfg(steps=4), ckpt_dir=tmp_path)
+    (tmp_path / ".step_0000008.pt.abcd1234.tmp").write_bytes(b"half")  # as a SIGKILL leaves it
+    train(make_model(), SeqObjective(), cfg(steps=4), ckpt_dir=tmp_path, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004.pt"]
+    (tmp_path / ".step_0000008.pt.abcd1234.tmp").write_bytes(b"half")  # or on the next save
+    train(make_model(), SeqObjective(), cfg(steps=8), ckpt_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004.pt", "step_0000008.pt"]

@@ -358,3 +358,95 @@ def test_detect_format_on_small_files(tmp_path, messages_file):
     seed = write_lines(tmp_path / "a.jsonl", [json.dumps({"instruction": "x", "instances": []})])
     assert detect_format(seed) == "alpaca"
     assert set(READERS) == {"messages", "alpaca", "sharegpt", "oasst", "hh"}
+
+
+# ---------------------------------------------------------------- bytes not UTF-8, a directory
+# Every reader of data files (chat formats, preference pairs, KTO feedback, plain text, the JSONL
+# of other stages) names the file, the line and the byte offset, and says what to do.
+
+GOOD = json.dumps({"messages": msgs(("user", "hi"), ("assistant", "hello"))})
+PAIR = json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"})
+FEEDBACK = json.dumps({"prompt": "hi", "completion": "a", "label": True})
+TEXT = json.dumps({"text": "hello"})
+
+
+def _latin1_line(good: str) -> bytes:
+    """`good` with its last string value's last character replaced by a Latin-1 e-acute."""
+    cut = good.rindex('"')
+    return good[: cut - 1].encode() + b"\xe9" + good[cut:].encode()
+
+
+def _readers():
+    from posttrain.data.preferences import load_feedback, load_pairs
+    from posttrain.data.text import read_texts
+    from posttrain.io import read_jsonl
+
+    return {
+        "chat": (load_chat_data, GOOD),
+        "chat-messages": (lambda p: list(read_messages_jsonl(p)), GOOD),
+        "pairs": (load_pairs, PAIR),
+        "feedback": (load_feedback, FEEDBACK),
+        "text": (read_texts, TEXT),
+        "jsonl": (read_jsonl, TEXT),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_readers()))
+def test_bytes_not_utf8_name_file_line_and_byte_offset(tmp_path, kind):
+    read, good = _readers()[kind]
+    bad = _latin1_line(good)
+    path = tmp_path / "data.jsonl"
+    path.write_bytes((good + "\n").encode() * 2 + bad + b"\n")
+    offset = 2 * (len(good) + 1) + bad.index(b"\xe9")
+    with pytest.raises(ValueError) as e:
+        read(path)
+    assert str(e.value).startswith(
+        f"{path}:3: not valid UTF-8 (byte 0xe9 at byte offset {offset}); fix that line or "
+        "re-encode the file as UTF-8"
+    )
+
+
+def test_bytes_not_utf8_in_gz_json_list_and_txt_files(tmp_path):
+    from posttrain.data.text import read_texts
+
+    gz = tmp_path / "chat.jsonl.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write((GOOD + "\n").encode() + _latin1_line(GOOD) + b"\n")
+    with pytest.raises(DataError, match=r"chat\.jsonl\.gz:2: not valid UTF-8 .* uncompressed "):
+        load_chat_data(gz)
+    lst = tmp_path / "chat.json"  # a whole-file JSON list: the line of the bad byte
+    lst.write_bytes(b"[\n" + GOOD.encode() + b",\n" + _latin1_line(GOOD) + b"\n]\n")
+    with pytest.raises(DataError, match=r"chat\.json:3: not valid UTF-8 \(byte 0xe9"):
+        load_chat_data(lst, format="messages")
+    txt = tmp_path / "book.txt"
+    txt.write_bytes(b"one\ntwo\nthr\xe9e\n")
+    with pytest.raises(ValueError, match=r"book\.txt:3: not valid UTF-8 \(byte 0xe9 at byte "
+                                         r"offset 11\)"):  # fmt: skip
+        read_texts(txt)
+
+
+def test_a_line_not_utf8_is_skipped_and_counted_like_any_bad_record(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + _latin1_line(GOOD) + b"\n" + (GOOD + "\n").encode())
+    examples, stats = load_chat_data(path, on_error="skip")
+    assert (stats["kept"], stats["skipped"]) == (2, 1)
+    assert stats["errors"][0].startswith(f"{path}:2: not valid UTF-8")
+
+
+def test_utf8_with_crlf_and_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\r\n").encode() + GOOD.replace("hi", "hé").encode())
+    examples, _ = load_chat_data(path)
+    assert [e["messages"][0]["content"] for e in examples] == ["hi", "hé"]
+    path = tmp_path / "chat.data"  # no suffix: sniffed as a JSON list after the BOM
+    path.write_bytes(b"\xef\xbb\xbf [" + GOOD.encode() + b"]")
+    assert load_chat_data(path)[1]["format"] == "messages"
+
+
+@pytest.mark.parametrize("kind", list(_readers()))
+def test_a_directory_given_as_a_data_file_says_so(tmp_path, kind):
+    read, _ = _readers()[kind]
+    path = tmp_path / "data.jsonl"
+    path.mkdir()
+    with pytest.raises(ValueError, match=f"{path} is a directory, expected a file"):
+        read(path)

@@ -89,7 +89,7 @@ def test_padding_content_does_not_change_logps(tiny_lm):
     assert torch.allclose(base, again, atol=1e-5)
 
 
-def test_truncation_keeps_prompt_and_drops_pairs_whose_prompt_fills_the_context(tiny_lm):
+def test_truncation_keeps_prompt_and_cuts_a_prompt_that_fills_the_context_from_the_left(tiny_lm):
     _, tok = tiny_lm
     long = [{"prompt_id": "x", "messages": [{"role": "user", "content": "q"}],
              "chosen": "word " * 200, "rejected": "no"}]  # fmt: skip
@@ -97,8 +97,10 @@ def test_truncation_keeps_prompt_and_drops_pairs_whose_prompt_fills_the_context(
     assert stats.truncated == 1 and len(pairs[0].chosen) == 32
     huge = [{"prompt_id": "y", "messages": [{"role": "user", "content": "q " * 200}],
              "chosen": "a", "rejected": "b"}]  # fmt: skip
+    pairs, stats = tokenize_pairs(tok, huge, max_length=32)  # (tests/test_overlong.py: more)
+    assert stats.truncated == 1 and pairs[0].chosen.n_trained > 0 and len(pairs[0].chosen) <= 32
     with pytest.raises(ValueError, match="no preference pairs left"):
-        tokenize_pairs(tok, huge, max_length=32)
+        tokenize_pairs(tok, huge, max_length=32, overlong="drop")
 
 
 def test_reward_model_matches_hf_sequence_classification_loading(tiny_lm, tmp_path):

@@ -79,7 +79,9 @@ def test_malformed_record_is_an_error_naming_the_line_or_skipped_and_counted(
     assert "unknown role" in m["data/first_error"]
 
 
-def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, hf_dir, monkeypatch):
+def test_overlong_examples_are_truncated_or_dropped_counted_and_said(
+    tmp_path, hf_dir, monkeypatch, capsys
+):
     from posttrain.data.chat import tokenize_chat
     from posttrain.models.tokenizer import load_tokenizer
 
@@ -100,12 +102,22 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, hf_dir
         assert main(["sft", "--config", str(cfg), *overrides, "--out", str(out)]) == 0
         return json.loads((out / "sft/result.json").read_text())["metrics"]
 
+    def said() -> str:  # the stage's console line on what max_length did
+        return next(ln for ln in capsys.readouterr().err.splitlines() if "of 5 examples" in ln)
+
     m = metrics("overlong=drop", f"max_length={total - 1}")
     assert m["data/dropped_overlong"] == 1 and m["data/kept"] == 4
+    assert said() == (f"[posttrain] sft: of 5 examples: dropped 1 longer than max_length "
+                      f"{total - 1} (overlong: drop; overlong: truncate keeps their start)")  # fmt: skip
     m = metrics(f"max_length={total - 1}")  # the prompt fits; the reply is cut
     assert m["data/truncated"] == 1 and m["data/kept"] == 5
+    assert (
+        said() == f"[posttrain] sft: of 5 examples: truncated 1 to their first {total - 1} tokens"
+    )
     m = metrics(f"max_length={prompt}")  # truncation would leave no trained token
     assert m["data/dropped_overlong"] == 1 and m["data/kept"] == 4
+    assert said() == (f"[posttrain] sft: of 5 examples: dropped 1 with no trained token in their "
+                      f"first {prompt} (raise max_length to keep them)")  # fmt: skip
 
 
 @pytest.mark.parametrize("save", ["merged", "adapter"])

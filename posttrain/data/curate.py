@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 
 PRIME = (1 << 31) - 1  # Mersenne prime of the MinHash permutations (a, b < PRIME, x < 2^32)
 SHINGLE = 5  # words per near-dedup shingle

@@ -6,6 +6,10 @@ tokenizer's chat template like SFT. A micro-batch of B pairs holds its 2B sequen
 tensor (chosen 0..B-1, then rejected 0..B-1) so one forward pass serves both, either
 right-padded or packed several to a row (positions restart per sequence, no padding between).
 
+Over-long sequences are cut as TRL cuts them: the prompt loses its start (its end, next to the
+reply, is kept) and the reply loses its end, with one prompt budget for all replies of a prompt,
+so chosen and rejected keep the same context and the start of their reply.
+
 `SeqBatch.target_seq` maps every target position (row-major over labels != IGNORE_INDEX, the
 order `models.forward.target_logits` returns) to its sequence, so per-sequence sums are one
 `index_add`, whatever the layout; `last` holds (row, column) of each sequence's final token,
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.data.chat import TokenizedExample, fit_length, tokenize_chat
+from posttrain.data.chat import TokenizedExample, tokenize_chat
 from posttrain.data.collate import Batch, pack_rows, packed_batch, pad_batch
 from posttrain.ops.lm import IGNORE_INDEX
 
@@ -46,6 +50,20 @@ class PairStats:
     def metrics(self) -> dict:
         return {f"data/{k}": v for k, v in self.__dict__.items() if k != "pairs"}
 
+    def describe(self, max_length: int, overlong: str, what: str = "pairs") -> str | None:
+        """One console line on what max_length did to the data; None when it did nothing."""
+        if not (self.truncated or self.dropped_overlong):
+            return None
+        if overlong == "drop":
+            return (f"dropped {self.dropped_overlong} of {self.pairs} {what} longer than "
+                    f"max_length {max_length} (overlong: drop; set overlong: truncate to cut "
+                    "them to fit, or raise max_length)")  # fmt: skip
+        line = (f"truncated {self.truncated} of {self.pairs} {what} to max_length {max_length} "
+                "(prompt cut from the left, reply from the right)")  # fmt: skip
+        if self.dropped_overlong:
+            line += f"; dropped {self.dropped_overlong} with no reply token left to train on"
+        return line + " (raise max_length to keep them whole)"
+
 
 def tokenize_reply(tokenizer, messages: list[dict], reply: str) -> TokenizedExample:
     """Prompt messages + one assistant reply, trained on the reply only; the sequence ends at the
@@ -59,27 +77,52 @@ def tokenize_reply(tokenizer, messages: list[dict], reply: str) -> TokenizedExam
     return TokenizedExample(ex.input_ids[:end], ex.loss_mask[:end], ex.truncated)
 
 
+def fit_replies(
+    seqs: list[TokenizedExample], max_length: int, policy: str = "truncate"
+) -> list[TokenizedExample] | None:
+    """Fit replies to one prompt (each a `tokenize_reply` sequence) into max_length together,
+    as TRL does: the prompt keeps its last tokens, at most max(max_length - longest reply,
+    max_length // 2) of them, the same budget for every reply; each reply keeps its start. None
+    under policy "drop" when any is over-long, or when a reply would keep no trained token."""
+    if max(len(s) for s in seqs) <= max_length:
+        return seqs
+    if policy == "drop":
+        return None
+    starts = [next((t for t, m in enumerate(s.loss_mask) if m), len(s)) for s in seqs]
+    longest_reply = max(len(s) - st for s, st in zip(seqs, starts, strict=True))
+    prompt_budget = max(max_length - longest_reply, max_length // 2)
+    out = []
+    for s, st in zip(seqs, starts, strict=True):
+        a = st - min(st, prompt_budget)  # the prompt's kept tokens begin here
+        b = a + max_length  # and the reply's end is cut here
+        cut = TokenizedExample(s.input_ids[a:b], s.loss_mask[a:b], a > 0 or b < len(s))
+        if cut.n_trained == 0:
+            return None
+        out.append(cut)
+    return out
+
+
 def tokenize_pairs(
     tokenizer, pairs: list[dict], max_length: int, overlong: str = "truncate"
 ) -> tuple[list[TokenizedPair], PairStats]:
     stats = PairStats(pairs=len(pairs))
     out = []
     for p in pairs:
-        # keep-start truncation keeps the prompt and cuts the reply's end (None: nothing left)
-        c = fit_length(tokenize_reply(tokenizer, p["messages"], p["chosen"]), max_length, overlong)
-        r = fit_length(
-            tokenize_reply(tokenizer, p["messages"], p["rejected"]), max_length, overlong
-        )
-        if c is None or r is None:
+        fitted = fit_replies(
+            [tokenize_reply(tokenizer, p["messages"], p[k]) for k in ("chosen", "rejected")],
+            max_length, overlong,
+        )  # fmt: skip
+        if fitted is None:
             stats.dropped_overlong += 1
             continue
+        c, r = fitted
         stats.truncated += c.truncated or r.truncated
         out.append(TokenizedPair(c, r, p.get("margin"), str(p.get("prompt_id", ""))))
     stats.kept = len(out)
     if not out:
         raise ValueError(
-            f"no preference pairs left (of {len(pairs)}) within max_length {max_length}: "
-            "every prompt fills the context"
+            f"no preference pairs left (of {len(pairs)}) within max_length {max_length} "
+            f"(overlong: {overlong}): raise max_length, or set overlong: truncate"
         )
     return out, stats
 
@@ -89,25 +132,27 @@ def tokenize_feedback(
 ) -> tuple[list[TokenizedPair], PairStats]:
     """KTO's inputs: each feedback record's reply, paired with a mismatched sequence (its prompt
     with the next record's reply, fixed once) whose policy-minus-reference log-ratio estimates
-    the KL reference point z0, as in the KTO paper and TRL. A record whose sequence or mismatch
-    does not fit is dropped (counted)."""
+    the KL reference point z0, as in the KTO paper and TRL. The two are fitted to max_length
+    together (`fit_replies`); a record that cannot be is dropped (counted)."""
     stats = PairStats(pairs=len(records))
     out = []
     for i, r in enumerate(records):
         other = records[(i + 1) % len(records)]["completion"]
-        ex = fit_length(
-            tokenize_reply(tokenizer, r["messages"], r["completion"]), max_length, overlong
-        )
-        kl = fit_length(tokenize_reply(tokenizer, r["messages"], other), max_length, overlong)
-        if ex is None or kl is None:
+        fitted = fit_replies(
+            [tokenize_reply(tokenizer, r["messages"], reply) for reply in (r["completion"], other)],
+            max_length, overlong,
+        )  # fmt: skip
+        if fitted is None:
             stats.dropped_overlong += 1
             continue
-        stats.truncated += ex.truncated
+        ex, kl = fitted
+        stats.truncated += ex.truncated or kl.truncated
         out.append(TokenizedPair(ex, kl, None, str(r.get("prompt_id", "")), bool(r["label"])))
     stats.kept = len(out)
     if not out:
         raise ValueError(
-            f"no feedback records left (of {len(records)}) within max_length {max_length}"
+            f"no feedback records left (of {len(records)}) within max_length {max_length} "
+            f"(overlong: {overlong}): raise max_length, or set overlong: truncate"
         )
     return out, stats
 

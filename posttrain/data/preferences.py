@@ -30,6 +30,7 @@ from posttrain.data.readers import (
     parse_hh_transcript,
 )
 from posttrain.data.schema import DataError, _validate_message
+from posttrain.io import check_file
 
 Stats = dict[str, int]
 
@@ -398,9 +399,7 @@ PAIR_READERS: dict[str, Callable[[str | Path], tuple[list[dict], Stats]]] = {
 
 def detect_pair_format(path: str | Path) -> str:
     """Guess a preference file's format from its first record's keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data not found: {path}")
+    path = check_file(path, "preference data")
     first = next(_records(path), None)
     if first is None:
         raise ValueError(f"{path}: no records, cannot detect its format")
@@ -433,8 +432,7 @@ def load_pairs(path: str | Path, format: str = "auto") -> tuple[list[dict], Stat
         raise ValueError(
             f"unknown preference format {format!r}; known: auto, {', '.join(PAIR_READERS)}"
         )
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data not found: {path}")
+    check_file(path, "preference data")
     if format == "auto":
         format = detect_pair_format(path)
     return PAIR_READERS[format](path)
@@ -481,9 +479,7 @@ def pairs_to_feedback(pairs: list[dict]) -> list[dict]:
 def load_feedback(path: str | Path, format: str = "auto") -> tuple[list[dict], Stats]:
     """Feedback records from a feedback file (format "feedback", or auto when the first record
     has "completion" and "label"), or from any preference-pair format, each pair split in two."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feedback data not found: {path}")
+    path = check_file(path, "feedback data")
     if format == "auto":
         first = next(_records(path), None)
         rec = _raise(first[1]) if first else None

@@ -5,6 +5,8 @@ message trees, Anthropic HH transcripts. A reader yields `(where, example)` with
 "FILE:LINE" (JSONL, 1-based line) or "FILE:record N" (a whole-file JSON list, 1-based); every
 error it raises is a `DataError` whose message starts with that `where`. `load_chat_data` picks
 a reader, validates every example and either stops at the first bad record or skips and counts.
+Files are read as bytes and decoded line by line, so bytes that are not UTF-8 are an error naming
+the file, the line and the byte offset (a JSONL line's error can be skipped like any other).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.data.schema import DataError, validate_example
+from posttrain.io import check_file, decode_utf8, raw_lines, read_text
 
 Converter = Callable[..., list[dict]]  # (raw record, where, **options) -> raw examples
 
@@ -28,15 +31,9 @@ def _is_jsonl(path: Path) -> bool:
         return True
     if name.endswith(".json"):
         return False
-    with _open(path) as f:  # unknown suffix: a JSON list starts with "["
-        head = f.read(4096).lstrip()
-    return not head.startswith("[")
-
-
-def _open(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        head = f.read(4096)  # unknown suffix: a JSON list starts with "[" (after any BOM)
+    return not head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def _records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -45,12 +42,14 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
     A whole-file JSON document that does not parse, or is not a list, raises at once: no record
     of it can be trusted, so there is nothing to skip to.
     """
+    path = check_file(path)
     if not _is_jsonl(path):
-        with _open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        try:
+            data = json.loads(read_text(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        except ValueError as e:  # not UTF-8
+            raise DataError(str(e)) from None
         if not isinstance(data, list):
             raise DataError(
                 f"{path}:1: expected a JSON list of records (got {type(data).__name__})"
@@ -58,15 +57,19 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
         for n, rec in enumerate(data, 1):
             yield f"{path}:record {n}", rec
         return
-    with _open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
+    for i, offset, raw in raw_lines(path):
+        where = f"{path}:{i}"
+        try:
+            line = decode_utf8(path, raw, i, offset)
+        except ValueError as e:
+            yield where, DataError(str(e))
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
 
 
 def _iter_converted(
@@ -371,9 +374,7 @@ def _format_of_record(rec: Any) -> str | None:
 
 def detect_format(path: str | Path) -> str:
     """Guess a chat file's format from its first record (and, for HH, its *.jsonl.gz name)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"chat data not found: {path}")
+    path = check_file(path, "chat data")
     first = next(_records(path), None)
     if first is None:
         raise ValueError(f"{path}: no records, cannot detect its format")
@@ -403,9 +404,7 @@ def load_chat_data(
     DataError propagate; "skip" drops bad records and counts them. `options` go to the reader
     (e.g. field="rejected" for hh).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"chat data not found: {path}")
+    path = check_file(path, "chat data")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if format == "auto":

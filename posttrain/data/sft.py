@@ -26,6 +26,21 @@ class SFTDataStats:
             f"data/read_{k}": v for k, v in self.read.items() if isinstance(v, int)
         }
 
+    def describe(self, max_length: int, overlong: str) -> str | None:
+        """One console line on the examples cut or dropped; None when every one was kept whole."""
+        parts = []
+        if self.truncated:
+            parts.append(f"truncated {self.truncated} to their first {max_length} tokens")
+        if self.dropped_overlong and overlong == "drop":
+            parts.append(f"dropped {self.dropped_overlong} longer than max_length {max_length} "
+                         "(overlong: drop; overlong: truncate keeps their start)")  # fmt: skip
+        elif self.dropped_overlong:
+            parts.append(f"dropped {self.dropped_overlong} with no trained token in their first "
+                         f"{max_length} (raise max_length to keep them)")  # fmt: skip
+        if self.dropped_untrained:
+            parts.append(f"dropped {self.dropped_untrained} with no assistant token to train on")
+        return f"of {self.examples} examples: " + "; ".join(parts) if parts else None
+
 
 def tokenize_examples(
     tokenizer, examples: list[dict], max_length: int, overlong: str, train_on: str
@@ -37,7 +52,7 @@ def tokenize_examples(
         if tok.n_trained == 0:
             stats.dropped_untrained += 1
             continue
-        fitted = fit_length(tok, max_length, overlong)
+        fitted = fit_length(tok, max_length, overlong)  # keep-start: the first turns, with masks
         if fitted is None:
             stats.dropped_overlong += 1
             continue

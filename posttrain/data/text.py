@@ -7,31 +7,32 @@ from pathlib import Path
 
 import torch
 
+from posttrain.io import check_file, decode_utf8, raw_lines, read_text
+
 
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
     """Documents from a JSONL file (one {"text": str} per line) or a .txt file (one document).
 
-    A malformed line, a missing field or a non-string value is an error naming file and line.
+    A malformed line, a missing field, a non-string value or bytes that are not UTF-8 are an
+    error naming file and line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text data not found: {path}")
+    path = check_file(path, "text data")
     if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
+        return [read_text(path)]
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: malformed JSON: {e.msg}") from None
-            if not isinstance(rec, dict) or field not in rec:
-                raise ValueError(f"{path}:{i}: missing field {field!r}")
-            if not isinstance(rec[field], str):
-                raise ValueError(f"{path}:{i}: field {field!r} must be a string")
-            docs.append(rec[field])
+    for i, offset, raw in raw_lines(path):
+        line = decode_utf8(path, raw, i, offset)
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: malformed JSON: {e.msg}") from None
+        if not isinstance(rec, dict) or field not in rec:
+            raise ValueError(f"{path}:{i}: missing field {field!r}")
+        if not isinstance(rec[field], str):
+            raise ValueError(f"{path}:{i}: field {field!r} must be a string")
+        docs.append(rec[field])
     if not docs:
         raise ValueError(f"{path}: no documents")
     return docs

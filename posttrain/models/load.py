@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain.io import atomic_dir
+from posttrain.io import atomic_dir, clean_stale_temps
+from posttrain.models.tokenizer import has_tokenizer_files
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -21,17 +22,35 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def check_model_dir(path: str | Path) -> Path:
+    """`path` if it is a model directory: a Hugging Face one (config.json) or a LoRA adapter
+    (adapter_config.json). Else a FileNotFoundError naming it, what it lacks and what to give;
+    cheap, so a stage can check its models before it starts."""
+    path = Path(path)
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return path
+    lacks, state = "no config.json", " does not exist"
+    if path.is_dir():
+        lacks += "" if has_tokenizer_files(path) else ", no tokenizer files"
+        state = " is empty" if not any(path.iterdir()) else ""
+    elif path.exists():
+        state = " is a file"
+    raise FileNotFoundError(
+        f"not a Hugging Face model directory ({lacks}): {path}{state}; give a directory written "
+        "by save_pretrained (config.json, weights, tokenizer files) or the name of a stage of "
+        "the pipeline that trains one"
+    )
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
     """`AutoModelForCausalLM.from_pretrained` on a local directory (never the hub)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
+    path = check_model_dir(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return _load_adapter(path, device, dtype)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.to(device)
 
@@ -50,7 +69,9 @@ def _load_adapter(path: Path, device, dtype):
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained (model and tokenizer) into a temp dir, then rename into place."""
+    """save_pretrained (model and tokenizer) into a temp dir, then rename into place (first
+    removing what an earlier, killed save of it left: `.model.*.tmp/`, `.model.*.old/`)."""
+    clean_stale_temps(Path(out_dir).parent, Path(out_dir).name)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

@@ -37,6 +37,9 @@ TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
 # Markers that end an assistant turn in common chat formats (ChatML, Llama 3, Gemma, Phi-3).
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 MODEL_MAX_LENGTH = 2048
+# Any of these makes a directory loadable by AutoTokenizer (fast, BPE, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")  # fmt: skip
 
 # ChatML. Each message is "<|im_start|>{role}\n{content}<|im_end|>\n". With `tools`, the tool
 # schemas go into the system block as JSON, one per line (appended to a leading system message,
@@ -152,10 +155,15 @@ def save_tokenizer(tok: PreTrainedTokenizerBase, out_dir: Path) -> None:
     An existing `out_dir` is replaced. POSIX cannot rename a directory over a non-empty one, so
     the old one is first renamed aside and deleted once the new one is in place.
     """
-    from posttrain.io import atomic_dir
+    from posttrain.io import atomic_dir, clean_stale_temps
 
+    clean_stale_temps(Path(out_dir).parent, Path(out_dir).name)  # a killed save's leftovers
     with atomic_dir(out_dir) as tmp:
         tok.save_pretrained(tmp)
+
+
+def has_tokenizer_files(path: Path | str) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
@@ -164,7 +172,15 @@ def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+        what = "is a file, expected a directory" if path.exists() else "not found"
+        raise FileNotFoundError(f"tokenizer directory {what}: {path}")
+    if not has_tokenizer_files(path):
+        empty = " (it is empty)" if not any(path.iterdir()) else ""
+        raise FileNotFoundError(
+            f"{path} has no tokenizer files{empty} (none of {', '.join(TOKENIZER_FILES)}); give "
+            "a model or tokenizer directory written by save_pretrained, or save the model's "
+            "tokenizer there (tokenizer.save_pretrained)"
+        )
     return AutoTokenizer.from_pretrained(path)
 
 

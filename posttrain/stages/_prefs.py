@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 from posttrain.stages.base import StageContext, resolve_input
 from posttrain.train.loop import TrainSettings
 
@@ -29,7 +29,9 @@ class PairData(StrictModel):
     )
     max_length: int = Field(256, ge=8, description="Max tokens per prompt + response.")
     overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="Cut an over-long response's end, or drop the pair."
+        "truncate",
+        description="Over-long pairs: cut the prompt's start and the replies' ends (as TRL), "
+        "or drop the pair.",
     )
 
 
@@ -42,6 +44,13 @@ class PairTraining(StrictModel):
     packing: bool = Field(False, description="Pack the sequences into rows instead of padding.")
     epochs: float | None = Field(1.0, gt=0, description="Passes over the pairs (overrides steps).")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimiser settings.")
+
+
+def log_fit(ctx: StageContext, stats, cfg: PairData, what: str = "pairs") -> None:
+    """Say on the console what max_length did to the data (result.json has the counts too)."""
+    line = stats.describe(cfg.max_length, cfg.overlong, what)
+    if line:
+        ctx.logger.info(f"{ctx.name}: {line}")
 
 
 def pairs_path(cfg: PairData, ctx: StageContext) -> Path:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from posttrain.config import Pipeline
 from posttrain.log import Logger
+
+if TYPE_CHECKING:  # the pipeline is built above the stages (config.py knows their registry)
+    from posttrain.config import Pipeline
 
 
 @dataclass
@@ -66,9 +69,16 @@ def resolve_input(value: str | None, ctx: StageContext, default_stage: str, *par
 
 
 def resolve_model(value: str, ctx: StageContext) -> Path:
-    """A stage name of this pipeline means that stage's model/; anything else is a directory."""
-    names = {s.name for s in ctx.pipeline.stages}
-    return ctx.stage_path(value, "model") if value in names else Path(value)
+    """A stage name of this pipeline means that stage's model/; anything else is a directory,
+    checked here, before the stage starts (a missing one is the pipeline's "input not found")."""
+    names = {s.name for s in [*ctx.pipeline.stages, *ctx.pipeline.unlisted]}  # run before, too
+    if value in names:
+        return ctx.stage_path(value, "model")
+    if Path(value).exists():
+        from posttrain.models.load import check_model_dir
+
+        check_model_dir(value)
+    return Path(value)
 
 
 def train_with_progress(ctx: StageContext, model, objective, settings, evaluate=None):

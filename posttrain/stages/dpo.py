@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from posttrain.stages._prefs import PairTraining, load_split_pairs, pairs_path
+from posttrain.stages._prefs import PairTraining, load_split_pairs, log_fit, pairs_path
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_and_save
 from posttrain.train.loop import (
     MicroBatchObjective,
@@ -139,6 +139,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_pairs, val_pairs, read_stats = load_split_pairs(cfg.data, ctx)
     tokenized, stats = tokenize_pairs(tok, train_pairs, cfg.data.max_length, cfg.data.overlong)
+    log_fit(ctx, stats, cfg.data)
     model = load_model(paths["model"], ctx.device)
     row_len = 2 * cfg.data.max_length
     data = PairBatches(tokenized, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
@@ -147,7 +148,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         check_packing_isolation(model, [tokenized[0].chosen, tokenized[0].rejected], pad)
     val = []
     if val_pairs:
-        val_tok, _ = tokenize_pairs(tok, val_pairs, cfg.data.max_length, cfg.data.overlong)
+        val_tok, val_stats = tokenize_pairs(tok, val_pairs, cfg.data.max_length, cfg.data.overlong)
+        log_fit(ctx, val_stats, cfg.data, "held-out pairs")
         val = PairBatches(val_tok, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
                           row_len=row_len, seed=0).all()  # fmt: skip
     ref_model = ref_logps = val_ref = None

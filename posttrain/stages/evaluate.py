@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
 from posttrain.train import dist
 from posttrain.world.task import first_per_family
@@ -49,7 +49,10 @@ class EvalModel(StrictModel):
 
 class DiversitySettings(StrictModel):
     n_prompts: int = Field(
-        30, ge=0, description="Prompts sampled several times for distinct-2 (0: skip)."
+        30,
+        ge=0,
+        description="Prompts sampled several times for distinct-2, EAD, self-BLEU and "
+        "policy/entropy (0: skip).",
     )
     n_samples: int = Field(4, ge=2, description="Samples per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
@@ -149,11 +152,53 @@ def _answer(gen, mode: str, tok) -> tuple[str, int, bool, float]:
     one that holds the newline (the few-shot analogue of the end-of-turn token a chat answer's
     log-prob includes)."""
     if mode == "fewshot" and "\n" in gen.text:
-        pieces = tok.batch_decode([[t] for t in gen.token_ids])
-        cut = next(i for i, p in enumerate(pieces) if "\n" in p)
+        pieces, cut = _newline_cut(gen, tok)
         n = cut + bool(pieces[cut].split("\n", 1)[0].strip())  # answer tokens, newline excluded
         return gen.text.split("\n", 1)[0].strip(), max(1, n), False, sum(gen.logprobs[: cut + 1])
     return gen.text.strip(), len(gen.token_ids), gen.truncated, sum(gen.logprobs)
+
+
+def _newline_cut(gen, tok) -> tuple[list[str], int]:
+    """(each generated token decoded alone, the index of the first that holds a newline)."""
+    pieces = tok.batch_decode([[t] for t in gen.token_ids])
+    return pieces, next(i for i, p in enumerate(pieces) if "\n" in p)
+
+
+def _answer_ids(gen, mode: str, tok) -> list[int]:
+    """The generated tokens that _answer's log-prob covers: all, or for a few-shot answer those
+    up to and including the one that holds the first newline."""
+    if mode == "fewshot" and "\n" in gen.text:
+        return list(gen.token_ids[: _newline_cut(gen, tok)[1] + 1])
+    return list(gen.token_ids)
+
+
+def diversity(model, tok, prompts: list, mode: str, cfg: Config, seed: int) -> dict:
+    """Sample k responses to n_prompts of the prompts: distinct-2 (words), EAD and self-BLEU
+    (tokens), per input and across inputs (eval/diversity.py); and policy/entropy, the mean
+    per-token entropy of the model's temperature-1 distribution over those samples' answer
+    tokens (eval/entropy.py)."""
+    from posttrain.eval.diversity import diversity_metrics
+    from posttrain.eval.entropy import policy_entropy
+    from posttrain.eval.metrics import distinct_n
+    from posttrain.generate import SamplingParams, sample_n
+
+    d = cfg.diversity
+    step = max(1, len(prompts) // d.n_prompts)
+    chosen = prompts[::step][: d.n_prompts]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=d.temperature,
+                            batch_size=cfg.batch_size, seed=seed)  # fmt: skip
+    groups = sample_n(model, tok, chosen, d.n_samples, params)
+    texts = [[_answer(g, mode, tok)[0] for g in group] for group in groups]
+    m = {
+        "diversity/distinct_2": sum(distinct_n(t, 2) for t in texts) / len(texts),
+        "diversity/across_distinct_2": distinct_n([t[0] for t in texts], 2),
+    }
+    ids = [[tok(x, add_special_tokens=False)["input_ids"] for x in t] for t in texts]
+    m |= diversity_metrics(ids, len(tok))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pairs = [(list(g.prompt_ids), _answer_ids(g, mode, tok)) for group in groups for g in group]
+    entropy = policy_entropy(model, pairs, pad, cfg.batch_size)
+    return m | ({"policy/entropy": entropy} if entropy is not None else {})
 
 
 def evaluate_model(
@@ -161,8 +206,8 @@ def evaluate_model(
 ) -> tuple[dict, list[dict]]:
     """Greedy responses scored by gold; with `bon` = (reward model, its tokenizer, EvalModel),
     the best of n samples under the reward model instead."""
-    from posttrain.eval.metrics import distinct_n, summarize
-    from posttrain.generate import SamplingParams, generate, sample_n
+    from posttrain.eval.metrics import summarize
+    from posttrain.generate import SamplingParams, generate
     from posttrain.world import check
 
     prompts = _prompts(tasks, world, mode, tok, cfg.few_shot)
@@ -202,13 +247,7 @@ def evaluate_model(
         metrics["bon/reward_samples"] = sum(per_prompt) / len(per_prompt)
         metrics |= over_optimisation(extra, bon[2].n)
     if cfg.diversity.n_prompts:
-        step = max(1, len(prompts) // cfg.diversity.n_prompts)
-        chosen = prompts[::step][: cfg.diversity.n_prompts]
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.diversity.temperature,
-                                batch_size=cfg.batch_size, seed=seed)  # fmt: skip
-        groups = sample_n(model, tok, chosen, cfg.diversity.n_samples, params)
-        scores = [distinct_n([_answer(g, mode, tok)[0] for g in group], 2) for group in groups]
-        metrics["diversity/distinct_2"] = sum(scores) / len(scores)
+        metrics |= diversity(model, tok, prompts, mode, cfg, seed)
     return metrics, records
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from posttrain.stages._prefs import PairData, PairTraining, pairs_path, split_pairs
+from posttrain.stages._prefs import PairData, PairTraining, log_fit, pairs_path, split_pairs
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_and_save
 from posttrain.train import dist
 from posttrain.train.loop import (
@@ -150,6 +150,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         raise ValueError(f"{paths['feedback']}: no feedback records")
     train_recs, val_recs = split_pairs(records, cfg.data.val_fraction, ctx.pipeline.config.seed)
     tokenized, stats, data = _prepared(tok, train_recs, cfg, pad, ctx.seed)
+    log_fit(ctx, stats, cfg.data, "replies")
     model = load_model(paths["model"], ctx.device)
     ctx.logger.info(f"{ctx.name}: reference log-probs of {len(tokenized) + len(val_recs)} replies")
     ref = reference_logps(model, data.all(), ctx.device, len(tokenized))
@@ -164,7 +165,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     objective = KTOObjective(cfg, data, ctx.device, ref)
     val_obj, val = None, []
     if val_recs:
-        val_tok, _, val_data = _prepared(tok, val_recs, cfg, pad, 0)
+        val_tok, val_stats, val_data = _prepared(tok, val_recs, cfg, pad, 0)
+        log_fit(ctx, val_stats, cfg.data, "held-out replies")
         val_ref = reference_logps(model, val_data.all(), ctx.device, len(val_tok))
         val_obj = KTOObjective(cfg, val_data, ctx.device, val_ref)
         n, bs = len(val_tok), cfg.batch_size

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, train_with_progress
 from posttrain.train import dist
 from posttrain.train.loop import TrainSettings, micro_per_step

@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input
 from posttrain.world.annotators import AnnotatorConfig, PoolConfig
 

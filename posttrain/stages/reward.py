@@ -28,6 +28,7 @@ from posttrain.stages._prefs import (
     candidate_gold,
     held_out,
     load_split_pairs,
+    log_fit,
     pairs_path,
 )
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_with_progress
@@ -206,7 +207,7 @@ def gold_metrics(model, tok, cands: dict[str, dict], prompt_ids: list[str]) -> d
 
 def _rankings_as_sequences(ctx, cfg: Config, tok, seed: int) -> tuple[list[list], list[str]]:
     """Each annotator's ranking of a prompt's candidates, tokenised best first (ties shuffled)."""
-    from posttrain.data.pairs import tokenize_reply
+    from posttrain.data.pairs import PairStats, fit_replies, tokenize_reply
     from posttrain.io import read_jsonl
     from posttrain.stages.rank import tiers
 
@@ -214,7 +215,7 @@ def _rankings_as_sequences(ctx, cfg: Config, tok, seed: int) -> tuple[list[list]
         r["prompt_id"]: r
         for r in read_jsonl(ctx.stage_path(cfg.data.sample_stage, "candidates.jsonl"))
     }
-    out, pids = [], []
+    out, pids, stats = [], [], PairStats()
     for n, rec in enumerate(read_jsonl(ctx.stage_path(cfg.data.rank_stage, "rankings.jsonl"))):
         if held_out(rec["prompt_id"], cfg.data.val_fraction, seed):
             continue
@@ -225,13 +226,15 @@ def _rankings_as_sequences(ctx, cfg: Config, tok, seed: int) -> tuple[list[list]
             flat += t
         c = cands[rec["prompt_id"]]
         seqs = [tokenize_reply(tok, c["messages"], c["responses"][k]["text"]) for k in flat]
-        out.append(
-            [
-                type(s)(s.input_ids[: cfg.data.max_length], s.loss_mask[: cfg.data.max_length])
-                for s in seqs
-            ]
-        )
+        seqs = fit_replies(seqs, cfg.data.max_length, cfg.data.overlong)
+        stats.pairs += 1
+        if seqs is None:
+            stats.dropped_overlong += 1
+            continue
+        stats.truncated += any(s.truncated for s in seqs)
+        out.append(seqs)
         pids.append(rec["prompt_id"])
+    log_fit(ctx, stats, cfg.data, "rankings")
     return out, pids
 
 
@@ -246,6 +249,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_pairs, val_pairs, read_stats = load_split_pairs(cfg.data, ctx)
     tokenized, stats = tokenize_pairs(tok, train_pairs, cfg.data.max_length, cfg.data.overlong)
+    log_fit(ctx, stats, cfg.data)
     model = reward_model_from(paths["model"], tok, ctx.device)
     data = PairBatches(tokenized, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
                        row_len=2 * cfg.data.max_length, seed=ctx.seed)  # fmt: skip
@@ -266,7 +270,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip
     evaluate = None
     if val_pairs:
-        val_tok, _ = tokenize_pairs(tok, val_pairs, cfg.data.max_length, cfg.data.overlong)
+        val_tok, val_stats = tokenize_pairs(tok, val_pairs, cfg.data.max_length, cfg.data.overlong)
+        log_fit(ctx, val_stats, cfg.data, "held-out pairs")
         val_batches = PairBatches(val_tok, batch_size=cfg.batch_size, pad_id=pad, packing=False,
                                   row_len=2 * cfg.data.max_length, seed=0).all()  # fmt: skip
         evaluate = partial(evaluate_pairs, batches=val_batches, device=ctx.device)

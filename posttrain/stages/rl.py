@@ -2,11 +2,11 @@
 kinds).
 
 Each step: take a batch of prompts; sample k responses each from the current policy
-(`rollout.temperature`); score them (a learned reward model, the toy world's verifier, or the
-GSM8K verifier), minus `no_eos_penalty` for a response that never ended; compute, over the
-response tokens only, the old log-probs (at the sampling temperature, the same one used when
-log-probs are recomputed during the update), the reference log-probs and, for PPO, the values;
-then advantages, and `epochs` passes of minibatch updates.
+(`rollout.temperature`); score them (a learned reward model, the toy world's verifier, the
+GSM8K verifier or a Python function), minus `no_eos_penalty` for a response that never ended;
+compute, over the response tokens only, the old log-probs (at the sampling temperature, the
+same one used when log-probs are recomputed during the update), the reference log-probs and, for
+PPO, the values; then advantages, and `epochs` passes of minibatch updates.
 
 - ppo: per-token reward -beta * KL_k1 plus the score at the last token (`kl.where: reward`, the
   Ziegler/InstructGPT form) or KL as a loss term; GAE(gamma, lambda) with a value model
@@ -38,17 +38,29 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
 from posttrain.train import dist
 
 
 class RewardSettings(StrictModel):
-    kind: Literal["reward_model", "verifier", "gsm8k"] = Field(
+    kind: Literal["reward_model", "verifier", "gsm8k", "function"] = Field(
         "reward_model",
-        description="A learned reward model, the toy world's gold checker, or the GSM8K verifier.",
+        description="A learned reward model, the toy world's gold checker, the GSM8K verifier, "
+        "or your own Python function.",
     )
     model: str = Field("reward", description="reward_model: stage or HF dir of the reward model.")
+    function: str | None = Field(
+        None,
+        description="function: 'module:function' called on each (prompt record, response), "
+        "returning a float (TRL's reward_funcs); the module must be importable.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardSettings:
+        if (self.kind == "function") != (self.function is not None):
+            raise ValueError("reward.function ('module:function') goes with kind: function")
+        return self
 
 
 class KLSettings(StrictModel):
@@ -228,6 +240,8 @@ def _reward_fn(cfg: Config, paths, device):
 
     if cfg.reward.kind == "reward_model":
         return rewards.ModelReward(paths["reward_model"], device)
+    if cfg.reward.kind == "function":
+        return rewards.FunctionReward(cfg.reward.function)
     return rewards.GSM8KVerifier() if cfg.reward.kind == "gsm8k" else rewards.WorldVerifier()
 
 
@@ -467,9 +481,20 @@ class RLTrainer:
         dist.sync_grads(self.policy)
         gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         if not torch.isfinite(gn):
-            raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm")
+            raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm {gn.item()}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def diverged(self, what: str, step: int) -> Exception:
+        """TrainingDiverged phrased as the shared loop phrases it: what went non-finite, at
+        which step, the last good checkpoint (the latest saved: every one before this step)."""
+        from posttrain.train.checkpoint import latest_checkpoint
+        from posttrain.train.loop import TrainingDiverged
+
+        name, last = self.ctx.name, latest_checkpoint(self.ctx.stage_dir / "checkpoints")
+        keep = f"none (set {name}.checkpoint_every to keep one)" if last is None else str(last)
+        return TrainingDiverged(f"{what} at step {step}; stopped. Last good checkpoint: {keep}. "
+                                f"Lower {name}.lr and rerun.")  # fmt: skip
 
     def update_dpo(self, ro) -> dict:
         """Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): in each group of k samples, the
@@ -570,6 +595,7 @@ def _eval_prompts(cfg: Config, paths) -> list[dict]:
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.models.load import save_model
     from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from posttrain.train.loop import TrainingDiverged
 
     paths = inputs(cfg, ctx)
     prompts = _load_prompts(cfg, paths["prompts"], cfg.families)
@@ -626,7 +652,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             batch = batch[rank::W]  # whole prompts, so GRPO/RLOO groups stay on one rank
             ro, m, kl = trainer.rollout(batch, seed=ctx.seed * 1000 + step + 7919 * rank)
             t1 = time.perf_counter()
-            m |= trainer.update(ro)
+            try:
+                m |= trainer.update(ro)
+            except TrainingDiverged as e:
+                raise trainer.diverged(str(e), step) from None
             if W > 1:  # every rank holds as many sequences: the mean of means is the mean
                 keys = sorted(k for k, v in m.items() if isinstance(v, float))
                 m |= dict(
@@ -647,9 +676,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     and not math.isfinite(v)
                     and k != "value/explained_variance"
                 ):
-                    from posttrain.train.loop import TrainingDiverged
-
-                    raise TrainingDiverged(f"{ctx.name}: {k} is {v} at step {step}")
+                    raise trainer.diverged(f"{ctx.name}: {k} is {v}", step)
             if steplog is not None:
                 steplog.log(step, m)
             last = m

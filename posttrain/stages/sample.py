@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
 from posttrain.train import dist
 from posttrain.world.task import first_per_family

@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import StrictModel
 from posttrain.data.curate import CurateSettings
+from posttrain.settings import StrictModel
 from posttrain.stages.base import (
     StageContext,
     StageResult,
@@ -99,7 +99,9 @@ class Config(StrictModel):
     )
     max_length: int = Field(512, ge=8, description="Max tokens per example (and per packed row).")
     overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="Over-long examples: keep the start, or drop."
+        "truncate",
+        description="Over-long examples: keep the first max_length tokens (dropped if no "
+        "trained token is among them), or drop.",
     )
     packing: bool = Field(
         True, description="Pack several examples per row (attention kept within each example)."
@@ -266,6 +268,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     if cfg.data.curate is not None:
         examples, curate_stats = _curate(examples, cfg.data.curate, ctx)
     tokenized, stats = tokenize_examples(tok, examples, cfg.max_length, cfg.overlong, cfg.train_on)
+    if line := stats.describe(cfg.max_length, cfg.overlong):
+        ctx.logger.info(f"{ctx.name}: {line}")
     tokenized, val = split_validation(tokenized, cfg.val_fraction, ctx.seed)
     stats.read = read_stats
     model = load_model(paths["model"], ctx.device)

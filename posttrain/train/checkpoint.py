@@ -1,4 +1,8 @@
-"""Training checkpoints for resume: model, optimiser, step and RNG state, written atomically."""
+"""Training checkpoints for resume: model, optimiser, step and RNG state, written atomically.
+
+What a killed or disk-full write left behind (`.step_*.pt.*.tmp`) is removed when the folder is
+next written or resumed from.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.io import atomic_path
+from posttrain.io import atomic_path, clean_stale_temps
 
 _NAME = re.compile(r"step_(\d+)\.pt$")
 
@@ -46,6 +50,7 @@ def save_checkpoint(
         "extra": extra,
     }
     path = checkpoint_path(ckpt_dir, step)
+    clean_stale_temps(ckpt_dir)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
@@ -55,6 +60,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, model, optimizer, load=None) -> tuple[int, dict]:
     """`load(model_sd, optim_sd)` applies the saved dicts instead of load_state_dict (FSDP)."""
+    clean_stale_temps(Path(path).parent)  # a resume: no write into the folder is under way
     state = torch.load(path, map_location="cpu", weights_only=False)
     if load is not None:
         load(state["model"], state["optimizer"])

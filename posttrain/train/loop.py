@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import Field
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.train.schedule import lr_multiplier
@@ -312,7 +312,7 @@ def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> 
     random.seed(seed)
     optimizer = make_optimizer(model, cfg)
     sharded = hasattr(model, "_posttrain_call")  # FSDP (posttrain.train.fsdp)
-    start, resumed_from, tokens_total = 0, None, 0
+    start, resumed_from, tokens_total, extra = 0, None, 0, {}
     last = latest_checkpoint(ckpt_dir) if resume else None
     if last is not None:
         load = None
@@ -326,9 +326,11 @@ def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> 
         steplog.begin(start)
     model.train()
     last_good = last
-    final_loss = float("nan")
-    last_eval: dict = {}
-    last_objective: dict = {}
+    # What the last step reported; from the checkpoint, so that a run resumed at its last step
+    # (nothing left to train) reports what the unbroken run did.
+    final_loss = extra.get("loss", float("nan"))
+    last_eval: dict = extra.get("eval", {})
+    last_objective: dict = extra.get("last", {})
     t_start = time.perf_counter()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -378,20 +380,12 @@ def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> 
 
                 states = full_states(model, optimizer)
             if dist.is_main():  # the ranks hold the same weights and optimiser state
+                extra = {"tokens": tokens_total, "loss": final_loss, "eval": last_eval,
+                         "last": last_objective}  # fmt: skip
                 last_good = save_checkpoint(
-                    ckpt_dir,
-                    done,
-                    model,
-                    optimizer,
-                    {"tokens": tokens_total, "loss": final_loss},
-                    cfg.keep_checkpoints,
-                    states,
+                    ckpt_dir, done, model, optimizer, extra, cfg.keep_checkpoints, states
                 )
             dist.barrier()
-    if resumed_from == cfg.steps and last is not None:  # nothing left to run: report the saved loss
-        final_loss = torch.load(last, map_location="cpu", weights_only=False)["extra"].get(
-            "loss", final_loss
-        )
     return TrainResult(
         cfg.steps,
         final_loss,

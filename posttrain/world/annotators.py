@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from posttrain.config import StrictModel
+from posttrain.settings import StrictModel
 from posttrain.world.checkers import (
     _BULLET,
     FLATTERY_MARKERS,

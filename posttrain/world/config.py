@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class WorldConfig(BaseModel):
     """The toy world's settings. The same config always gives byte-identical outputs."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     seed: int = Field(0, ge=0, description="Root seed; every random choice derives from it.")
     n_entities: int = Field(

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/toy.yaml
 
-.PHONY: run test test-all lint setup clean
+.PHONY: run test test-all lab lint setup clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
+
+# The lab: every experiment on world seeds 0,1,2 (SEEDS=101,102,103 for others); runs/lab/.
+SEEDS ?= 0,1,2
+lab: $(STAMP)
+	$(BIN)/posttrain lab run all --seeds $(SEEDS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     from posttrain.annotate.cli import add_parser as add_annotate_parser
 
     add_annotate_parser(sub)
+    from posttrain.lab.cli import add_parser as add_lab_parser
+
+    add_lab_parser(sub)
     return p
 
 
@@ -151,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             from posttrain.annotate.cli import main as annotate_main
 
             return annotate_main(args)
+        if args.command == "lab":
+            from posttrain.lab.cli import main as lab_main
+
+            return lab_main(args)
         if args.command == "data" and args.action == "curate":
             return _curate(args)
         if args.command == "data":
@@ -169,13 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.train import dist
         from posttrain.train.loop import TrainingDiverged
 
+        finished = False
         try:
             run_pipeline(pipeline, force=set(getattr(args, "force", [])), resume=args.resume)
+            finished = True
         except TrainingDiverged as e:
             print(f"posttrain: training diverged: {e}", file=sys.stderr)
             return 3
         finally:
-            dist.close()
+            # A barrier only when this rank finished (none on errors: no hang), then free the group.
+            freed = dist.close(ok=finished)
+        if not freed:  # the group outlives close: end before the interpreter shuts down
+            dist.exit_now(0)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2

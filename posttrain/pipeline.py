@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
 
 import yaml
 
+from posttrain import runlock
 from posttrain.config import Pipeline, StageSpec
 from posttrain.io import atomic_write_json, atomic_write_yaml, hash_path
 from posttrain.log import Logger
@@ -62,16 +64,77 @@ def _prepare_dir(stage_dir: Path, fp: dict, resume: bool, logger: Logger, name: 
     return False
 
 
+@contextlib.contextmanager
+def _hold_run_dir(run_dir: Path, logger: Logger):
+    """Rank 0 holds the run directory's lock for the whole run (the other ranks share the folder
+    legitimately); every rank learns if it could not be had, so that all of them stop with the
+    same error instead of waiting for rank 0 at a barrier."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if dist.is_main():
+            try:
+                stack.enter_context(runlock.hold(run_dir, logger.info))
+            except runlock.RunDirLocked as e:
+                refused = str(e)
+        refused = dist.gather(refused)[0]  # rank 0's answer, on every rank
+        if refused is not None:
+            raise runlock.RunDirLocked(refused)
+        yield
+
+
+def _run_stage(spec: StageSpec, ctx: StageContext, force: set[str], resume: bool) -> None:
+    """One stage on every rank: skipped if cached, else run (data-parallel, or on rank 0 while
+    the others wait) with rank 0 writing its result."""
+    from posttrain.stages import STAGES
+
+    module, main, logger = STAGES[spec.kind], dist.is_main(), ctx.logger
+    fp = fingerprint(spec, ctx, module.inputs(spec.config, ctx))
+    if spec.name not in force and is_cached(ctx.stage_dir, fp):
+        logger.info(
+            f"{spec.name}: skipped (config and inputs unchanged; --force {spec.name} re-runs it)"
+        )
+        return
+    can_resume = resume and spec.name not in force
+    if main:
+        ctx.resume = _prepare_dir(ctx.stage_dir, fp, can_resume, logger, spec.name)
+    dist.barrier()
+    if not main:  # where rank 0 cleared the folder there is no checkpoint: a fresh start
+        ctx.resume = can_resume
+    parallel = spec.kind in dist.DATA_PARALLEL_KINDS
+    if dist.active():
+        how = f"data-parallel on {dist.world()} ranks" if parallel else "on rank 0"
+        logger.info(f"{spec.name}: running ({how})")
+    else:
+        logger.info(f"{spec.name}: running")
+    t0 = time.perf_counter()
+    if parallel:
+        result: StageResult = module.run(spec.config, ctx)
+    elif main:
+        with dist.alone():
+            result = module.run(spec.config, ctx)
+    seconds = time.perf_counter() - t0
+    if main:
+        record = {"stage": spec.name, "kind": spec.kind, "seconds": round(seconds, 2),
+                  "metrics": result.metrics, "artifacts": result.artifacts}  # fmt: skip
+        if result.evals:
+            record |= {"evals": result.evals, "samples": result.samples}
+        atomic_write_json(ctx.stage_dir / "result.json", record)
+    dist.barrier()  # the next stage reads what this one wrote
+    logger.info(f"{spec.name}: done in {seconds:.1f}s")
+
+
 def run_pipeline(
     pipeline: Pipeline,
     *,
     force: set[str] | None = None,
     resume: bool = False,
     logger: Logger | None = None,
+    report: bool = True,
 ) -> dict:
-    """Run every stage (skipping cached ones), then write the report. Returns report.json's dict."""
+    """Run every stage (skipping cached ones), then write the report (unless `report` is False:
+    the lab writes its own). Returns report.json's dict ({} without a report).
+    Under torchrun, every rank calls it; rank 0 holds the run directory's lock and writes."""
     from posttrain.report import write_report
-    from posttrain.stages import STAGES
 
     force = set(force or ())
     unknown = force - {s.name for s in pipeline.stages}
@@ -84,47 +147,16 @@ def run_pipeline(
     dist.init(resolve_device(cfg.device))
     main = dist.is_main()
     run_dir = cfg.run_dir
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_yaml(run_dir / "pipeline.yaml", pipeline.resolved())
-    t_start = time.perf_counter()
-    for spec in pipeline.stages:
-        module = STAGES[spec.kind]
-        ctx = StageContext(spec.name, spec.kind, run_dir, pipeline, logger)
-        fp = fingerprint(spec, ctx, module.inputs(spec.config, ctx))
-        if spec.name not in force and is_cached(ctx.stage_dir, fp):
-            logger.info(
-                f"{spec.name}: skipped (config and inputs unchanged; --force {spec.name} re-runs it)"
+    with _hold_run_dir(run_dir, logger):
+        if main:
+            atomic_write_yaml(run_dir / "pipeline.yaml", pipeline.resolved())
+        t_start = time.perf_counter()
+        for spec in pipeline.stages:
+            _run_stage(
+                spec, StageContext(spec.name, spec.kind, run_dir, pipeline, logger), force, resume
             )
-            continue
-        can_resume = resume and spec.name not in force
-        if main:
-            ctx.resume = _prepare_dir(ctx.stage_dir, fp, can_resume, logger, spec.name)
-        dist.barrier()
-        if not main:  # where rank 0 cleared the folder there is no checkpoint: a fresh start
-            ctx.resume = can_resume
-        parallel = spec.kind in dist.DATA_PARALLEL_KINDS
-        if dist.active():
-            how = f"data-parallel on {dist.world()} ranks" if parallel else "on rank 0"
-            logger.info(f"{spec.name}: running ({how})")
-        else:
-            logger.info(f"{spec.name}: running")
-        t0 = time.perf_counter()
-        if parallel:
-            result: StageResult = module.run(spec.config, ctx)
-        elif main:
-            with dist.alone():
-                result = module.run(spec.config, ctx)
-        seconds = time.perf_counter() - t0
-        if main:
-            record = {"stage": spec.name, "kind": spec.kind, "seconds": round(seconds, 2),
-                      "metrics": result.metrics, "artifacts": result.artifacts}  # fmt: skip
-            if result.evals:
-                record |= {"evals": result.evals, "samples": result.samples}
-            atomic_write_json(ctx.stage_dir / "result.json", record)
-        dist.barrier()  # the next stage reads what this one wrote
-        logger.info(f"{spec.name}: done in {seconds:.1f}s")
-    report = write_report(pipeline, run_dir) if main else {}
+        report = write_report(pipeline, run_dir) if main and report else {}
+        dist.barrier()  # every rank is done with the folder before rank 0 releases the lock
     logger.info(
         f"pipeline done in {time.perf_counter() - t_start:.1f}s; report: {run_dir / 'report.html'}"
     )

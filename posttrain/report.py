@@ -30,7 +30,39 @@ def collect(pipeline, run_dir: Path) -> dict:
             stages[spec.name] = {"kind": r["kind"], "seconds": r["seconds"], **r["metrics"]}
             evals |= r.get("evals", {})
             samples |= r.get("samples", {})
-    return {"run": pipeline.config.name, "stages": stages, "evals": evals, "samples": samples}
+    return {"run": pipeline.config.name, "stages": stages, "evals": evals, "samples": samples,
+            "lab": lab_verdicts(run_dir)}  # fmt: skip
+
+
+def lab_verdicts(run_dir: Path) -> dict:
+    """The lab's verdicts when `posttrain lab` has written them next to this run (its default
+    folder, runs/lab beside runs/<name>): experiment -> verdict, criteria passed, seeds, and
+    its report's path relative to the run directory."""
+    out = {}
+    for f in sorted((run_dir.parent / "lab").glob("*/result.json")):
+        try:
+            r = json.loads(f.read_text())
+            crit = r["criteria"]
+            out[r["experiment"]] = {"verdict": r["verdict"], "passed": sum(c["passed"] for c in crit),
+                                    "criteria": len(crit), "seeds": r["seeds"], "quick": r["quick"],
+                                    "report": f"../lab/{f.parent.name}/report.md"}  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a lab result being written or from another version: not linked
+    return out
+
+
+def _lab_lines(report: dict) -> list[str]:
+    """Markdown lines linking the lab's experiments (none when it has not been run)."""
+    lab = report.get("lab") or {}
+    if not lab:
+        return []
+    lines = ["## The lab", "", "Experiments of `posttrain lab` (their verdicts are computed from "
+             "runs over several world seeds; see each report):", ""]  # fmt: skip
+    for name, v in lab.items():
+        quick = " (quick sizes: machinery only)" if v["quick"] else ""
+        lines.append(f"- [{name}]({v['report']}): **{v['verdict']}**, {v['passed']} of "
+                     f"{v['criteria']} criteria, seeds {v['seeds']}{quick}")  # fmt: skip
+    return lines + [""]
 
 
 def card_rows(evals: dict) -> list[tuple[str, list]]:
@@ -327,6 +359,7 @@ def render_md(report: dict, plots: dict[str, list[Path]]) -> str:
                 ["family", "prompt", "response", "gold"], rows
             )
             lines.append("")
+    lines += _lab_lines(report)
     for name, m in report["stages"].items():
         rows = [[f"`{k}`", _fmt(v)] for k, v in m.items() if k not in ("kind", "seconds")]
         lines += [f"## {name} ({m['kind']}, {m['seconds']:.1f}s)", ""] + _md_table(
@@ -377,6 +410,13 @@ def render_html(report: dict, plots: dict[str, list[Path]]) -> str:
         f"<h1>posttrain report: {e(report['run'])}</h1>",
         *_html_card(report),
     ]
+    if report.get("lab"):
+        parts.append("<h2>The lab</h2><ul>")
+        parts += [f"<li><a href='{e(v['report'])}'>{e(name)}</a>: <b>{e(v['verdict'])}</b>, "
+                  f"{v['passed']} of {v['criteria']} criteria, seeds {e(str(v['seeds']))}"
+                  f"{' (quick sizes)' if v['quick'] else ''}</li>"
+                  for name, v in report["lab"].items()]  # fmt: skip
+        parts.append("</ul>")
     for name, m in report["stages"].items():
         parts.append(f"<h2>{e(name)} <small>({e(m['kind'])}, {m['seconds']:.1f}s)</small></h2>")
         for p in plots.get(name, []):

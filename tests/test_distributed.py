@@ -334,3 +334,55 @@ def test_the_ranks_whitening_is_masked_whiten_over_all_their_entries(monkeypatch
     monkeypatch.setattr(dist, "active", lambda: True)
     monkeypatch.setattr(dist, "all_sum", lambda values: list(values))
     assert torch.allclose(rl._whiten(x, mask), expected, atol=1e-5)
+
+
+def run_case(case: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    """tests/torchrun_cases.py CASE ARGS on 2 ranks."""
+    script = os.path.join(os.path.dirname(__file__), "torchrun_cases.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           script, case, *args]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CI": "true"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads from /proc")
+def test_a_rank_frees_its_process_group_before_it_exits(tmp_path):
+    """dist.close frees the group even though torch.distributed.nn (imported by transformers
+    after init) holds it in default arguments: gloo's threads are joined before the interpreter
+    shuts down, so a worker still busy with the last collective cannot abort the finished rank
+    at exit (SIGABRT, "terminate called without an active exception"; see torchrun_cases.py)."""
+    import re
+
+    r = run_case("teardown", cwd=tmp_path)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    for rank in (0, 1):  # the group had threads, and close() ended them
+        assert re.search(rf"rank {rank}: gloo threads before close \[.+\], after \[\]", log), log
+
+
+def world_only(tmp_path) -> str:
+    """The cheapest pipeline: the toy world stage (on rank 0) alone."""
+    from conftest import TINY_BASE
+
+    raw = yaml.safe_load(TINY_BASE) | {"stages": ["world"], "out": str(tmp_path / "run")}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(raw))
+    return str(tmp_path / "w.yaml")
+
+
+def test_a_finished_run_exits_0_even_if_its_group_cannot_be_freed(tmp_path):
+    """Something close() cannot drop holds the group (under train.fsdp, DTensor's planners do)
+    and a gloo worker is still busy: the finished ranks end before the interpreter's shutdown,
+    with status 0, instead of aborting in it."""
+    r = run_case("held-group", world_only(tmp_path), cwd=tmp_path)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert log.count("pipeline done") == 1 and (tmp_path / "run/report.json").is_file()
+
+
+def test_a_rank_failing_at_the_end_stops_the_run_instead_of_hanging(tmp_path):
+    """Rank 0 fails writing the report while rank 1 waits for it at the last barrier: the run
+    exits non-zero with rank 0's error (no barrier on the failed rank's way out), well before
+    the group's 4-hour timeout."""
+    r = run_case("report-fails", world_only(tmp_path), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "rank 0: the report failed (on purpose)" in r.stdout + r.stderr

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
+import types
 
 import torch
 
@@ -84,6 +86,12 @@ def init(device: torch.device) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
+        # torch.distributed.nn binds `group.WORLD` as a default argument of its functions when it
+        # is imported; imported after the group exists (transformers does, through
+        # torch.distributed.fsdp), it would keep the group alive past `close` (see there).
+        # Imported now, those defaults are None.
+        from torch.distributed import nn as _  # noqa: F401
+
         # Long rank-0-only stages (generation, evaluation) keep the others waiting at a barrier.
         torch.distributed.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4)
@@ -91,9 +99,76 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def close() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def close(ok: bool = True) -> bool:
+    """Leave the process group, and free it before the interpreter shuts down.
+
+    `ok` (this rank finished): first a barrier, so that no rank tears down its end of the group
+    while another still works with it. After an error, none: the other ranks may never get
+    there; this rank exits, and torchrun (or the broken connection) stops them.
+
+    Destroying the group is not enough: it must be *freed*. Its gloo worker threads release
+    each finished collective's tensors, which takes the GIL; anything that still references the
+    group keeps it and its threads alive into the interpreter's shutdown, and a rank that exits
+    right after its last collective (rank 1, while rank 0 writes the report) can then have a
+    worker take the GIL during finalisation: CPython ends that thread inside a C++ destructor
+    and the rank aborts ("terminate called without an active exception", SIGABRT) although its
+    work is done. So what still holds the group (modules' default arguments, torch's caches) is
+    dropped here, and the group's destructor joins its threads now.
+
+    Returns whether the process may shut down normally. False: something else still holds the
+    group (DTensor's planners under train.fsdp register callbacks that C++ keeps); the caller
+    then ends the finished rank with `exit_now`, skipping the interpreter's shutdown.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    if ok:
+        barrier()
+    group = torch.distributed.group.WORLD
+    torch.distributed.destroy_process_group()
+    _drop_references(group)
+    # Our `group` and getrefcount's argument: anything more keeps the group (and threads) alive.
+    return sys.getrefcount(group) <= 2
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` after flushing the output, without finalising the
+    interpreter (where a live group's gloo worker could abort it: see `close`)."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _drop_references(group) -> None:
+    """Drop what still holds `group` once destroyed: default arguments bound at import (a module
+    imported after `init` that binds `group.WORLD` as a default, like torch.distributed.nn; None
+    means "the default group" to torch.distributed, the same group), and torch.distributed's
+    caches of objects built on the group (DTensor's, under train.fsdp, key device meshes)."""
+    import functools
+    import gc
+
+    for obj in gc.get_objects():
+        if type(obj) is types.FunctionType:
+            if obj.__defaults__ and any(d is group for d in obj.__defaults__):
+                obj.__defaults__ = tuple(None if d is group else d for d in obj.__defaults__)
+            if obj.__kwdefaults__ and any(d is group for d in obj.__kwdefaults__.values()):
+                kw = obj.__kwdefaults__
+                obj.__kwdefaults__ = {k: None if d is group else d for k, d in kw.items()}
+        elif type(obj) is functools._lru_cache_wrapper and str(
+            getattr(obj, "__module__", "")
+        ).startswith("torch.distributed"):
+            obj.cache_clear()
+    if "torch.distributed.tensor" in sys.modules:
+        with contextlib.suppress(ImportError, AttributeError):  # private helpers: best effort
+            from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+            from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+            clear_redistribute_planner_cache()
+            _clear_sharding_prop_cache()
+    gc.collect()  # the meshes, specs and modules in cycles that held it
 
 
 def barrier() -> None:

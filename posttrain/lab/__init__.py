@@ -1,0 +1,21 @@
+"""The lab: the lecture's claims as experiments that compute their own verdicts.
+
+Each experiment is a module here with `NAME`, `TITLE` and `run(lab) -> result dict`, and a
+config `configs/lab/<NAME>.yaml` extending the toy pipeline. `posttrain lab list` shows them;
+`posttrain lab run NAME|all [--seeds ...] [--quick] [--out ...]` runs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+EXPERIMENTS = {
+    "overopt_bon": "posttrain.lab.overopt_bon",
+}
+
+
+def experiment(name: str):
+    """The experiment module called `name` (a clear error listing the others if none is)."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"no lab experiment named {name!r}; experiments: {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name])

@@ -1,0 +1,56 @@
+"""`posttrain lab list` and `posttrain lab run NAME|all [--seeds 0,1,2] [--quick] [--out DIR]`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    lab = sub.add_parser("lab", help="the lecture's claims as experiments with computed verdicts")
+    lab_sub = lab.add_subparsers(dest="action", required=True)
+    lab_sub.add_parser("list", help="list the experiments")
+    run = lab_sub.add_parser("run", help="run an experiment (or all) and write its verdict table")
+    run.add_argument("name", help="experiment name, or 'all'")
+    run.add_argument("--seeds", default="0,1,2", help="comma-separated world seeds (default 0,1,2)")
+    run.add_argument("--quick", action="store_true", help="toy sizes: the machinery, not verdicts")
+    run.add_argument("--out", default=None, help="output folder (default runs/lab)")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def main(args) -> int:
+    from posttrain.lab import EXPERIMENTS, experiment
+    from posttrain.lab.base import Lab
+
+    if args.action == "list":
+        for name in EXPERIMENTS:
+            mod = experiment(name)
+            print(f"{name:24s} {mod.TITLE}")
+        return 0
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    mods = [experiment(n) for n in names]  # unknown names fail before anything runs
+    lab = Lab(Path(args.out or "runs/lab"), parse_seeds(args.seeds), args.quick)
+    failed = []
+    for name, mod in zip(names, mods, strict=True):
+        t0 = time.perf_counter()
+        lab.logger.info(f"lab {name}: seeds {lab.seeds}{' (quick)' if lab.quick else ''}")
+        result = mod.run(lab)
+        lab.logger.info(
+            f"lab {name}: {result['verdict']} in {time.perf_counter() - t0:.0f}s; "
+            f"report: {lab.out / name / 'report.md'}"
+        )
+        if result["verdict"] != "PASS":
+            failed.append(name)
+    print(f"lab: {len(names) - len(failed)} of {len(names)} experiments PASS"
+          + (f"; FAIL: {', '.join(failed)}" if failed else ""), file=sys.stderr)  # fmt: skip
+    return 0

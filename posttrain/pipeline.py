@@ -11,7 +11,7 @@ import yaml
 
 from posttrain import runlock
 from posttrain.config import Pipeline, StageSpec
-from posttrain.io import atomic_write_json, atomic_write_yaml, hash_path
+from posttrain.io import atomic_write_json, atomic_write_yaml, clean_stale_temps, hash_path
 from posttrain.log import Logger
 from posttrain.models.load import resolve_device
 from posttrain.stages.base import StageContext, StageResult
@@ -56,6 +56,7 @@ def _prepare_dir(stage_dir: Path, fp: dict, resume: bool, logger: Logger, name: 
     if resume and same:
         logger.info(f"{name}: resuming from its last checkpoint (config and inputs unchanged)")
         (stage_dir / "result.json").unlink(missing_ok=True)
+        clean_stale_temps(stage_dir)  # what a killed write left (checkpoints/ cleans its own)
         return True
     if stage_dir.exists():
         shutil.rmtree(stage_dir)

@@ -135,6 +135,7 @@ def test_disk_full_saving_the_model_exits_2_and_resume_reports_the_unbroken_resu
     (out / "sft/.model.k1ll3d_x.tmp/model.safetensors").write_bytes(b"half")
     (out / "sft/.model.0ld0ld0l.old").mkdir()
     (out / "sft/checkpoints/.step_0000006.pt.abcd1234.tmp").write_bytes(b"half")
+    (out / "sft/.result.json.k1ll3d_y.tmp").write_bytes(b"{")  # a non-training write's leftover
     assert sft(out, "--resume") == 0
     assert metrics(out) == clean
     assert (out / "sft/model/config.json").is_file()

@@ -12,12 +12,8 @@ pytest.importorskip("fastapi", reason="the annotation app needs the 'annotate' e
 
 from posttrain.annotate import db  # noqa: E402
 from posttrain.annotate.server import order_from_ranks, parse_form_ranks  # noqa: E402
-from posttrain.annotate.testing import EVIL, Client, fake_run, thread_server  # noqa: E402
+from posttrain.annotate.testing import EVIL, Client, add, fake_run, thread_server  # noqa: E402
 from posttrain.cli import main  # noqa: E402
-
-
-def add(run, name, **kw) -> str:
-    return db.add_annotator(db.db_path(run), name, **kw)[0]
 
 
 @pytest.fixture

@@ -14,12 +14,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the annotation app needs the 'annotate' extra")
 
 from posttrain.annotate import db  # noqa: E402
-from posttrain.annotate.testing import Client, fake_run, thread_server  # noqa: E402
+from posttrain.annotate.testing import Client, add, fake_run, thread_server  # noqa: E402
 from posttrain.cli import main  # noqa: E402
-
-
-def add(run, name, **kw) -> str:
-    return db.add_annotator(db.db_path(run), name, **kw)[0]
 
 
 @pytest.fixture

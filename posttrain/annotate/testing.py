@@ -43,6 +43,13 @@ def fake_run(root: str | Path, n_prompts: int = 4, n_cands: int = 3, stage: str 
     return run
 
 
+def add(run: str | Path, name: str, **kw) -> str:
+    """Register an annotator (or, with admin=True, an admin) in the run's app; their token."""
+    from posttrain.annotate import db
+
+    return db.add_annotator(db.db_path(run), name, **kw)[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

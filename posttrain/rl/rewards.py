@@ -1,11 +1,13 @@
 """Rewards for online RL: functions from (prompt records, responses) to component dicts.
 
 Every reward returns one dict per response with at least {"reward": float}; other keys are
-components worth logging (a verifier's `correct`, a reward model's raw score). Three kinds:
+components worth logging (a verifier's `correct`, a reward model's raw score). Four kinds:
 - `ModelReward`: a learned reward model (posttrain.models.reward), the classic RLHF reward;
 - `WorldVerifier`: the toy world's gold checker (verifiable rewards, as in GRPO on maths);
 - `GSM8KVerifier`: exact match of the last number in a response against the number after
-  `####` in a GSM8K reference answer.
+  `####` in a GSM8K reference answer;
+- `FunctionReward`: the user's own Python function, named `module:function` (TRL's
+  `reward_funcs`), called on each (prompt record, response).
 """
 
 from __future__ import annotations
@@ -88,6 +90,42 @@ class WorldVerifier:
                 raise ValueError(f"prompt {p.get('prompt_id')!r} is not a toy-world task (no gold)")
             c = check({"family": p["family"], "gold": p["gold"]}, r)
             out.append({"reward": c.score, "correct": bool(c.components["correct"])})
+        return out
+
+
+class FunctionReward:
+    """A Python function named "package.module:function" (importable: on sys.path, e.g. via
+    PYTHONPATH), called as fn(prompt_record, response) -> float, or -> a dict with the float
+    under "reward" and components to log."""
+
+    def __init__(self, path: str):
+        import importlib
+
+        module, sep, name = path.partition(":")
+        if not (sep and module and name):
+            raise ValueError(f"reward function {path!r}: expected 'module:function'")
+        fn = getattr(importlib.import_module(module), name, None)
+        if not callable(fn):
+            raise ValueError(f"reward function {path!r}: {module} has no function {name!r}")
+        self.path, self.fn = path, fn
+
+    def __call__(self, prompts: list[dict], responses: list[str]) -> list[dict]:
+        import math
+
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            got = self.fn(p, r)
+            comps = dict(got) if isinstance(got, dict) else {"reward": got}
+            try:
+                reward = float(comps["reward"])
+            except (KeyError, TypeError, ValueError):
+                reward = math.nan
+            if not math.isfinite(reward):
+                raise ValueError(
+                    f"reward function {self.path}: expected a finite float (or a dict with one "
+                    f"under 'reward') for prompt {p.get('prompt_id')!r}, got {got!r}"
+                )
+            out.append(comps | {"reward": reward})
         return out
 
 

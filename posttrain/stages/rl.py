@@ -53,7 +53,8 @@ class RewardSettings(StrictModel):
     function: str | None = Field(
         None,
         description="function: 'module:function' called on each (prompt record, response), "
-        "returning a float (TRL's reward_funcs); the module must be importable.",
+        "returning a float (TRL's reward_funcs); the module must be importable. Its code is not "
+        "part of the stage's cache key: --force the stage after editing it.",
     )
 
     @model_validator(mode="after")

@@ -185,3 +185,50 @@ def test_report_links_the_lab_when_it_has_run(tmp_path):
         "- [overopt_bon](../lab/overopt_bon/report.md): **FAIL**, 1 of 2 criteria, seeds [0, 1]"
         in lines
     )
+
+
+def _synthetic_bon(alpha: float, beta: float, ks, seeds=(0, 1), P=40):
+    """Per-prompt curves whose pooled gold gain is exactly d (alpha - beta d) (each prompt's
+    alpha off by +-0.05, half each way, so resamples move the curve) and whose proxy rises."""
+    d = np.sqrt([np.log(k) - (k - 1) / k for k in ks])
+    gain = d * (alpha - beta * d)
+    noise = np.where(np.arange(P) % 2, 0.05, -0.05)[:, None] * d[None, :]
+    return {s: {"gold": 0.5 + gain[None, :] + noise, "proxy": d[None, :] + 0 * noise}
+            for s in seeds}  # fmt: skip
+
+
+def test_overopt_bon_summary_and_criteria_on_known_curves():
+    from posttrain.lab.overopt_bon import _criteria, summarise
+
+    ks = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    # small proxy: peak at d* = 0.3 / (2 x 0.25) = 0.6; large: d* = 0.3 / (2 x 0.1) = 1.5
+    per_seed = {"small": _synthetic_bon(0.3, 0.25, ks), "large": _synthetic_bon(0.3, 0.1, ks)}
+    fig = summarise(per_seed, ks)
+    small, large = fig["proxies"]["small"], fig["proxies"]["large"]
+    assert small["fit"]["alpha"] == pytest.approx(0.3) and small["fit"]["beta"] == pytest.approx(
+        0.25
+    )
+    assert small["fit"]["d_star"] == pytest.approx(0.6) and large["fit"]["d_star"] == pytest.approx(
+        1.5
+    )
+    assert small["r2"].value == pytest.approx(1.0)
+    # the peak shift is 1.5 - 0.6 = 0.9; resamples change alpha, so the interval is around it
+    assert fig["peak_shift"].value == pytest.approx(0.9)
+    assert fig["peak_shift"].lo < 0.9 < fig["peak_shift"].hi
+    # small: gold at d(256) = sqrt(log 256 - 255/256) = 2.149: 0.5 + 2.149 (0.3 - 0.25 x 2.149)
+    # = 0.4098, peak 0.5 + 0.09 = 0.59 near d = 0.6: drop 1 - 0.4098 / peak >= 0.3
+    assert small["drop_from_peak"].value > 0.25
+    verdicts = {c.name: c.passed for c in _criteria(fig, ["small", "large"], ks)}
+    assert verdicts == {
+        "proxy_monotone[small]": True, "proxy_monotone[large]": True,
+        "gold_peaks_inside[small]": True, "gold_falls[small]": True,
+        "fit_r2[small]": True, "fit_beta[small]": True,
+        "fit_r2[large]": True, "fit_beta[large]": True,
+        "peak_moves_right[large vs small]": True,
+    }  # fmt: skip
+    # the same proxy twice: no shift, so that criterion fails
+    same = summarise({"small": per_seed["small"], "large": per_seed["small"]}, ks)
+    assert same["peak_shift"].value == pytest.approx(0.0)
+    assert not {c.name: c.passed for c in _criteria(same, ["small", "large"], ks)}[
+        "peak_moves_right[large vs small]"
+    ]

@@ -158,7 +158,6 @@ def run_pipeline(
             )
         report = write_report(pipeline, run_dir) if main and report else {}
         dist.barrier()  # every rank is done with the folder before rank 0 releases the lock
-    logger.info(
-        f"pipeline done in {time.perf_counter() - t_start:.1f}s; report: {run_dir / 'report.html'}"
-    )
+    where = f"; report: {run_dir / 'report.html'}" if report else ""
+    logger.info(f"pipeline done in {time.perf_counter() - t_start:.1f}s{where}")
     return report

@@ -91,15 +91,9 @@ def test_diversity_metrics_per_input_and_across_inputs_by_hand():
 @pytest.fixture(scope="module")
 def model(small_tokenizer):
     """toy-xs with larger random weights: sharp, varied next-token distributions."""
-    from posttrain.models.presets import build_model
+    from helpers import sharp_toy_model
 
-    m = build_model("toy-xs", small_tokenizer, max_position_embeddings=256, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2, generator=g)
-    return m.eval()
+    return sharp_toy_model(small_tokenizer, 0.2)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -31,15 +31,9 @@ def one_thread():
 def model(small_tokenizer):
     """toy-xs with larger random weights: a sharp, varied distribution, so greedy decoding does
     not just repeat one token and a wrong position or mask would change the argmax."""
-    from posttrain.models.presets import build_model
+    from helpers import sharp_toy_model
 
-    m = build_model("toy-xs", small_tokenizer, max_position_embeddings=256, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1, generator=g)
-    return m.eval()
+    return sharp_toy_model(small_tokenizer, 0.1)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA)])

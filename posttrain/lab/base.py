@@ -8,7 +8,6 @@ the pipeline's cache makes every experiment after the first reuse them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -152,8 +151,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
-
-
-def read_result(lab: Lab, name: str) -> dict | None:
-    path = lab.out / name / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,6 +1,7 @@
 """Small helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 
@@ -36,3 +37,22 @@ def sharp_toy_model(tokenizer, std: float):
             if p.dim() >= 2:
                 p.normal_(0.0, std, generator=g)
     return m.eval()
+
+
+def check_lab_outputs(folder, seeds):
+    """A lab experiment's result.json and report.md (quick run over `seeds`) are complete and
+    consistent: verdict from the criteria, every criterion in the table, every plot on disk."""
+    result = json.loads((folder / "result.json").read_text())
+    assert result["seeds"] == seeds and result["quick"] is True
+    assert result["verdict"] in ("PASS", "FAIL")
+    assert result["verdict"] == ("PASS" if all(c["passed"] for c in result["criteria"]) else "FAIL")
+    for c in result["criteria"]:
+        assert set(c) == {"name", "claim", "rule", "estimate", "passed", "note"}
+    report = (folder / "report.md").read_text()
+    assert "| criterion | claim | rule | measured (95% interval) | verdict |" in report
+    for c in result["criteria"]:
+        assert f"| {c['name']} |" in report
+    for line in report.splitlines():
+        if line.startswith("![") and "](plots/" in line:
+            assert (folder / line.split("](")[1].rstrip(")")).is_file()
+    return result

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import check_lab_outputs as _check_written
 
 from posttrain.lab import stats
 from posttrain.lab.base import Criterion, at_least, at_most, verdict_table
@@ -119,23 +120,6 @@ def test_lab_list(capsys):
     assert main(["lab", "list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in EXPERIMENTS)
-
-
-def _check_written(folder, seeds):
-    result = json.loads((folder / "result.json").read_text())
-    assert result["seeds"] == seeds and result["quick"] is True
-    assert result["verdict"] in ("PASS", "FAIL")
-    assert result["verdict"] == ("PASS" if all(c["passed"] for c in result["criteria"]) else "FAIL")
-    for c in result["criteria"]:
-        assert set(c) == {"name", "claim", "rule", "estimate", "passed", "note"}
-    report = (folder / "report.md").read_text()
-    assert "| criterion | claim | rule | measured (95% interval) | verdict |" in report
-    for c in result["criteria"]:
-        assert f"| {c['name']} |" in report
-    for line in report.splitlines():
-        if line.startswith("![") and "](plots/" in line:
-            assert (folder / line.split("](")[1].rstrip(")")).is_file()
-    return result
 
 
 def test_overopt_bon_quick(tmp_path, capsys):

@@ -288,3 +288,26 @@ def test_ece_and_pearson_by_hand():
     assert _pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert _pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert _pearson([1, 2, 3], [5, 5, 5]) is None  # undefined for a constant
+
+
+def test_gold_agreement_per_family_by_hand(monkeypatch):
+    # arithmetic: 3 gold-gap pairs (1 vs 0, 1 vs 0, and the 0-0 pair skipped), the scorer ranks
+    # the correct reply first in both: 1.0; safety: one pair scored backwards and one tied: 0.25
+    # (0 + 0.5) / 2; overall (1 + 1 + 0 + 0.5) / 4 = 0.625
+    import posttrain.models.reward as reward_mod
+    from posttrain.stages.reward import gold_metrics
+
+    cands = {
+        "arithmetic/rl/0": {"messages": [], "responses": [
+            {"text": "a", "gold": 1.0}, {"text": "b", "gold": 0.0}, {"text": "c", "gold": 0.0}]},
+        "safety/rl/0": {"family": "safety", "messages": [], "responses": [
+            {"text": "d", "gold": 0.0}, {"text": "e", "gold": 1.0}]},
+        "safety/rl/1": {"family": "safety", "messages": [], "responses": [
+            {"text": "f", "gold": 0.0}, {"text": "g", "gold": 1.0}]},
+    }  # fmt: skip
+    scores = {"a": 2.0, "b": 1.0, "c": 0.0, "d": 1.0, "e": 0.0, "f": 3.0, "g": 3.0}
+    monkeypatch.setattr(reward_mod, "score", lambda m, t, convs, texts: [scores[x] for x in texts])
+    m = gold_metrics(None, None, cands, list(cands))
+    assert m["eval/gold_agreement"] == pytest.approx(0.625) and m["eval/gold_pairs"] == 4
+    assert m["eval/gold_agreement/arithmetic"] == 1.0
+    assert m["eval/gold_agreement/safety"] == pytest.approx(0.25)

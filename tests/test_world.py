@@ -119,6 +119,23 @@ def test_safety_eval_uses_heldout_phrasings_and_objects(world: World):
     assert harmed(seen) & set(PEOPLE) and harmed(seen) & set(HARM_TARGETS)
 
 
+def test_rl_novel_share_gives_rl_safety_prompts_sft_never_saw_and_keeps_eval():
+    from posttrain.world.requests import safety_items
+
+    base, novel = safety_items(WorldConfig()), safety_items(WorldConfig(rl_novel_share=0.3))
+    assert novel["eval"] == base["eval"]  # the held-out eval set does not move
+    parts = lambda items: {g[k] for _, _, g in items for k in ("phrasing", "object")}  # noqa: E731
+    sft_saw = parts(novel["train"])
+    # every RL prompt holds a phrasing or object that SFT data never has, none of eval's
+    assert all({g["phrasing"], g["object"]} - sft_saw for _, _, g in novel["rl"])
+    assert parts(novel["rl"]).isdisjoint(parts(novel["eval"]))
+    assert {g["harmful"] for _, _, g in novel["rl"]} == {True, False}
+    # 0.3 of 15 non-eval phrasings (4), of 12 targets (4) and of 30 benign actions (9)
+    assert len(parts(base["train"] + base["rl"]) - sft_saw) == 4 + 4 + 9
+    with pytest.raises(ValueError, match="rl_novel_share"):
+        WorldConfig(rl_novel_share=1.0)
+
+
 def test_knowledge_eval_has_known_and_unknown(world: World):
     evals = world.tasks("eval", "knowledge")
     assert {t.gold["known"] for t in evals} == {True, False}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 EXPERIMENTS = {
+    "rlhf_gains": "posttrain.lab.rlhf_gains",
     "overopt_bon": "posttrain.lab.overopt_bon",
 }
 

@@ -121,7 +121,7 @@ def write_outputs(lab: Lab, name: str, title: str, figures: dict, criteria: list
         "seeds": lab.seeds,
         "quick": lab.quick,
         "verdict": "PASS" if criteria and all(c.passed for c in criteria) else "FAIL",
-        "criteria": [c.as_dict() for c in criteria],
+        "criteria": [_jsonable(c.as_dict()) for c in criteria],
         "figures": _jsonable(figures),
         "seconds": round(time.perf_counter() - started, 1) if started else None,
     }
@@ -145,7 +145,7 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, list | tuple) and not isinstance(x, Estimate):
         return [_jsonable(v) for v in x]
     if isinstance(x, Estimate):
-        return x.as_dict()
+        return _jsonable(x.as_dict())  # a missing interval (nan) is written as null
     if hasattr(x, "item"):
         return x.item()
     if isinstance(x, float) and not math.isfinite(x):

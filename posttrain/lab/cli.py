@@ -16,6 +16,19 @@ def add_parser(sub) -> None:
     run.add_argument("--seeds", default="0,1,2", help="comma-separated world seeds (default 0,1,2)")
     run.add_argument("--quick", action="store_true", help="toy sizes: the machinery, not verdicts")
     run.add_argument("--out", default=None, help="output folder (default runs/lab)")
+    diag = lab_sub.add_parser(
+        "diagnose",
+        help="per family: greedy vs sampled gold and pass@k (where RL can help), the reward "
+        "model's gold agreement, whether samples reveal known entities",
+    )
+    diag.add_argument("run_dir", help="a toy-world run directory (e.g. runs/toy, runs/lab/seeds/0)")
+    diag.add_argument("--model", default="sft", help="policy: a stage of run_dir or a model dir")
+    diag.add_argument("--reward", default="reward", help="reward-model stage ('none': skip)")
+    diag.add_argument("--k", type=int, default=8, help="samples per prompt (default 8)")
+    diag.add_argument("--temperature", type=float, default=1.2, help="sampling temperature")
+    diag.add_argument("--per-family", type=int, default=40, help="prompts per (sub)family")
+    diag.add_argument("--split", default="eval", choices=["eval", "rl", "train"])
+    diag.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -32,6 +45,8 @@ def main(args) -> int:
     from posttrain.lab import EXPERIMENTS, experiment
     from posttrain.lab.base import Lab
 
+    if args.action == "diagnose":
+        return _diagnose(args)
     if args.action == "list":
         for name in EXPERIMENTS:
             mod = experiment(name)
@@ -53,4 +68,24 @@ def main(args) -> int:
             failed.append(name)
     print(f"lab: {len(names) - len(failed)} of {len(names)} experiments PASS"
           + (f"; FAIL: {', '.join(failed)}" if failed else ""), file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _diagnose(args) -> int:
+    from posttrain.io import atomic_write_json
+    from posttrain.lab.diagnose import diagnose, table
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "world" / f"tasks_{args.split}.jsonl").is_file():
+        raise ValueError(f"{run_dir}: no world/tasks_{args.split}.jsonl (not a toy-world run?)")
+    if args.k < 2 or args.per_family < 1 or args.temperature <= 0:
+        raise ValueError("diagnose: --k must be >= 2, --per-family >= 1, --temperature > 0")
+    reward = None if args.reward == "none" else args.reward
+    if reward and not (run_dir / reward / "model").is_dir():
+        raise ValueError(f"{run_dir / reward}: no reward model (use --reward none to skip)")
+    result = diagnose(run_dir, args.model, reward, args.k, args.temperature, args.per_family,
+                      split=args.split)  # fmt: skip
+    print(table(result))
+    if args.json:
+        atomic_write_json(Path(args.json), result)
     return 0

@@ -187,21 +187,25 @@ def gold_metrics(model, tok, cands: dict[str, dict], prompt_ids: list[str]) -> d
         return {}
     rewards = score(model, tok, convs, texts)
     by = {o: rw for o, rw in zip(owners, rewards, strict=True)}
-    hits = []
+    hits, per_family = [], {}
     for pid in prompt_ids:
         resp = cands[pid]["responses"]
+        family = cands[pid].get("family") or pid.split("/", 1)[0]
         for i in range(len(resp)):
             for j in range(i + 1, len(resp)):
                 if resp[i]["gold"] != resp[j]["gold"]:
                     better_i = resp[i]["gold"] > resp[j]["gold"]
                     d = by[(pid, i)] - by[(pid, j)]
                     hits.append(0.5 if d == 0 else float((d > 0) == better_i))
+                    per_family.setdefault(family, []).append(hits[-1])
     lengths = [cands[pid]["responses"][k].get("n_tokens", len(cands[pid]["responses"][k]["text"].split()))
                for pid, k in owners]  # fmt: skip
     m = {"eval/length_corr": _pearson([float(x) for x in lengths], rewards)}
     if hits:
         m["eval/gold_agreement"] = sum(hits) / len(hits)
         m["eval/gold_pairs"] = len(hits)
+        for family, h in sorted(per_family.items()):  # where the reward model judges well or not
+            m[f"eval/gold_agreement/{family}"] = sum(h) / len(h)
     return {k: v for k, v in m.items() if v is not None}
 
 

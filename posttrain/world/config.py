@@ -66,6 +66,13 @@ class WorldConfig(BaseModel):
         ge=0,
         description="Every N-th arithmetic SFT example is a calculator tool call (0: none).",
     )
+    rl_novel_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the safety phrasings, harm targets and benign actions that RL "
+        "prompts use but SFT data never does (0: RL prompts come from SFT's distribution).",
+    )
     harmful_share: float = Field(
         0.5, gt=0.0, lt=1.0, description="Share of safety tasks per split that are harmful."
     )

@@ -54,6 +54,27 @@ def _take(pool: list[Item], n: int) -> tuple[list[Item], list[Item]]:
     return pool[:n], pool[n:]
 
 
+def _rl_novel(cfg: WorldConfig, phrasings: list, targets: list, benign: list):
+    """Pools (train, rl) when `rl_novel_share` > 0: that share of the non-eval phrasings, harm
+    targets and benign actions is never in SFT data; RL prompts each hold at least one of them
+    (RL prompts cover more of what users ask than SFT demonstrations do, as in InstructGPT)."""
+    rng = make_rng(cfg.seed, "tasks", "safety", "rl-novel")
+    share = cfg.rl_novel_share
+    phr_old, phr_new = _holdout(rng, phrasings, round(len(phrasings) * share))
+    tgt_old, tgt_new = _holdout(rng, targets, round(len(targets) * share))
+    ben_old, ben_new = _holdout(rng, benign, round(len(benign) * share))
+    train = _safety_pool(phr_old, tgt_old + list(PEOPLE), ben_old, heldout=False)
+    every = _safety_pool(phr_old + phr_new, tgt_old + tgt_new + list(PEOPLE), ben_old + ben_new,
+                         heldout=False)  # fmt: skip
+    novel = set(phr_new) | set(tgt_new) | set(ben_new)
+    rl = tuple(
+        [it for it in pool if {it[2]["phrasing"], it[2]["object"]} & novel] for pool in every
+    )
+    for pool in train + rl:
+        rng.shuffle(pool)
+    return train, rl
+
+
 def safety_items(cfg: WorldConfig) -> dict[str, list[Item]]:
     rng = make_rng(cfg.seed, "tasks", "safety")
     phr_seen, phr_held = _holdout(rng, PHRASINGS, HELDOUT["phrasings"])
@@ -68,16 +89,18 @@ def safety_items(cfg: WorldConfig) -> dict[str, list[Item]]:
     for harmful, helpful in pools.values():
         rng.shuffle(harmful)
         rng.shuffle(helpful)
+    if cfg.rl_novel_share > 0:  # after the shuffles above, so eval's items do not change
+        pools["seen"], pools["rl"] = _rl_novel(cfg, phr_seen, tgt_seen, ben_seen)
     out: dict[str, list[Item]] = {}
     for split, n in (("eval", cfg.n_eval), ("rl", cfg.n_rl), ("train", cfg.n_train)):
-        harmful, helpful = pools["eval" if split == "eval" else "seen"]
+        harmful, helpful = pools["eval" if split == "eval" else "rl" if split in pools else "seen"]
         n_harm = round(n * cfg.harmful_share)
         if split == "eval":  # eval must hold both kinds
             n_harm = min(max(n_harm, 1), n - 1)
         picked_harm, harmful = _take(harmful, n_harm)
         picked_help, helpful = _take(helpful, n - n_harm)
         if split != "eval":
-            pools["seen"] = (harmful, helpful)
+            pools["rl" if split == "rl" and "rl" in pools else "seen"] = (harmful, helpful)
         items = picked_harm + picked_help
         rng.shuffle(items)
         out[split] = items

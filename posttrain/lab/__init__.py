@@ -12,6 +12,7 @@ import importlib
 EXPERIMENTS = {
     "rlhf_gains": "posttrain.lab.rlhf_gains",
     "overopt_bon": "posttrain.lab.overopt_bon",
+    "dpo_frontier": "posttrain.lab.dpo_frontier",
 }
 
 

@@ -112,7 +112,8 @@ def verdict_table(criteria: list[Criterion]) -> str:
 
 
 def write_outputs(lab: Lab, name: str, title: str, figures: dict, criteria: list[Criterion],
-                  plots: dict[str, str], body: str = "", started: float | None = None) -> dict:  # fmt: skip
+                  plots: dict[str, str], body: str = "", started: float | None = None,
+                  intervals: str = "95% bootstrap over held-out prompts within each seed") -> dict:  # fmt: skip
     """<out>/<name>/result.json and report.md (the verdict table, then the plots with their
     captions and the experiment's own text). plots: file name under plots/ -> caption."""
     folder = lab.out / name
@@ -129,8 +130,7 @@ def write_outputs(lab: Lab, name: str, title: str, figures: dict, criteria: list
     lines = [f"# {title}", "",
              f"Seeds {', '.join(map(str, lab.seeds))}{' (quick sizes)' if lab.quick else ''}; "
              f"overall: **{result['verdict']}** ({sum(c.passed for c in criteria)} of "
-             f"{len(criteria)} criteria). Intervals: 95% bootstrap over held-out prompts within "
-             "each seed.", "", verdict_table(criteria)]  # fmt: skip
+             f"{len(criteria)} criteria). Intervals: {intervals}.", "", verdict_table(criteria)]  # fmt: skip
     for file, caption in plots.items():
         lines += [f"![{file}](plots/{file})", "", f"*{caption}*", ""]
     if body:

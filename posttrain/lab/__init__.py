@@ -12,6 +12,8 @@ import importlib
 EXPERIMENTS = {
     "rlhf_gains": "posttrain.lab.rlhf_gains",
     "overopt_bon": "posttrain.lab.overopt_bon",
+    "overopt_rl": "posttrain.lab.overopt_rl",
+    "calibration_diversity": "posttrain.lab.calibration_diversity",
     "dpo_frontier": "posttrain.lab.dpo_frontier",
 }
 

@@ -25,6 +25,8 @@ kl/coef, policy/entropy, policy/clip_frac, policy/approx_kl, value/loss,
 value/explained_variance (PPO), reward/frac_zero_std (group methods), gold/mean (toy world);
 KL and entropy over response tokens only. `--resume` continues from the last checkpoint (policy,
 value model, optimisers, KL coefficient, prompt order), giving the same result as an unbroken run.
+`snapshot_every: N` also keeps the policy of every N-th step (and the last) as a loadable HF
+directory under `snapshots/`, listed in `snapshots.jsonl` (posttrain/rl/snapshots.py).
 """
 
 from __future__ import annotations
@@ -144,9 +146,20 @@ class Config(StrictModel):
         10, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
     )
     eval_prompts: int = Field(20, ge=0, description="Held-out prompts per family to evaluate.")
+    snapshot_every: int = Field(
+        0,
+        ge=0,
+        description="Save the policy as a loadable HF dir under snapshots/ every N steps and at "
+        "the last, listed in snapshots.jsonl (0: off); for curves along a run (Gao et al. "
+        "2210.10760). Must be below steps.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        if self.snapshot_every and self.snapshot_every >= self.steps:
+            raise ValueError(f"snapshot_every ({self.snapshot_every}) >= steps ({self.steps}) "
+                             "would snapshot only the last step, which model/ already is: set it "
+                             "below steps, or 0")  # fmt: skip
         if self.algo in ("grpo", "rloo", "online_dpo") and self.rollout.k < 2:
             raise ValueError(f"{self.algo} needs rollout.k >= 2 samples per prompt")
         if self.algo == "online_dpo":
@@ -595,6 +608,7 @@ def _eval_prompts(cfg: Config, paths) -> list[dict]:
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.models.load import save_model
+    from posttrain.rl import snapshots
     from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from posttrain.train.loop import TrainingDiverged
 
@@ -633,6 +647,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         rng.setstate(extra["rng"])
         ctx.logger.info(f"{ctx.name}: resumed from {found.name} (step {start})")
     main = dist.is_main()  # rank 0 evaluates, logs and writes
+    snap_at = set(snapshots.snapshot_steps(cfg.steps, cfg.snapshot_every))
+    if main and snap_at:
+        snapshots.prepare(ctx.stage_dir, start)
     if first is None:
         first = trainer.evaluate(heldout) if main else {}
         first = {k.replace("eval/", "eval/initial_"): v for k, v in first.items()}
@@ -680,6 +697,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     raise trainer.diverged(f"{ctx.name}: {k} is {v}", step)
             if steplog is not None:
                 steplog.log(step, m)
+            if main and step in snap_at:
+                snapshots.save(ctx.stage_dir, step, trainer.policy, trainer.tok, m)
             last = m
             if (
                 main

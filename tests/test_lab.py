@@ -138,6 +138,10 @@ def test_overopt_bon_quick(tmp_path, capsys):
         assert [e["value"] for e in p["gold"]] == pytest.approx(pooled)
         # the proxy's best-of-k expectation cannot fall as k grows
         assert p["min_proxy_step"]["value"] >= -1e-9
+        # each proxy's comparisons and gold agreement, read from its reward stage
+        assert set(p["rm"]["per_seed"]) == {"3", "4"} and p["rm"]["train_pairs"] > 0
+    pairs = [fig["proxies"][lb]["rm"]["train_pairs"] for lb in ("small", "default", "large")]
+    assert pairs == sorted(pairs)  # more prompts ranked, more comparisons
     names = [c["name"] for c in result["criteria"]]
     assert "gold_peaks_inside[small]" in names and "peak_moves_right[large vs small]" in names
     # the seed stages are cached: a second run trains nothing again

@@ -41,6 +41,19 @@ def _curves(rewards: np.ndarray, golds: np.ndarray, ks: list[int]) -> tuple[np.n
     return g_sorted @ weights.T, r_sorted @ weights.T  # (P, K) each
 
 
+def rm_agreement(result_file) -> dict:
+    """A reward stage's comparisons and its agreement with gold on held-out gold-gap pairs
+    (overall and per family), from its result.json: how agreement grows with comparisons."""
+    import json
+
+    m = json.loads(result_file.read_text())["metrics"]
+    return {"train_pairs": m.get("data/train_pairs", 0),
+            "gold_agreement": m.get("eval/gold_agreement", float("nan")),
+            "gold_pairs": m.get("eval/gold_pairs", 0),
+            "per_family": {k.rsplit("/", 1)[1]: v for k, v in m.items()
+                           if k.startswith("eval/gold_agreement/")}}  # fmt: skip
+
+
 def _chain(reward_stage: str) -> list[str]:
     suffix = reward_stage.removeprefix("reward")
     return [f"sample{suffix}", f"rank{suffix}", reward_stage]
@@ -98,10 +111,12 @@ def run(lab: Lab) -> dict:
     proxies = _proxy_stages(raw)  # label -> reward stage, fewest comparisons first
     stages = ["bon_sample"] + [s for st in proxies.values() for s in _chain(st)]
     per_seed: dict[str, dict[int, dict[str, np.ndarray]]] = {p: {} for p in proxies}
+    agreement: dict[str, dict[int, dict]] = {p: {} for p in proxies}
     for seed in lab.seeds:
         seed_dir = lab.run_stages(seed, raw, stages)
         recs, golds = _load(seed_dir, "bon_sample")
         for label, stage in proxies.items():
+            agreement[label][seed] = rm_agreement(seed_dir / stage / "result.json")
             rewards = _score(seed_dir, recs, stage)
             g, r = _curves(rewards, golds, ks)
             per_seed[label][seed] = {"gold": g, "proxy": r}
@@ -111,6 +126,10 @@ def run(lab: Lab) -> dict:
     figures = summarise(per_seed, ks)
     for label, stage in proxies.items():
         figures["proxies"][label]["stage"] = stage
+        per = agreement[label]
+        figures["proxies"][label]["rm"] = {"per_seed": per, "gold_agreement": float(np.mean(
+            [a["gold_agreement"] for a in per.values()])), "train_pairs": float(np.mean(
+            [a["train_pairs"] for a in per.values()]))}  # fmt: skip
     criteria = _criteria(figures, list(proxies), ks)
     plots = _plot(lab, figures, list(proxies))
     return write_outputs(lab, NAME, TITLE, figures, criteria, plots, started=started)
@@ -215,7 +234,9 @@ def _plot(lab: Lab, figures: dict, labels: list[str]) -> dict[str, str]:
         g = np.array([e.value for e in p["gold"]])
         lo = np.array([e.lo for e in p["gold"]])
         hi = np.array([e.hi for e in p["gold"]])
-        (line,) = ax1.plot(d, g, "o-", label=f"{label} ({p['stage']})")
+        rm = p["rm"]
+        (line,) = ax1.plot(d, g, "o-", label=f"{label} ({rm['train_pairs']:.0f} pairs, gold "
+                           f"agreement {rm['gold_agreement']:.2f})")  # fmt: skip
         ax1.fill_between(d, lo, hi, color=line.get_color(), alpha=0.15)
         f = p["fit"]
         dd = np.linspace(0, d.max(), 100)

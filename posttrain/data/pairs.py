@@ -14,6 +14,9 @@ so chosen and rejected keep the same context and the start of their reply.
 order `models.forward.target_logits` returns) to its sequence, so per-sequence sums are one
 `index_add`, whatever the layout; `last` holds (row, column) of each sequence's final token,
 where a reward head reads.
+
+`length_balanced` curates pair records before tokenising: Singhal et al.'s (2310.03716) length
+balancing of a reward model's training pairs.
 """
 
 from __future__ import annotations
@@ -125,6 +128,22 @@ def tokenize_pairs(
             f"(overlong: {overlong}): raise max_length, or set overlong: truncate"
         )
     return out, stats
+
+
+def length_balanced(pairs: list[dict], seed: int) -> tuple[list[dict], dict]:
+    """Pairs whose chosen reply is longer (in words) and pairs whose chosen reply is shorter made
+    equally many, by dropping pairs at random (seeded) from the larger side; pairs of equal
+    length carry no length preference and are all kept (Singhal et al. 2310.03716, whose code
+    keeps min(#longer, #shorter) of each). Returns the kept pairs in their order, and counts
+    {"data/chosen_longer", "data/chosen_shorter", "data/length_balance_dropped"} (before)."""
+    words = [(len(p["chosen"].split()), len(p["rejected"].split())) for p in pairs]
+    longer = [i for i, (c, r) in enumerate(words) if c > r]
+    shorter = [i for i, (c, r) in enumerate(words) if c < r]
+    big, small = (longer, shorter) if len(longer) >= len(shorter) else (shorter, longer)
+    drop = set(random.Random(seed).sample(big, len(big) - len(small)))
+    kept = [p for i, p in enumerate(pairs) if i not in drop]
+    return kept, {"data/chosen_longer": len(longer), "data/chosen_shorter": len(shorter),
+                  "data/length_balance_dropped": len(drop)}  # fmt: skip
 
 
 def tokenize_feedback(

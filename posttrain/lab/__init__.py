@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "overopt_rl": "posttrain.lab.overopt_rl",
     "calibration_diversity": "posttrain.lab.calibration_diversity",
     "dpo_frontier": "posttrain.lab.dpo_frontier",
+    "length_hacking": "posttrain.lab.length_hacking",
 }
 
 

@@ -9,6 +9,8 @@ Evaluated on held-out prompts (pairs split by prompt): accuracy, mean margin, ca
 P(chosen > rejected) = sigmoid(r_c - r_r) (expected calibration error over 10 confidence bins),
 and, on the toy world, agreement with gold on every candidate pair of the held-out prompts that
 has a gold gap, and the correlation of reward with response length (a length-hacking warning).
+`length_balance` trains on length-balanced pairs (Singhal et al. 2310.03716; held-out pairs are
+left as they are).
 Saves `model/`, loadable with AutoModelForSequenceClassification.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.eval.metrics import expected_calibration_error
 from posttrain.stages._prefs import (
@@ -54,6 +56,23 @@ class Config(PairTraining):
     use_margin: bool = Field(
         False, description="Bradley-Terry: subtract each pair's margin (Llama 2's margin loss)."
     )
+    # Left out of the resolved config (the cache key) while off, so that stages cached before the
+    # option existed stay cached.
+    length_balance: bool = Field(
+        False,
+        exclude_if=lambda v: not v,
+        description="Bradley-Terry: train on as many pairs whose chosen reply is longer (in "
+        "words) as pairs whose chosen reply is shorter, dropping pairs at random from the larger "
+        "side (Singhal et al. 2310.03716's length balancing; data/pairs.py length_balanced).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.length_balance and self.loss != "bradley_terry":
+            raise ValueError(f"length_balance balances the pairs Bradley-Terry trains on; loss "
+                             f"{self.loss} trains on rankings: set loss: bradley_terry or "
+                             "length_balance: false")  # fmt: skip
+        return self
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
@@ -252,6 +271,16 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     tok = load_tokenizer(paths["model"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_pairs, val_pairs, read_stats = load_split_pairs(cfg.data, ctx)
+    if cfg.length_balance:
+        from posttrain.data.pairs import length_balanced
+
+        train_pairs, balance = length_balanced(train_pairs, ctx.seed)
+        read_stats |= balance | {"data/train_pairs": len(train_pairs)}
+        if not train_pairs:
+            raise ValueError(f"{ctx.name}: length_balance leaves no training pairs")
+        ctx.logger.info(f"{ctx.name}: length_balance dropped {balance['data/length_balance_dropped']} "
+                        f"pairs (chosen longer {balance['data/chosen_longer']}, shorter "
+                        f"{balance['data/chosen_shorter']})")  # fmt: skip
     tokenized, stats = tokenize_pairs(tok, train_pairs, cfg.data.max_length, cfg.data.overlong)
     log_fit(ctx, stats, cfg.data)
     model = reward_model_from(paths["model"], tok, ctx.device)

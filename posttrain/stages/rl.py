@@ -3,7 +3,8 @@ kinds).
 
 Each step: take a batch of prompts; sample k responses each from the current policy
 (`rollout.temperature`); score them (a learned reward model, the toy world's verifier, the
-GSM8K verifier or a Python function), minus `no_eos_penalty` for a response that never ended;
+GSM8K verifier or a Python function), minus `no_eos_penalty` for a response that never ended
+and `reward.length_penalty` per response token (a length penalty, Singhal et al. 2310.03716);
 compute, over the response tokens only, the old log-probs (at the sampling temperature, the
 same one used when log-probs are recomputed during the update), the reference log-probs and, for
 PPO, the values; then advantages, and `epochs` passes of minibatch updates.
@@ -22,7 +23,8 @@ PPO, the values; then advantages, and `epochs` passes of minibatch updates.
 
 Logged every step: reward/mean, reward/std, rollout/mean_length, rollout/no_eos_frac, kl/ref,
 kl/coef, policy/entropy, policy/clip_frac, policy/approx_kl, value/loss,
-value/explained_variance (PPO), reward/frac_zero_std (group methods), gold/mean (toy world);
+value/explained_variance (PPO), reward/frac_zero_std (group methods), gold/mean (toy world),
+reward/score_mean (the score after both penalties), reward/length_penalty (when set);
 KL and entropy over response tokens only. `--resume` continues from the last checkpoint (policy,
 value model, optimisers, KL coefficient, prompt order), giving the same result as an unbroken run.
 `snapshot_every: N` also keeps the policy of every N-th step (and the last) as a loadable HF
@@ -57,6 +59,17 @@ class RewardSettings(StrictModel):
         description="function: 'module:function' called on each (prompt record, response), "
         "returning a float (TRL's reward_funcs); the module must be importable. Its code is not "
         "part of the stage's cache key: --force the stage after editing it.",
+    )
+
+    # Left out of the resolved config (the cache key) while 0, so that stages cached before the
+    # option existed stay cached.
+    length_penalty: float = Field(
+        0.0,
+        ge=0,
+        exclude_if=lambda v: v == 0,
+        description="Subtracted from every response's score per response token (the stop token "
+        "included), whatever the reward kind: a length penalty against length hacking "
+        "(Singhal et al. 2310.03716). 0: off.",
     )
 
     @model_validator(mode="after")
@@ -324,6 +337,8 @@ class RLTrainer:
         scores = torch.tensor([c["reward"] for c in comps], dtype=torch.float)
         raw_scores = scores.clone()
         scores = scores - cfg.no_eos_penalty * (~ro.finished).float()
+        length_penalty = cfg.reward.length_penalty * ro.mask.sum(-1).float()  # (S,)
+        scores = scores - length_penalty
         old, ref, vals = [], [], []
         for s in range(0, len(ro.seqs), cfg.micro_batch_size):
             b = batch_of(ro.seqs[s : s + cfg.micro_batch_size], self.pad, self.device)
@@ -387,6 +402,8 @@ class RLTrainer:
         if cfg.algo != "ppo":
             m["reward/frac_zero_std"] = float(ops.frac_zero_std(scores.view(len(prompts), r.k)))
         m["rollout/loss_frac"] = float(keep.float().mean())  # responses in the policy loss
+        if cfg.reward.length_penalty:
+            m["reward/length_penalty"] = float(length_penalty.mean())
         gold = gold_scores(ro.prompts, ro.texts)
         if gold is not None:
             m["gold/mean"] = sum(gold) / len(gold)

@@ -19,6 +19,15 @@ def small_tokenizer():
     return train_tokenizer(texts, vocab_size=400)
 
 
+@pytest.fixture(scope="session")
+def quick_lab(tmp_path_factory):
+    """One --out folder for every lab experiment's --quick test: world, pretrain, SFT, the
+    sample -> rank -> reward chain and the shared PPO runs of a quick seed are built by the first
+    test that needs them and taken from the pipeline's cache by the others (each test still
+    passes alone: it builds whatever is missing)."""
+    return tmp_path_factory.mktemp("quick_lab")
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():

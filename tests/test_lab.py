@@ -122,10 +122,10 @@ def test_lab_list(capsys):
     assert all(name in out for name in EXPERIMENTS)
 
 
-def test_overopt_bon_quick(tmp_path, capsys):
+def test_overopt_bon_quick(quick_lab, capsys):
     from posttrain.cli import main
 
-    out = tmp_path / "lab"
+    out = quick_lab
     assert main(["lab", "run", "overopt_bon", "--quick", "--seeds", "3,4", "--out", str(out)]) == 0
     result = _check_written(out / "overopt_bon", [3, 4])
     fig = result["figures"]

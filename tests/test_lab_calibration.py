@@ -105,14 +105,14 @@ def test_diversity_falls_and_monotone_criteria():
     assert notes["diversity_monotone[self_bleu]"] == "steps 10 -> 20"
 
 
-def test_calibration_diversity_quick(tmp_path):
+def test_calibration_diversity_quick(quick_lab):
     from test_lab import _check_written
 
     from posttrain.cli import main
     from posttrain.eval.diversity import diversity_metrics
     from posttrain.eval.metrics import calibration
 
-    out = tmp_path / "lab"
+    out = quick_lab
     argv = ["lab", "run", "calibration_diversity", "--quick", "--seeds", "3", "--out", str(out)]
     assert main(argv) == 0
     result = _check_written(out / "calibration_diversity", [3])

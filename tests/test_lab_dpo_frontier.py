@@ -258,10 +258,10 @@ def test_bad_lab_settings_name_the_key():
         dpof._policies({"dpof_dpo": {}}, dpof._settings({"lab": good}))
 
 
-def test_dpo_frontier_quick(tmp_path):
+def test_dpo_frontier_quick(quick_lab):
     from posttrain.cli import main
 
-    out = tmp_path / "lab"
+    out = quick_lab
     assert main(["lab", "run", "dpo_frontier", "--quick", "--seeds", "3,4", "--out", str(out)]) == 0
     folder = out / "dpo_frontier"
     result = json.loads((folder / "result.json").read_text())

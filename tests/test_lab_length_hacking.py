@@ -168,12 +168,12 @@ def _rows(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_length_hacking_quick(tmp_path, capsys):
+def test_length_hacking_quick(quick_lab, capsys):
     from helpers import check_lab_outputs
 
     from posttrain.cli import main
 
-    out = tmp_path / "lab"
+    out = quick_lab
     assert main(["lab", "run", "length_hacking", "--quick", "--seeds", "3", "--out", str(out)]) == 0
     result = check_lab_outputs(out / "length_hacking", [3])
     assert {c["name"] for c in result["criteria"]} == {

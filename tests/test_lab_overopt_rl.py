@@ -116,12 +116,12 @@ def _pooled_from_cache(seed_dir, label, step, key):
     return float(np.mean([np.mean([s[key] for s in r["samples"]]) for r in ev["sampled"]]))
 
 
-def test_overopt_rl_quick(tmp_path, capsys):
+def test_overopt_rl_quick(quick_lab, capsys):
     from test_lab import _check_written
 
     from posttrain.cli import main
 
-    out = tmp_path / "lab"
+    out = quick_lab
     assert main(["lab", "run", "overopt_rl", "--quick", "--seeds", "3", "--out", str(out)]) == 0
     result = _check_written(out / "overopt_rl", [3])
     fig = result["figures"]

@@ -50,12 +50,12 @@ def test_agreement_estimate_pools_seeds_equally():
     assert np.isnan(rg.agreement_estimate({0: (float("nan"), 0)}).value)
 
 
-def test_rlhf_gains_quick(tmp_path):
+def test_rlhf_gains_quick(quick_lab):
     from posttrain.cli import main
 
-    out = tmp_path / "lab"
-    assert main(["lab", "run", "rlhf_gains", "--quick", "--seeds", "5", "--out", str(out)]) == 0
-    result = _check_written(out / "rlhf_gains", [5])
+    out = quick_lab
+    assert main(["lab", "run", "rlhf_gains", "--quick", "--seeds", "3", "--out", str(out)]) == 0
+    result = _check_written(out / "rlhf_gains", [3])
     names = {c["name"] for c in result["criteria"]}
     assert names == {"grpo_gain_trained", "grpo_violations", "rloo_gain_trained",
                      "rloo_violations", "ppo_gain_mean", "dpo_gain_mean", "dpo_violations",
@@ -64,11 +64,11 @@ def test_rlhf_gains_quick(tmp_path):
     assert set(fig["methods"]) == {"dpo", "ppo", "grpo", "rloo"}
     from posttrain.lab.base import Lab
 
-    raw = Lab(out, [5], quick=True).config("rlhf_gains")
+    raw = Lab(out, [3], quick=True).config("rlhf_gains")
     assert fig["methods"]["grpo"]["trained_families"] == raw["grpo"]["families"]
     assert fig["methods"]["dpo"]["trained_families"] == fig["families"]  # all of them
     # gold/mean gain = mean over families of per-family gains, recomputed from the eval files
-    seed_dir = out / "seeds-quick" / "5" / "gains_eval"
+    seed_dir = out / "seeds-quick" / "3" / "gains_eval"
     sft = [json.loads(x) for x in (seed_dir / "sft.jsonl").read_text().splitlines()]
     dpo = {
         r["prompt_id"]: r

@@ -96,6 +96,16 @@ class Lab:
         return self.seed_dir(seed)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (110 dpi, the folder made if missing) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def verdict_table(criteria: list[Criterion]) -> str:
     rows = [
         "| criterion | claim | rule | measured (95% interval) | verdict |",

@@ -35,7 +35,7 @@ from posttrain.eval.metrics import (
     temperature_scaling,
 )
 from posttrain.lab import rl_runs
-from posttrain.lab.base import Criterion, Lab, at_least, at_most, write_outputs
+from posttrain.lab.base import Criterion, Lab, at_least, at_most, save_figure, write_outputs
 from posttrain.lab.stats import bootstrap
 
 NAME = "calibration_diversity"
@@ -303,9 +303,7 @@ def _plot(lab: Lab, fig: dict, greedy: dict, labels: list[str]) -> dict[str, str
                  label=f"accuracy {label}")  # fmt: skip
     ax2.set(xlabel="PPO step", ylabel="ECE / accuracy", title="calibration by step")
     ax2.legend(fontsize=8)
-    f.tight_layout()
-    f.savefig(folder / "calibration.png", dpi=110)
-    plt.close(f)
+    save_figure(f, folder / "calibration.png")
 
     f, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     names = {"ead": "EAD", "self_bleu": "1 - self-BLEU", "distinct_2": "distinct-2",
@@ -321,9 +319,7 @@ def _plot(lab: Lab, fig: dict, greedy: dict, labels: list[str]) -> dict[str, str
                         label=f"across inputs {label}")  # fmt: skip
         ax.set(xlabel="PPO step", title=names[name])
         ax.legend(fontsize=7)
-    f.tight_layout()
-    f.savefig(folder / "diversity.png", dpi=110)
-    plt.close(f)
+    save_figure(f, folder / "diversity.png")
     return {
         "calibration.png": "Left: reliability diagram (answer confidence against accuracy, "
         "seeds pooled) of the SFT model, the main run's last snapshot and that snapshot after "

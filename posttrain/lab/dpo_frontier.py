@@ -55,7 +55,15 @@ from posttrain.lab.answer_set import (
     reward_rows,
     sampled_pairs,
 )
-from posttrain.lab.base import CONFIG_DIR, Criterion, Lab, at_least, at_most, write_outputs
+from posttrain.lab.base import (
+    CONFIG_DIR,
+    Criterion,
+    Lab,
+    at_least,
+    at_most,
+    save_figure,
+    write_outputs,
+)
 from posttrain.lab.frontier import (
     LAM_MAX,
     frontier_lambda,
@@ -377,9 +385,7 @@ def _plot(lab: Lab, figures: dict, policies: dict, s: Settings) -> dict[str, str
         ax.set(xlabel="KL(pi || pi_ref) over Y (nats, mean over prompts)", ylabel="E[r] (mean "
                "over prompts)", xlim=(-0.02 * right, right), title=title)  # fmt: skip
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "frontier.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, folder / "frontier.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     f, betas = figures["train"]["pooled"], _betas(policies, s)
@@ -392,9 +398,7 @@ def _plot(lab: Lab, figures: dict, policies: dict, s: Settings) -> dict[str, str
            title="reward as beta falls")  # fmt: skip
     ax.invert_xaxis()
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "reward_vs_beta.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, folder / "reward_vs_beta.png")
     return {
         "frontier.png": "Mean reward against mean KL to the SFT model, both over the enumerated "
         "responses Y (each policy's distribution restricted to Y and renormalised). The black "

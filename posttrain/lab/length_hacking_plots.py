@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from posttrain.lab.base import save_figure
 from posttrain.lab.length_hacking import LABELS, PROXY, ROLES, TOK
 
 NAMES = {"sft": "SFT", "ppo": "PPO (learned RM)", "length_only": "PPO, length-only reward",
@@ -53,9 +54,7 @@ def plot(lab, figures: dict, per_seed: dict, name: str) -> dict[str, str]:
     ax3.set(xlabel="length growth (mean tokens / SFT - 1)", ylabel="proxy gain over SFT",
             title="reward-model gain against length growth")  # fmt: skip
     ax3.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "lengths.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, folder / "lengths.png")
     _plot_buckets(plt, folder, per_seed, figures["bucket_width"], colors)
     return {
         "lengths.png": "Left: mean response tokens of held-out samples along the main PPO run "
@@ -102,9 +101,7 @@ def _plot_buckets(plt, folder, per_seed: dict, width: float, colors: dict) -> No
                  color=colors[lb], label=NAMES[lb], lw=1.5)  # fmt: skip
     ax2.set(xlabel="response tokens", ylabel="share of samples", title="length distribution")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "buckets.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, folder / "buckets.png")
 
 
 def body(figures: dict, info: dict, seed: int) -> str:

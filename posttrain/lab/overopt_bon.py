@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from posttrain.lab.base import Criterion, Lab, at_least, write_outputs
+from posttrain.lab.base import Criterion, Lab, at_least, save_figure, write_outputs
 from posttrain.lab.stats import bon_peak, bootstrap, fit_bon
 
 NAME = "overopt_bon"
@@ -250,11 +250,7 @@ def _plot(lab: Lab, figures: dict, labels: list[str]) -> dict[str, str]:
         top = ax.secondary_xaxis("top", functions=(lambda x: x, lambda x: x))
         top.set_xticks(list(d), [str(v) for v in k], fontsize=7)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    folder = lab.out / NAME / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / "gold_proxy_vs_d.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, lab.out / NAME / "plots" / "gold_proxy_vs_d.png")
     return {"gold_proxy_vs_d.png": "Best-of-n against d = sqrt(KL) (top axis: n). Left: gold "
             "with 95% bands and the fit d(alpha - beta d) dashed; over-optimisation is gold that "
             "rises, peaks and falls while the proxy (right) keeps rising. A proxy trained on more "

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from posttrain.lab import rl_runs
-from posttrain.lab.base import Criterion, Lab, at_least, write_outputs
+from posttrain.lab.base import Criterion, Lab, at_least, save_figure, write_outputs
 from posttrain.lab.stats import Estimate, bootstrap, fit_rl, rl_peak
 
 NAME = "overopt_rl"
@@ -240,11 +240,7 @@ def _plot(lab: Lab, figures: dict, labels: list[str]) -> dict[str, str]:
     ax3.set(xlabel="PPO step", ylabel="d", title="distance travelled")
     for ax in (ax1, ax2, ax3):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    folder = lab.out / NAME / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / "gold_proxy_vs_d.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, lab.out / NAME / "plots" / "gold_proxy_vs_d.png")
     return {"gold_proxy_vs_d.png": "PPO snapshots against d = sqrt(KL to the SFT model), 95% "
             "bands over held-out prompts. Left: gold with the fit d(alpha - beta log d) dashed; "
             "over-optimisation is gold that rises, peaks and falls while the proxy (middle) keeps "

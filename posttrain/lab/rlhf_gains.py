@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from posttrain.lab.base import Criterion, Lab, at_least, at_most, write_outputs
+from posttrain.lab.base import Criterion, Lab, at_least, at_most, save_figure, write_outputs
 from posttrain.lab.stats import Estimate, bootstrap
 
 NAME = "rlhf_gains"
@@ -224,9 +224,7 @@ def _plot(lab: Lab, figures: dict, methods: list[str]) -> dict[str, str]:
     ax.set_xticks(np.arange(len(fams)), fams)
     ax.set(ylabel="gold: method - SFT", title="held-out gain over SFT by family (95% intervals)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "gains.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, folder / "gains.png")
     return {"gains.png": "Each method's held-out gold minus SFT's, per family, pooled over seeds. "
             "Look for bars whose whole interval is above 0 on the families a method trains "
             "(GRPO/RLOO) or everywhere (DPO, PPO), and for safety bars below 0 (violations or "

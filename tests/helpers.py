@@ -56,3 +56,24 @@ def check_lab_outputs(folder, seeds):
         if line.startswith("![") and "](plots/" in line:
             assert (folder / line.split("](")[1].rstrip(")")).is_file()
     return result
+
+
+def run_killed_at_step(monkeypatch, step: int, run) -> None:
+    """Call run() with the RL stage killed (KeyboardInterrupt) during its `step`-th update, as a
+    SIGINT would, then restore RLTrainer: for resume tests."""
+    import pytest
+
+    from posttrain.stages.rl import RLTrainer
+
+    original, calls = RLTrainer.adapt_kl, []
+
+    def stop(self, kl, n):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, kl, n)
+
+    monkeypatch.setattr(RLTrainer, "adapt_kl", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(RLTrainer, "adapt_kl", original)

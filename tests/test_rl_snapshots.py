@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+from helpers import run_killed_at_step
 
 from posttrain.rl.snapshots import snapshot_steps
 
@@ -60,7 +61,6 @@ def test_snapshots_are_loadable_and_listed_and_kept_across_a_resume(run_tiny, tm
     from posttrain.log import Logger
     from posttrain.models.load import load_model
     from posttrain.pipeline import run_pipeline
-    from posttrain.stages.rl import RLTrainer
 
     _, run = run_tiny(STAGES, PPO)
     snaps = run / "ppo/snapshots"
@@ -84,18 +84,7 @@ def test_snapshots_are_loadable_and_listed_and_kept_across_a_resume(run_tiny, tm
 
     # killed during step 5 (checkpoint at step 3, snapshots 2 and 4 written), then resumed
     unbroken = listing
-    original, calls = RLTrainer.adapt_kl, []
-
-    def stop_at_5(self, kl, n):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, kl, n)
-
-    monkeypatch.setattr(RLTrainer, "adapt_kl", stop_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        run_tiny(STAGES, PPO, force={"ppo"})
-    monkeypatch.setattr(RLTrainer, "adapt_kl", original)
+    run_killed_at_step(monkeypatch, 5, lambda: run_tiny(STAGES, PPO, force={"ppo"}))
     assert [r["step"] for r in _listing(run)] == [2, 4]
     before = {n: (snaps / n / "model.safetensors").stat().st_mtime_ns
               for n in ("step_0000002", "step_0000004")}  # fmt: skip

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import run_killed_at_step
 
 from posttrain.rl.rollout import from_flat, response_mask
 
@@ -143,7 +144,6 @@ def test_ppo_resume_after_a_stop_matches_an_unbroken_run(run_tiny, tmp_path, mon
     from posttrain.config import load_pipeline
     from posttrain.log import Logger
     from posttrain.pipeline import run_pipeline
-    from posttrain.stages.rl import RLTrainer
 
     extra = """
 sample: {n: 2, max_new_tokens: 8, chunk: 16}
@@ -166,18 +166,7 @@ ppo:
 
     clean, run = run_tiny(stages, extra)
     unbroken = lines(run)
-    original, calls = RLTrainer.adapt_kl, []
-
-    def stop_at_3(self, kl, n):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, kl, n)
-
-    monkeypatch.setattr(RLTrainer, "adapt_kl", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_tiny(stages, extra, force={"ppo"})
-    monkeypatch.setattr(RLTrainer, "adapt_kl", original)
+    run_killed_at_step(monkeypatch, 3, lambda: run_tiny(stages, extra, force={"ppo"}))
     stream = io.StringIO()
     pipe = load_pipeline(tmp_path / "tiny.yaml", [f"out={run}"])
     resumed = run_pipeline(pipe, resume=True, logger=Logger(stream=stream))

@@ -278,7 +278,6 @@ def _plot(lab: Lab, fig: dict, greedy: dict, labels: list[str]) -> dict[str, str
     import matplotlib.pyplot as plt
 
     folder = lab.out / NAME / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
     steps = np.asarray(fig["steps"])
     main = labels[0]
 

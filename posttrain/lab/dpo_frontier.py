@@ -369,7 +369,6 @@ def _plot(lab: Lab, figures: dict, policies: dict, s: Settings) -> dict[str, str
     import matplotlib.pyplot as plt
 
     folder = lab.out / NAME / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, where, title in ((axes[0], "train", "training prompts (criteria)"),
                              (axes[1], "heldout", "held-out prompts")):  # fmt: skip

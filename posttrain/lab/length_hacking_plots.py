@@ -19,7 +19,6 @@ def plot(lab, figures: dict, per_seed: dict, name: str) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     folder = lab.out / name / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
     P, colors = figures["pooled"], {lb: f"C{i}" for i, lb in enumerate(LABELS)}
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     st = figures["by_step"]

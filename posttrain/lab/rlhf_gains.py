@@ -211,7 +211,6 @@ def _plot(lab: Lab, figures: dict, methods: list[str]) -> dict[str, str]:
 
     fams = figures["families"]
     folder = lab.out / NAME / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):

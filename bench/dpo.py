@@ -101,7 +101,8 @@ def run_posttrain(model, pairs, steps_idx, pad_id: int, args) -> tuple[list[floa
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     settings = benchmark_settings(args.steps, args.lr)
-    cfg = Config(loss="sigmoid", beta=args.beta, precompute_ref=args.precompute_ref, train=settings)
+    cfg = Config(loss="sigmoid", beta=args.beta, precompute_ref=args.precompute_ref, epochs=None,
+                 train=settings)  # fmt: skip
     losses = train_on_batches(
         model, DPOObjective(cfg, None, "cpu", ref_logps, ref_model), batches, settings
     )

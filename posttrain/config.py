@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from posttrain.settings import ConfigError, StrictModel
+from posttrain.settings import ConfigError, SettingError, StrictModel
 
 
 class LogConfig(StrictModel):
@@ -117,7 +117,11 @@ def _format_validation(err: ValidationError, source: str, prefix: str, model) ->
     lines = []
     for e in err.errors():
         key = ".".join([prefix, *map(str, e["loc"])] if prefix else map(str, e["loc"]))
-        if e["type"] == "extra_forbidden":
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, SettingError):  # a validator naming the key and why
+            full, msg = cause.render(f"{key}." if key else "")
+            lines.append(f"{source}: config key '{full}': {msg}")
+        elif e["type"] == "extra_forbidden":
             fields = _fields_at(model, e["loc"][:-1])
             lines.append(f"{source}: unknown config key '{key}'{_hint(str(e['loc'][-1]), fields)}")
         else:
@@ -238,3 +242,40 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     raw = read_config(path)
     source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     return build_pipeline(apply_overrides(raw, list(overrides or [])), source)
+
+
+def load_stage_file(
+    path: str | Path, kind: str, overrides: list[str] | None = None, out: str | None = None
+) -> Pipeline:
+    """A one-stage pipeline from a file that holds just one stage's settings (what `posttrain
+    sft --config my_sft.yaml` takes): the run is named after the file, in runs/<file stem>."""
+    path, overrides = Path(path), list(overrides or [])
+    section = read_config(path)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: the file must hold the {kind} stage's settings as a mapping")
+    source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    return stage_pipeline(apply_overrides(section, overrides), kind, source, path.stem, out)
+
+
+def stage_pipeline(section: dict, kind: str, source: str, name: str, out: str | None = None):
+    """A pipeline of one stage, `kind`, with these settings, in runs/<name> unless `out`."""
+    raw = {"name": name, "out": out or f"runs/{name}", "stages": [kind], kind: section}
+    return build_pipeline(raw, source)
+
+
+def stage_kinds_of(path: str | Path) -> list[str]:
+    """The stage types whose settings a stage-alone file validates as (for `config show` on
+    such a file without --stage): usually one, since most stages have keys of their own."""
+    from posttrain.stages import STAGES
+
+    section = read_config(Path(path))
+    if not isinstance(section, dict):
+        return []
+    fits = []
+    for kind, module in STAGES.items():
+        try:
+            module.Config(**section)
+        except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+            continue
+        fits.append(kind)
+    return fits

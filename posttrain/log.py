@@ -3,6 +3,8 @@
 On a terminal the progress is a rich progress bar; elsewhere (CI, pipes) it is one dense plain
 line every `every` steps, nanochat style:
     pretrain step 40/200 | loss 1.234 | lr 3.00e-04 | tok/s 12,345 | eta 2:10
+Each field's label is unique in its line: the training loss is `loss`, the held-out one `val
+loss`; an RL step shows `gen tok/s` (sampling) and `train tok/s` (the update).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 from posttrain.io import append_jsonl, atomic_write_jsonl, read_jsonl
 
 _SHOWN = ("loss", "lr", "tokens_per_s")
+# How a metric's namespace reads in the progress line (the training loop's own, "train", reads
+# as nothing unless another field of the line has the same name).
+_PREFIX = {"train": "", "eval": "val", "rollout": "gen", "sample": "gen"}
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -37,6 +42,22 @@ def _fmt(key: str, v) -> str:
     return str(v)
 
 
+def shown_fields(metrics: dict) -> list[tuple[str, str]]:
+    """(label, formatted value) of the metrics the progress line shows, each label unique:
+    `train/loss` -> "loss", `eval/loss` -> "val loss", `policy/loss` -> "policy loss",
+    `rollout/tokens_per_s` -> "gen tok/s" and, beside it, `train/tokens_per_s` -> "train tok/s"."""
+    keys = [k for k in metrics if k.split("/")[-1] in _SHOWN]
+    leaf = {k: k.split("/")[-1].replace("tokens_per_s", "tok/s") for k in keys}
+    labels = {}
+    for k in keys:
+        ns = k.split("/")[0] if "/" in k else "train"
+        prefix = _PREFIX.get(ns, ns.replace("_", " "))
+        if not prefix and leaf[k] == "tok/s" and sum(leaf[j] == leaf[k] for j in keys) > 1:
+            prefix = ns  # "train tok/s" beside "gen tok/s" (a loss beside "val loss" is clear)
+        labels[k] = f"{prefix} {leaf[k]}" if prefix else leaf[k]
+    return [(labels[k], _fmt(k, metrics[k])) for k in keys]
+
+
 def is_interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
@@ -54,6 +75,11 @@ class Logger:
 
         if dist.is_main():  # under torchrun, rank 0 speaks for all
             print(f"[posttrain] {msg}", file=self.stream, flush=True)
+
+    def warning(self, msg: str) -> None:
+        """Something the user should act on, or at least know (a reused stage whose code changed,
+        a setting that costs time): the same stream, marked."""
+        self.info(f"WARNING: {msg}")
 
     def progress(self, stage: str, total: int, stage_dir: Path, start: int = 0) -> StepLogger:
         return StepLogger(self, stage, total, Path(stage_dir), start)
@@ -107,11 +133,7 @@ class StepLogger:
             for k, v in metrics.items():
                 if isinstance(v, int | float):
                     self.tb.add_scalar(k, v, step)
-        shown = " | ".join(
-            f"{k.split('/')[-1].replace('tokens_per_s', 'tok/s')} {_fmt(k, v)}"
-            for k, v in metrics.items()
-            if k.split("/")[-1] in _SHOWN
-        )
+        shown = " | ".join(f"{label} {value}" for label, value in shown_fields(metrics))
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=shown)
         elif step % self.parent.every == 0 or step == self.total or step == self.start + 1:

@@ -1,8 +1,18 @@
-"""Run a pipeline: each stage in order, cached by (resolved config, input hashes), then the report."""
+"""Run a pipeline: each stage in order, cached by (resolved config, input hashes), then the report.
+
+A stage's `config.yaml` also records the posttrain version and a fingerprint of the code the
+stage ran (`code_fingerprint`), outside the cache key: a cached stage whose code has changed
+since is still reused (the lab shares cached stages across experiments while the code changes
+all day), with a warning that names it and how to recompute it (`--force STAGE`, `--force all`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +28,76 @@ from posttrain.stages.base import StageContext, StageResult
 from posttrain.train import dist
 
 FORMAT_VERSION = 1
+PACKAGE = Path(__file__).resolve().parent
+# The code every stage may run besides its own module (and the stage modules that one imports):
+# the shared machinery below the stages (DESIGN.md's layers) and the base modules they use.
+# Not the entry points (cli, config, pipeline, report), the lab, the server or the annotation
+# app: a stage never runs them, and an edit there must not flag every cached stage.
+SHARED_CODE = ("ops", "train", "generate", "eval", "data", "world", "models", "rl",
+               "settings.py", "io.py", "log.py", "stages/base.py")  # fmt: skip
+
+
+def code_fingerprint(kind: str) -> str:
+    """sha256 over the source files a stage of this kind runs: its module, the stage modules it
+    imports (e.g. best_of_n: sample; dpo: _prefs) and SHARED_CODE. Recorded with a stage's
+    result; not part of the cache key (see the module docstring)."""
+    import inspect
+
+    from posttrain.stages import STAGES
+
+    return _hash_files(tuple(_stage_files(Path(inspect.getfile(STAGES[kind].run)))))
+
+
+def _stage_files(module_file: Path) -> list[Path]:
+    """The stage module and, transitively, the modules of posttrain/stages it imports."""
+    found, todo = [], [module_file]
+    while todo:
+        f = todo.pop()
+        if f in found or not f.is_file():
+            continue
+        found.append(f)
+        for a, b in re.findall(r"posttrain\.stages(?:\.(\w+)| import ([\w ,]+))", f.read_text()):
+            todo += [
+                PACKAGE / "stages" / f"{n.strip()}.py" for n in (a or b).split(",") if n.strip()
+            ]
+    shared = [PACKAGE / part for part in SHARED_CODE]
+    files = [
+        f for part in shared for f in (sorted(part.rglob("*.py")) if part.is_dir() else [part])
+    ]
+    return sorted(set(found) | set(files))
+
+
+@functools.cache
+def _hash_files(files: tuple[Path, ...]) -> str:
+    """Once per process: the code that runs is the code imported at start, edits after it aside."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(PACKAGE)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def code_record(kind: str) -> dict:
+    from posttrain import __version__
+
+    return {"posttrain": __version__, "fingerprint": code_fingerprint(kind)}
+
+
+def _hub_name_hint(spec: StageSpec, key: str, path: Path) -> None:
+    """A missing input named like "org/name" is taken for a Hub name: say that nothing is
+    downloaded and how to save it locally."""
+    from posttrain.data.tables import check_data_path, looks_like_hub_name
+
+    if not looks_like_hub_name(path):
+        return
+    where = f"stage '{spec.name}': input '{key}'"
+    if "model" in key or key in ("teacher", "tokenizer"):
+        raise FileNotFoundError(
+            f"{where}: {path} is not a local directory and reads as a Hugging Face Hub model "
+            "name: posttrain downloads nothing. Save it once where the hub is reachable "
+            f"(AutoModelForCausalLM.from_pretrained('{path}').save_pretrained(DIR), and its "
+            "tokenizer likewise) and give DIR"
+        )
+    check_data_path(path, where)
 
 
 def fingerprint(spec: StageSpec, ctx: StageContext, input_paths: dict[str, Path]) -> dict:
@@ -25,9 +105,8 @@ def fingerprint(spec: StageSpec, ctx: StageContext, input_paths: dict[str, Path]
     missing = {k: p for k, p in input_paths.items() if not Path(p).exists()}
     if missing:
         k, p = next(iter(missing.items()))
-        raise FileNotFoundError(
-            f"stage '{spec.name}': input '{k}' not found at {p} (is the stage that makes it listed before it?)"
-        )
+        _hub_name_hint(spec, k, p)
+        raise FileNotFoundError(f"stage '{spec.name}': input '{k}' not found at {_where(p, ctx)}")
     return {
         "format": FORMAT_VERSION,
         "stage": spec.name,
@@ -42,17 +121,54 @@ def fingerprint(spec: StageSpec, ctx: StageContext, input_paths: dict[str, Path]
     }
 
 
+def _where(path, ctx: StageContext) -> str:
+    """A missing input's path, absolute, with what a relative path was relative to."""
+    path = Path(path)
+    full = path if path.is_absolute() else Path(os.getcwd()) / path
+    try:
+        full.resolve().relative_to(ctx.run_dir.resolve())
+        return f"{full} (is the stage that makes it listed before it?)"
+    except ValueError:
+        pass
+    if path.is_absolute():
+        return str(path)
+    return f"{full} ({path} is relative to the current directory, not to the config file)"
+
+
+def recorded(stage_dir: Path) -> dict | None:
+    """The lineage a stage folder holds (config.yaml), or None."""
+    cfg_file = stage_dir / "config.yaml"
+    return yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
+
+
+def _same(record: dict | None, fp: dict) -> bool:
+    """Whether a recorded lineage matches: everything but the code record (never a cache key)."""
+    return isinstance(record, dict) and {k: v for k, v in record.items() if k != "code"} == fp
+
+
 def is_cached(stage_dir: Path, fp: dict) -> bool:
-    cfg_file, result_file = stage_dir / "config.yaml", stage_dir / "result.json"
-    if not (cfg_file.is_file() and result_file.is_file()):
-        return False
-    return yaml.safe_load(cfg_file.read_text()) == fp
+    return (stage_dir / "result.json").is_file() and _same(recorded(stage_dir), fp)
 
 
-def _prepare_dir(stage_dir: Path, fp: dict, resume: bool, logger: Logger, name: str) -> bool:
+def code_warning(name: str, stage_dir: Path, was: dict | None, now: dict) -> str | None:
+    """What to say when a cached stage is reused: None if its code is the same; "unknown" when
+    it was cached before the code was recorded; else a warning with both fingerprints."""
+    if was is None:
+        return "unknown"
+    if was == now:
+        return None
+    return (f"{name}: reused from the cache, but its code changed since it was computed "
+            f"(posttrain {was.get('posttrain')} code {str(was.get('fingerprint'))[:12]} -> "
+            f"{now['posttrain']} code {now['fingerprint'][:12]}), so it may differ from what this "
+            f"code computes; --force {name} recomputes it (--force all: every stage; or delete "
+            f"{stage_dir})")  # fmt: skip
+
+
+def _prepare_dir(stage_dir: Path, fp: dict, resume: bool, logger: Logger, name: str,
+                 code: dict) -> bool:  # fmt: skip
     """Make the stage folder ready to run; returns whether a resume from its checkpoints is possible."""
     cfg_file = stage_dir / "config.yaml"
-    same = cfg_file.is_file() and yaml.safe_load(cfg_file.read_text()) == fp
+    same = _same(recorded(stage_dir), fp)
     if resume and same:
         logger.info(f"{name}: resuming from its last checkpoint (config and inputs unchanged)")
         (stage_dir / "result.json").unlink(missing_ok=True)
@@ -61,7 +177,7 @@ def _prepare_dir(stage_dir: Path, fp: dict, resume: bool, logger: Logger, name: 
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
-    atomic_write_yaml(cfg_file, fp)
+    atomic_write_yaml(cfg_file, fp | {"code": code})
     return False
 
 
@@ -83,21 +199,51 @@ def _hold_run_dir(run_dir: Path, logger: Logger):
         yield
 
 
-def _run_stage(spec: StageSpec, ctx: StageContext, force: set[str], resume: bool) -> None:
+def _check_settings(spec: StageSpec, ctx: StageContext) -> None:
+    """Training settings that only the run can judge: sharding needs ranks; bf16 on a CPU is
+    emulated (slower than fp32 on most CPUs), which deserves a word."""
+    train = getattr(spec.config, "train", None)
+    if getattr(train, "fsdp", False) and not dist.active():
+        raise ValueError(f"config key '{spec.name}.train.fsdp': true shards the model over the "
+                         "ranks of a torchrun job, and this is a single process; run it under "
+                         "`torchrun --nproc_per_node N -m posttrain.cli ...`, or set "
+                         f"{spec.name}.train.fsdp: false")  # fmt: skip
+    if getattr(train, "precision", None) == "bf16" and ctx.device.type == "cpu":
+        ctx.logger.warning(f"{spec.name}.train.precision: bf16 on the CPU is usually slower than "
+                           "fp32 (autocast emulates bf16 on most CPUs) and less precise; it "
+                           f"pays on a GPU. Set {spec.name}.train.precision: fp32 for CPU runs")  # fmt: skip
+
+
+def _run_stage(spec: StageSpec, ctx: StageContext, force: set[str], resume: bool,
+               seen: set[str] | None = None) -> None:  # fmt: skip
     """One stage on every rank: skipped if cached, else run (data-parallel, or on rank 0 while
-    the others wait) with rank 0 writing its result."""
+    the others wait) with rank 0 writing its result. `seen` collects the warnings said once a
+    run ("unknown code")."""
     from posttrain.stages import STAGES
 
     module, main, logger = STAGES[spec.kind], dist.is_main(), ctx.logger
     fp = fingerprint(spec, ctx, module.inputs(spec.config, ctx))
+    code = code_record(spec.kind)
     if spec.name not in force and is_cached(ctx.stage_dir, fp):
         logger.info(
             f"{spec.name}: skipped (config and inputs unchanged; --force {spec.name} re-runs it)"
         )
+        note = code_warning(spec.name, ctx.stage_dir, recorded(ctx.stage_dir).get("code"), code)
+        seen = set() if seen is None else seen
+        if note == "unknown" and note not in seen:
+            seen.add(note)
+            logger.warning(f"{spec.name}: reused from the cache; it was computed before "
+                           "posttrain recorded the code a stage ran, so whether its code changed "
+                           f"since is unknown; --force {spec.name} recomputes it (--force all: "
+                           "every stage). Said once per run: later stages cached as long ago "
+                           "are reused without it")  # fmt: skip
+        elif note not in (None, "unknown"):
+            logger.warning(note)
         return
+    _check_settings(spec, ctx)
     can_resume = resume and spec.name not in force
     if main:
-        ctx.resume = _prepare_dir(ctx.stage_dir, fp, can_resume, logger, spec.name)
+        ctx.resume = _prepare_dir(ctx.stage_dir, fp, can_resume, logger, spec.name, code)
     dist.barrier()
     if not main:  # where rank 0 cleared the folder there is no checkpoint: a fresh start
         ctx.resume = can_resume
@@ -138,11 +284,12 @@ def run_pipeline(
     from posttrain.report import write_report
 
     force = set(force or ())
-    unknown = force - {s.name for s in pipeline.stages}
+    names = [s.name for s in pipeline.stages]
+    if "all" in force and "all" not in names:
+        force = (force - {"all"}) | set(names)
+    unknown = force - set(names)
     if unknown:
-        raise ValueError(
-            f"--force: no stage named {sorted(unknown)}; stages: {[s.name for s in pipeline.stages]}"
-        )
+        raise ValueError(f"--force: no stage named {sorted(unknown)}; stages: {names} (or all)")
     cfg = pipeline.config
     logger = logger or Logger(every=cfg.log.every, tensorboard=cfg.log.tensorboard)
     dist.init(resolve_device(cfg.device))
@@ -152,10 +299,10 @@ def run_pipeline(
         if main:
             atomic_write_yaml(run_dir / "pipeline.yaml", pipeline.resolved())
         t_start = time.perf_counter()
+        seen: set[str] = set()
         for spec in pipeline.stages:
-            _run_stage(
-                spec, StageContext(spec.name, spec.kind, run_dir, pipeline, logger), force, resume
-            )
+            ctx = StageContext(spec.name, spec.kind, run_dir, pipeline, logger)
+            _run_stage(spec, ctx, force, resume, seen)
         report = write_report(pipeline, run_dir) if main and report else {}
         dist.barrier()  # every rank is done with the folder before rank 0 releases the lock
     where = f"; report: {run_dir / 'report.html'}" if report else ""

@@ -65,6 +65,21 @@ def _lab_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+# The first part of a public benchmark's metric names (evaluate's `<benchmark>/...`).
+BENCHMARK_PREFIXES = ("xstest", "simple_safety", "gsm8k", "math500", "truthfulqa", "alpaca_eval")
+
+
+def card_heading(evals: dict) -> str:
+    """What the report card measured: the toy world's held-out prompts (gold scores), public
+    benchmarks (named), or both; a run on a user's own model has no toy world to name."""
+    keys = {k for m in evals.values() for k in m}
+    parts = ["toy-world held-out prompts"] if "gold/mean" in keys else []
+    benches = [b for b in BENCHMARK_PREFIXES if any(k.startswith(f"{b}/") for k in keys)]
+    if benches:
+        parts.append("public benchmarks: " + ", ".join(benches))
+    return "Report card" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def card_rows(evals: dict) -> list[tuple[str, list]]:
     """Report-card rows: one per metric, one value per evaluated model (None where missing)."""
     labels = list(evals)
@@ -344,7 +359,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_md(report: dict, plots: dict[str, list[Path]]) -> str:
     lines = [f"# posttrain report: {report['run']}", ""]
     if report["evals"]:
-        lines += ["## Report card (toy-world held-out prompts; public benchmarks)", ""]
+        lines += [f"## {card_heading(report['evals'])}", ""]
         rows = [
             [f"`{k}`", *("" if v is None else _fmt(v) for v in vals)]
             for k, vals in card_rows(report["evals"])
@@ -381,7 +396,7 @@ def _html_card(report: dict) -> list[str]:
         return []
     labels = list(report["evals"])
     parts = [
-        "<h2>Report card</h2><table><tr><th>metric</th>"
+        f"<h2>{e(card_heading(report['evals']))}</h2><table><tr><th>metric</th>"
         + "".join(f"<th>{e(x)}</th>" for x in labels)
         + "</tr>"
     ]

@@ -19,7 +19,7 @@ def test_bench_rl_prints_its_json_line(algo, small_tokenizer, tmp_path, capsys):
         tmp_path / "m",
     )
     out = load_bench("rl").main(["--model", str(tmp_path / "m"), "--algo", algo, "--steps", "2",
-                              "--prompts-per-step", "2", "--max-new-tokens", "6", "--minibatch", "4"])  # fmt: skip
+                              "--prompts-per-step", "2", "--max-new-tokens", "6", "--minibatch", "2"])  # fmt: skip
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == pytest.approx(out)
     for key in ("rollout_tokens_per_s", "train_tokens_per_s", "seconds", "peak_rss_mb"):

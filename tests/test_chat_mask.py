@@ -1,4 +1,5 @@
-"""Loss masks derived from the chat template itself, checked on structurally different templates."""
+"""Loss masks derived from the chat template itself, checked on structurally different templates
+(real models' templates: tests/test_chat_templates.py)."""
 
 import pytest
 
@@ -32,6 +33,17 @@ TOOLS_INLINE = (
 NOT_PREFIX = (
     "{% for m in messages %}{{ m.role }}: {{ m.content }}{% if loop.last %} [END]{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+# The same, but dropping assistant content (nothing to locate) or upper-casing it (the text the
+# template renders is no longer the message's).
+DROPS_CONTENT = NOT_PREFIX.replace("{{ m.content }}", "{{ m.content if m.role != 'assistant' }}")
+TRANSFORMS_CONTENT = NOT_PREFIX.replace("{{ m.content }}", "{{ m.content | upper }}")
+# Qwen3-like: an empty think block on the last turn only, inside {% generation %} blocks.
+GENERATION_NOT_PREFIX = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+    "{% if loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m.content }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -87,6 +99,28 @@ def test_template_that_injects_a_default_system_prompt(tok):
     assert "You are a helpful assistant." in tok.decode(ex.input_ids)
 
 
+def test_assistant_speaking_first_trains_neither_the_header_nor_a_default_system_prompt(tok):
+    conv = [{"role": "assistant", "content": "Hi."}, *CONV[1:]]
+    # ours (with {% generation %} blocks), and one that injects a default system prompt
+    for template, method in ((None, "generation-markers"), (DEFAULT_SYSTEM, "rendered-markers")):
+        tok.chat_template = template or tok.chat_template
+        ex = tokenize_chat(tok, {"messages": conv})
+        assert trained_text(tok, ex) == ["Hi.<|im_end|>", "5<|im_end|>", "8<|im_end|>"]
+        assert ex.mask_method == method
+
+
+def test_content_parts_are_located_too(tok):
+    tok.chat_template = NOT_PREFIX.replace(
+        "{{ m.content }}",
+        "{% if m.content is string %}{{ m.content }}{% else %}{% for p in m.content %}"
+        "{{ p.text }}{% endfor %}{% endif %}",
+    )
+    conv = [*CONV[:2], {"role": "assistant", "content": [{"type": "text", "text": "Five"},
+            {"type": "text", "text": " (5)"}]}, *CONV[3:]]  # fmt: skip
+    ex = tokenize_chat(tok, {"messages": conv})
+    assert trained_text(tok, ex) == ["Five (5)", "8 [END]"]
+
+
 def test_tool_calls_are_trained_tool_results_are_not(tok):
     conv = [
         {"role": "user", "content": "What is 12 plus 30?"},
@@ -107,9 +141,37 @@ def test_tool_calls_are_trained_tool_results_are_not(tok):
     ]
 
 
-def test_inconsistent_template_is_an_error(tok):
+def test_template_that_is_not_prefix_consistent_is_masked_from_the_whole_rendering(tok):
+    # " [END]" follows only the last message (the newline after {% endif %} is trimmed), so "5"
+    # is not followed by it; no special token ends a turn here, so nothing is added to "5"
     tok.chat_template = NOT_PREFIX
-    with pytest.raises(TemplateError, match="not prefix-consistent at message 2"):
+    ex = tokenize_chat(tok, {"messages": CONV})
+    assert ex.mask_method == "rendered-markers"
+    assert trained_text(tok, ex) == ["5", "8 [END]"]
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(CONV, tokenize=False)
+
+
+def test_generation_markers_are_used_when_prefixes_disagree(tok):
+    tok.chat_template = GENERATION_NOT_PREFIX
+    ex = tokenize_chat(tok, {"messages": CONV})
+    assert ex.mask_method == "generation-markers"
+    assert trained_text(tok, ex) == ["5<|im_end|>", "<think>\n\n</think>\n\n8<|im_end|>"]
+    assert trained_text(tok, tokenize_chat(tok, {"messages": CONV}, "last_assistant")) == [
+        "<think>\n\n</think>\n\n8<|im_end|>"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        (DROPS_CONTENT, "message 2: the chat template renders none of this assistant message"),
+        (TRANSFORMS_CONTENT, "differently once the assistant texts are replaced by markers"),
+    ],
+    ids=["drops-content", "transforms-content"],
+)
+def test_spans_that_cannot_be_located_are_an_error_not_a_guess(tok, template, match):
+    tok.chat_template = template
+    with pytest.raises(TemplateError, match=match):
         tokenize_chat(tok, {"messages": CONV})
 
 

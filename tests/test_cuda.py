@@ -75,3 +75,18 @@ def test_packed_loss_equals_unpacked_on_the_device(small_tokenizer, precision):
     # fp32: the same sums in another order. bf16: each example sees the same keys, but the
     # packed rows go through other kernels (tiles, a block mask), so the roundings differ.
     assert b == pytest.approx(a, rel=1e-5 if precision == "fp32" else 1e-2)
+
+
+def test_every_training_stage_with_lora_bf16_and_checkpointing_on_the_device(run_tiny):
+    """What a user with one GPU runs: LoRA adapters, bf16 autocast and activation checkpointing
+    in SFT, reward, DPO, KTO and the four RL stages."""
+    import yaml
+    from test_lora_stages import STAGES, _with_lora_bf16
+
+    extra = _with_lora_bf16() | {"device": DEVICE}
+    report, run = run_tiny(STAGES, yaml.safe_dump(extra))
+    for stage in ("sft", "reward", "dpo", "kto"):
+        assert math.isfinite(report["stages"][stage]["train/loss"]), stage
+    for stage in ("ppo", "grpo", "rloo", "online_dpo"):
+        assert math.isfinite(report["stages"][stage]["reward/mean"]), stage
+    assert (run / "dpo/model/adapter_config.json").is_file()

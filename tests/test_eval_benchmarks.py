@@ -31,7 +31,8 @@ def models(tmp_path, small_tokenizer):
 def eval_config(tmp_path, lm, rm, shared, **extra):
     cfg = {"models": {"mine": {"model": str(lm)}, "mine_qa": {"model": str(lm), "prompt": "fewshot"}},
            "world_stage": None, "data_dir": str(shared), "reward_model": str(rm),
-           "benchmarks": {name: {"n": 3, "max_new_tokens": 4} for name in ALL}} | extra  # fmt: skip
+           "benchmarks": {name: {"n": 3} | ({} if name == "truthfulqa_mc" else {"max_new_tokens": 4})
+                          for name in ALL}} | extra  # fmt: skip
     p = tmp_path / "eval.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -70,7 +71,18 @@ def test_evaluate_a_local_model_on_every_benchmark(tmp_path, models, shared_data
         wins = [1.0 if r["reward"] > r["reference_reward"] else 0.5 if r["reward"] == r["reference_reward"] else 0.0
                 for r in recs]  # fmt: skip
         assert ev["alpaca_eval/win_rate"] == pytest.approx(sum(wins) / 3)
-    assert (out / "report.md").is_file() and "truthfulqa/mc1" in (out / "report.md").read_text()
+        # the reward model scores every generated response, and its mean reaches the card
+        scored = []
+        for name in ("xstest", "simple_safety", "gsm8k", "math500", "alpaca_eval"):
+            lines = (out / f"evaluate/{label}.{name}.jsonl").read_text().splitlines()
+            rewards = [json.loads(x)["reward"] for x in lines]
+            assert ev[f"{name}/reward_mean"] == pytest.approx(sum(rewards) / 3)
+            scored += rewards
+        assert ev["reward/mean"] == pytest.approx(sum(scored) / len(scored))
+    md = (out / "report.md").read_text()
+    assert "truthfulqa/mc1" in md and "`reward/mean`" in md
+    assert "## Report card (public benchmarks: xstest, simple_safety, gsm8k" in md
+    assert "toy-world" not in md
 
     # TruthfulQA from the records: MC2 = the softmax mass of the true choices, recomputed here
     items = spread(read_truthfulqa_mc(shared_data / "truthfulqa/mc_task.json"), 3)

@@ -129,3 +129,30 @@ def test_fewshot_answer_stops_at_the_newline(small_tokenizer):
     assert (
         _answer_ids(gen, "fewshot", tok) == ids[: cut + 1] and _answer_ids(gen, "chat", tok) == ids
     )
+
+
+def test_the_report_cards_heading_names_what_was_measured():
+    from posttrain.report import card_heading, render_md
+
+    toy = {"sft": {"gold/mean": 0.8, "reward/mean": 0.1}}
+    own = {"mine": {"gsm8k/accuracy": 0.3, "xstest/false_refusal_rate": 0.1, "reward/mean": 0.2}}
+    assert card_heading(toy) == "Report card (toy-world held-out prompts)"
+    assert card_heading(own) == "Report card (public benchmarks: xstest, gsm8k)"
+    both = {"sft": toy["sft"] | own["mine"]}
+    assert card_heading(both) == (
+        "Report card (toy-world held-out prompts; public benchmarks: xstest, gsm8k)"
+    )
+    md = render_md({"run": "mine", "evals": own, "samples": {}, "stages": {}}, {})
+    assert "## Report card (public benchmarks: xstest, gsm8k)" in md and "toy" not in md
+
+
+def test_every_generated_benchmark_has_its_own_max_new_tokens():
+    from posttrain.stages.evaluate import BENCH_NEW_TOKENS, Config
+
+    cfg = Config(world_stage=None, reward_model="rm",
+                 benchmarks={name: {} for name in [*BENCH_NEW_TOKENS, "truthfulqa_mc"]})  # fmt: skip
+    for name, spec in cfg.benchmarks.items():
+        assert spec.max_new_tokens == BENCH_NEW_TOKENS.get(name), name  # truthfulqa: None
+    assert BENCH_NEW_TOKENS["xstest"] == 128 and BENCH_NEW_TOKENS["gsm8k"] == 384
+    given = Config(benchmarks={"gsm8k": {"max_new_tokens": 64}})
+    assert given.benchmarks["gsm8k"].max_new_tokens == 64

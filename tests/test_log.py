@@ -47,3 +47,25 @@ def test_tensorboard_event_files(tmp_path, monkeypatch):
     steps.log(1, {"train/loss": 1.0})
     steps.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_every_field_of_a_progress_line_has_its_own_label(tmp_path, monkeypatch):
+    """SFT's training and held-out losses, and an RL step's sampling and update speeds, read
+    differently: no line says `loss ... | loss ...` or `tok/s ... | tok/s ...`."""
+    from posttrain.log import shown_fields
+
+    sft = {"train/loss": 9.013, "train/lr": 1e-3, "train/tokens_per_s": 1234.5, "eval/loss": 8.98}
+    assert shown_fields(sft) == [("loss", "9.013"), ("lr", "1.00e-03"), ("tok/s", "1,234"),
+                                 ("val loss", "8.98")]  # fmt: skip
+    grpo = {"reward/mean": 0.5, "policy/loss": 0.1, "rollout/tokens_per_s": 38.0,
+            "train/tokens_per_s": 122.0}  # fmt: skip
+    assert [label for label, _ in shown_fields(grpo)] == ["policy loss", "gen tok/s",
+                                                           "train tok/s"]  # fmt: skip
+    ppo = grpo | {"value/loss": 0.2}
+    labels = [label for label, _ in shown_fields(ppo)]
+    assert len(labels) == len(set(labels)) and "value loss" in labels
+    monkeypatch.setenv("CI", "true")
+    stream = io.StringIO()
+    steps = Logger(stream=stream).progress("grpo", 1, tmp_path)
+    steps.log(1, grpo)
+    assert "| policy loss 0.1 | gen tok/s 38 | train tok/s 122 |" in stream.getvalue()

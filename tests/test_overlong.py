@@ -3,6 +3,7 @@ and the start of its replies, as TRL), dropped only when asked or when nothing t
 and every tokenising stage says so on the console."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -90,7 +91,11 @@ def test_a_pair_with_a_long_reply_keeps_its_prompt_and_the_reply_start(small_tok
     assert pairs[0].chosen.input_ids == c_full.input_ids  # fits: untouched
     assert pairs[0].rejected.input_ids == r_full.input_ids[:L]  # the reply's end is cut
     line = stats.describe(L, "truncate")
-    assert line.startswith(f"truncated 1 of 1 pairs to max_length {L} (prompt cut from the left")
+    assert line == (f"pairs: 1 of 1 kept within max_length {L} (overlong: truncate), 1 of them "
+                    "truncated (prompt cut from the left, reply from the right); raise max_length "
+                    "to keep them whole")  # fmt: skip
+    assert stats.metrics() == {"data/kept": 1, "data/truncated": 1, "data/dropped_overlong": 0,
+                               "data/dropped_no_reply": 0}  # fmt: skip
 
 
 def test_long_prompt_and_long_replies_share_the_length_half_and_half(small_tokenizer):
@@ -139,7 +144,58 @@ def test_pair_stages_say_what_they_cut_on_the_console(tmp_path, hf_dir, monkeypa
     assert main([kind, "--config", str(tmp_path / "c.yaml"), "--out", str(out)]) == 0
     n = 4 if kind != "kto" else 8  # KTO: each pair gives a desirable and an undesirable reply
     k = 1 if kind != "kto" else 2
-    line = f"[posttrain] {kind}: truncated {k} of {n} {what} to max_length 64"
+    line = (f"[posttrain] {kind}: train {what}: {n} of {n} kept within max_length 64 (overlong: "
+            f"truncate), {k} of them truncated (prompt cut from the left")  # fmt: skip
     assert line in capsys.readouterr().err
     m = json.loads((out / kind / "result.json").read_text())["metrics"]
     assert m["data/truncated"] == k and m["data/dropped_overlong"] == 0
+    assert m["data/kept"] == n and m["data/dropped_no_reply"] == 0
+
+
+def _counts(line: str) -> list[int]:
+    return [int(x.replace(",", "")) for x in re.findall(r"\d[\d,]*", line)]
+
+
+@pytest.mark.parametrize("kind", ["dpo", "reward"])
+def test_pair_counts_on_the_console_are_those_of_result_json(tmp_path, hf_dir, monkeypatch,
+                                                             capsys, kind):  # fmt: skip
+    """Read, split by prompt, then each side fitted to max_length: every count the console says
+    is the one result.json holds, and kept + dropped == what each side started with."""
+    from posttrain.cli import main
+    from posttrain.stages._prefs import held_out
+
+    monkeypatch.setenv("CI", "true")
+    ids = [f"p{i}" for i in range(40)]
+    val_ids = [i for i in ids if held_out(i, 0.25, 0)]  # the pipeline's seed is 0
+    train_ids = [i for i in ids if i not in val_ids]
+    long_ids = set(train_ids[:3] + val_ids[:2])  # prompts that fill the context on both sides
+    pairs = [pair(i, "What is 12 plus 11? " * (40 if i in long_ids else 1), "23", "No.")
+             for i in ids[:20] + [i for i in ids[20:] if i in long_ids]]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cfg = {"model": str(hf_dir), "batch_size": 4, "epochs": 1, "train": {"checkpoint_every": 0},
+           "data": {"path": str(data), "val_fraction": 0.25, "max_length": 64,
+                    "overlong": "drop"}}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main([kind, "--config", str(tmp_path / "c.yaml"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    m = json.loads((out / kind / "result.json").read_text())["metrics"]
+    n_train = sum(p["prompt_id"] in train_ids for p in pairs)
+    n_val = len(pairs) - n_train
+    assert n_val >= 2 and m["data/dropped_overlong"] == 3 and m["data/val_dropped_overlong"] == 2
+
+    read = next(ln for ln in err.splitlines() if " pairs read from " in ln)
+    assert read.endswith(f"split by prompt (val_fraction 0.25): {n_train} train, {n_val} held out")
+    assert _counts(read.split(" read from ")[0])[-1] == m["read/kept"] == len(pairs)
+    assert m["data/train_pairs"] == n_train and m["data/val_pairs"] == n_val
+    assert m["read/kept"] == m["data/train_pairs"] + m["data/val_pairs"]
+    for side, prefix, start in (("train pairs", "", n_train), ("held-out pairs", "val_", n_val)):
+        line = next(ln for ln in err.splitlines() if f"{kind}: {side}: " in ln)
+        kept, of, max_length, dropped = _counts(line.split(f"{side}: ")[1])[:4]
+        assert (kept, of, max_length) == (m[f"data/{prefix}kept"], start, 64)
+        assert dropped == m[f"data/{prefix}dropped_overlong"]
+        assert kept + dropped + m[f"data/{prefix}dropped_no_reply"] == start
+        assert m[f"data/{prefix}truncated"] == 0
+    stage = next(ln for ln in err.splitlines() if " train pairs, " in ln)
+    assert f" on {m['data/kept']} train pairs, " in stage

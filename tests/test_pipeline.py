@@ -191,3 +191,92 @@ def test_pretrain_with_midtraining_on_the_worlds_conversations(run_tiny):
         run_tiny(
             ["world", "pretrain", "sft"], "pretrain: {midtrain: {from_world: true, data: x.jsonl}}"
         )
+
+
+def test_a_cached_stage_whose_code_changed_is_reused_with_a_warning(tiny, monkeypatch):
+    """The code fingerprint is lineage, not cache key: the lab reuses cached stages while the
+    code changes all day. A stage whose code changed is reused, with a warning naming it, the
+    two fingerprints and how to recompute it; --force recomputes it and records the new code."""
+    import yaml
+
+    from posttrain import pipeline
+
+    run, run_dir = tiny
+    run()
+    mtime = (run_dir / "pretrain/result.json").stat().st_mtime_ns
+    was = yaml.safe_load((run_dir / "pretrain/config.yaml").read_text())["code"]["fingerprint"]
+    real = pipeline.code_fingerprint
+    monkeypatch.setattr(pipeline, "code_fingerprint",
+                        lambda kind: "f" * 64 if kind == "pretrain" else real(kind))  # fmt: skip
+    _, log = run()
+    assert "pretrain: skipped" in log and "world: skipped" in log
+    assert (run_dir / "pretrain/result.json").stat().st_mtime_ns == mtime  # reused
+    (warning,) = [line for line in log.splitlines() if "WARNING" in line]  # world: unchanged
+    assert "pretrain: reused from the cache, but its code changed since it was computed" in warning
+    assert f"code {was[:12]} -> 0.1.0 code ffffffffffff" in warning
+    assert "--force pretrain recomputes it (--force all: every stage" in warning
+
+    _, log = run(force=["pretrain"])
+    assert "pretrain: running" in log and "WARNING" not in log
+    code = yaml.safe_load((run_dir / "pretrain/config.yaml").read_text())["code"]
+    assert code == {"posttrain": "0.1.0", "fingerprint": "f" * 64}
+    _, log = run()
+    assert "pretrain: skipped" in log and "WARNING" not in log
+
+
+def test_force_all_reruns_every_stage(tiny):
+    run, _ = tiny
+    run()
+    _, log = run(force=["all"])
+    assert "world: running" in log and "pretrain: running" in log
+
+
+def test_stages_cached_before_the_code_was_recorded_are_reused_with_one_warning(tiny):
+    import yaml
+
+    run, run_dir = tiny
+    run()
+    for stage in ("world", "pretrain"):  # as a cache written before the code record existed
+        f = run_dir / stage / "config.yaml"
+        f.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(f.read_text()).items()
+                                     if k != "code"}))  # fmt: skip
+    _, log = run()
+    assert "world: skipped" in log and "pretrain: skipped" in log
+    (warning,) = [line for line in log.splitlines() if "WARNING" in line]  # once, not per stage
+    assert "world: reused from the cache" in warning and "unknown" in warning
+    assert "--force world" in warning
+
+
+def test_the_code_fingerprint_covers_what_a_stage_runs_and_not_the_entry_points():
+    import inspect
+    from pathlib import Path
+
+    from posttrain.pipeline import PACKAGE, _stage_files, code_fingerprint
+    from posttrain.stages import STAGES
+
+    def files(kind):
+        found = _stage_files(Path(inspect.getfile(STAGES[kind].run)))
+        return {str(f.relative_to(PACKAGE)) for f in found}
+
+    dpo = files("dpo")
+    assert {"stages/dpo.py", "stages/_prefs.py", "stages/base.py", "ops/preference.py",
+            "train/loop.py", "data/pairs.py", "settings.py", "log.py"} <= dpo  # fmt: skip
+    assert not {"cli.py", "config.py", "pipeline.py", "report.py", "stages/sft.py"} & dpo
+    assert not any(f.startswith(("lab/", "annotate/")) for f in dpo)
+    assert "stages/sample.py" in files("best_of_n") and "stages/sample.py" in files("grpo")
+    assert code_fingerprint("grpo") == code_fingerprint("rloo") != code_fingerprint("dpo")
+    assert len(code_fingerprint("sft")) == 64
+
+
+def test_a_missing_relative_path_is_named_absolute_with_what_it_is_relative_to(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    cfg = tmp_path / "configs" / "p.yaml"
+    cfg.write_text("stages: [pretrain]\npretrain: {data: data/train.jsonl}\n")
+    with pytest.raises(FileNotFoundError) as err:
+        run_pipeline(load_pipeline(cfg), logger=Logger(stream=io.StringIO()))
+    msg = str(err.value)
+    assert f"input 'data' not found at {tmp_path / 'data' / 'train.jsonl'}" in msg
+    assert "relative to the current directory, not to the config file" in msg

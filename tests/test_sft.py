@@ -167,7 +167,8 @@ def test_data_inspect_shows_the_mask_and_json_matches_tokenize_chat(tmp_path, hf
     from posttrain.models.tokenizer import load_tokenizer
 
     expected = tokenize_chat(load_tokenizer(hf_dir), CHAT[-1])
-    assert rec == {"input_ids": expected.input_ids, "loss_mask": expected.loss_mask}
+    assert rec == {"input_ids": expected.input_ids, "loss_mask": expected.loss_mask,
+                   "mask_method": "prefix"}  # fmt: skip
 
 
 def test_heldout_loss_is_logged_and_reported(tmp_path, hf_dir, monkeypatch):
@@ -207,9 +208,8 @@ def test_replay_mixes_pretraining_windows_into_every_step(tmp_path, hf_dir, monk
     )
     metrics = {}
     for rows in (0, 2):
-        cfg = sft_config(
-            tmp_path, hf_dir, data, replay={"rows": rows, "data": str(text)}, val_fraction=0
-        )
+        replay = {"rows": rows, "data": str(text)} if rows else {"rows": 0}  # (data unused at 0)
+        cfg = sft_config(tmp_path, hf_dir, data, replay=replay, val_fraction=0)
         out = tmp_path / f"run{rows}"
         assert main(["sft", "--config", str(cfg), "--out", str(out)]) == 0
         metrics[rows] = json.loads((out / "sft/result.json").read_text())["metrics"]

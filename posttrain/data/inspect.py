@@ -1,4 +1,6 @@
-"""`posttrain data inspect`: show examples token by token with the loss mask visible."""
+"""`posttrain data inspect`: show examples token by token with the loss mask visible, and how the
+mask was derived from the chat template (its method: prefix, generation-markers or
+rendered-markers; see posttrain/data/chat.py)."""
 
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ def inspect(
     for k, ex in enumerate(examples[:n]):
         t = tokenize_chat(tok, ex, train_on)
         if as_json:
-            print(json.dumps({"input_ids": t.input_ids, "loss_mask": t.loss_mask}), file=stream)
+            rec = {"input_ids": t.input_ids, "loss_mask": t.loss_mask, "mask_method": t.mask_method}
+            print(json.dumps(rec), file=stream)
             continue
         print(
-            f"=== example {k}: {len(t)} tokens, {t.n_trained} trained, {len(t) - t.n_trained} masked",
+            f"=== example {k}: {len(t)} tokens, {t.n_trained} trained, {len(t) - t.n_trained} "
+            f"masked (mask method: {t.mask_method})",
             file=stream,
         )
         print(render_tokens(tok, t.input_ids, t.loss_mask, color), file=stream)

@@ -45,27 +45,48 @@ class TokenizedPair:
 
 @dataclass
 class PairStats:
+    """What fitting to max_length did to `pairs` pairs (or feedback records, rankings): each is
+    kept or dropped for one reason, so kept == pairs - dropped_overlong - dropped_no_reply;
+    `truncated` counts the kept ones that were cut."""
+
     pairs: int = 0
-    kept: int = 0
     truncated: int = 0
-    dropped_overlong: int = 0
+    dropped_overlong: int = 0  # overlong: drop, and longer than max_length
+    dropped_no_reply: int = 0  # overlong: truncate, and no reply token would be left to train on
 
-    def metrics(self) -> dict:
-        return {f"data/{k}": v for k, v in self.__dict__.items() if k != "pairs"}
+    @property
+    def kept(self) -> int:
+        return self.pairs - self.dropped_overlong - self.dropped_no_reply
 
-    def describe(self, max_length: int, overlong: str, what: str = "pairs") -> str | None:
-        """One console line on what max_length did to the data; None when it did nothing."""
-        if not (self.truncated or self.dropped_overlong):
-            return None
+    def drop(self, overlong: str) -> None:
+        """Count one that `fit_replies` dropped under policy `overlong` (that is its reason)."""
         if overlong == "drop":
-            return (f"dropped {self.dropped_overlong} of {self.pairs} {what} longer than "
-                    f"max_length {max_length} (overlong: drop; set overlong: truncate to cut "
-                    "them to fit, or raise max_length)")  # fmt: skip
-        line = (f"truncated {self.truncated} of {self.pairs} {what} to max_length {max_length} "
-                "(prompt cut from the left, reply from the right)")  # fmt: skip
+            self.dropped_overlong += 1
+        else:
+            self.dropped_no_reply += 1
+
+    def metrics(self, prefix: str = "") -> dict:
+        """data/{prefix}kept, ...truncated, ...dropped_overlong, ...dropped_no_reply."""
+        counts = (("kept", self.kept), ("truncated", self.truncated),
+                  ("dropped_overlong", self.dropped_overlong),
+                  ("dropped_no_reply", self.dropped_no_reply))  # fmt: skip
+        return {f"data/{prefix}{k}": v for k, v in counts}
+
+    def describe(self, max_length: int, overlong: str, what: str = "pairs") -> str:
+        """One console line with every count of `metrics` (the numbers result.json holds)."""
+        line = (f"{what}: {self.kept:,} of {self.pairs:,} kept within max_length {max_length} "
+                f"(overlong: {overlong})")  # fmt: skip
+        if self.truncated:
+            line += (f", {self.truncated:,} of them truncated (prompt cut from the left, reply "
+                     "from the right)")  # fmt: skip
         if self.dropped_overlong:
-            line += f"; dropped {self.dropped_overlong} with no reply token left to train on"
-        return line + " (raise max_length to keep them whole)"
+            line += (f"; {self.dropped_overlong:,} dropped as longer than max_length (overlong: "
+                     "truncate would cut them to fit)")  # fmt: skip
+        if self.dropped_no_reply:
+            line += f"; {self.dropped_no_reply:,} dropped with no reply token left to train on"
+        if self.truncated or self.dropped_overlong or self.dropped_no_reply:
+            line += "; raise max_length to keep them whole"
+        return line
 
 
 def tokenize_reply(tokenizer, messages: list[dict], reply: str) -> TokenizedExample:
@@ -116,12 +137,11 @@ def tokenize_pairs(
             max_length, overlong,
         )  # fmt: skip
         if fitted is None:
-            stats.dropped_overlong += 1
+            stats.drop(overlong)
             continue
         c, r = fitted
         stats.truncated += c.truncated or r.truncated
         out.append(TokenizedPair(c, r, p.get("margin"), str(p.get("prompt_id", ""))))
-    stats.kept = len(out)
     if not out:
         raise ValueError(
             f"no preference pairs left (of {len(pairs)}) within max_length {max_length} "
@@ -162,12 +182,11 @@ def tokenize_feedback(
             max_length, overlong,
         )  # fmt: skip
         if fitted is None:
-            stats.dropped_overlong += 1
+            stats.drop(overlong)
             continue
         ex, kl = fitted
         stats.truncated += ex.truncated or kl.truncated
         out.append(TokenizedPair(ex, kl, None, str(r.get("prompt_id", "")), bool(r["label"])))
-    stats.kept = len(out)
     if not out:
         raise ValueError(
             f"no feedback records left (of {len(records)}) within max_length {max_length} "

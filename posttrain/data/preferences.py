@@ -9,8 +9,9 @@ both non-empty and different. Pairs sharing a prompt share its `prompt_id`.
 Each reader returns `(pairs, stats)`. stats counts file records read ("records"), pairs "kept",
 and what was dropped, one key per reason ("skipped_<reason>"), every key present even when 0.
 A record that is not the format at all (bad JSON, not an object, a missing or non-string field)
-is a `DataError` whose message starts with "FILE:LINE: " (or "FILE:record N: "); the known flaws
-of real data (an empty reply, a tie) are skipped and counted instead.
+is a `DataError` whose message starts with "FILE:LINE: " (or "FILE:record N: ", "FILE:row N: ");
+the known flaws of real data (an empty reply, a tie) are skipped and counted instead. Every reader
+takes JSONL, a JSON list, Parquet or a `datasets` save_to_disk folder (`tables.py`).
 """
 
 from __future__ import annotations
@@ -30,16 +31,19 @@ from posttrain.data.readers import (
     parse_hh_transcript,
 )
 from posttrain.data.schema import DataError, _validate_message
-from posttrain.io import check_file
+from posttrain.data.tables import check_data_path
 
 Stats = dict[str, int]
 
 _HH_ASSISTANT = "\n\nAssistant:"
+_ROW = re.compile(r":row \d+$")
 
 
-def _record_no(where: str) -> int:
-    """The line (or record) number at the end of a reader's "FILE:LINE" / "FILE:record N"."""
-    return int(re.search(r"(\d+)$", where).group(1))
+def _record_no(where: str, index: int) -> int:
+    """A record's number for default ids: the line (or record) number at the end of a reader's
+    "FILE:LINE" / "FILE:record N"; for a table ("SHARD:row N") the record's 1-based `index` over
+    the whole dataset, so rows of different shards get different ids."""
+    return index if _ROW.search(where) else int(re.search(r"(\d+)$", where).group(1))
 
 
 def _field(rec: dict, key: str, where: str) -> Any:
@@ -96,7 +100,7 @@ def read_hh_pairs(path: str | Path) -> tuple[list[dict], Stats]:
         0,
     )
     pairs = []
-    for where, rec in _records(Path(path)):
+    for n, (where, rec) in enumerate(_records(Path(path)), 1):
         stats["records"] += 1
         rec = _need_dict(_raise(rec), where)
         chosen = parse_hh_transcript(_field(rec, "chosen", where), where, merge_repeats=True)
@@ -118,7 +122,7 @@ def read_hh_pairs(path: str | Path) -> tuple[list[dict], Stats]:
         stats["repeated_marker_in_prompt"] += any(_HH_ASSISTANT in m["content"] for m in messages)
         pairs.append(
             {
-                "prompt_id": f"hh/{_record_no(where)}",
+                "prompt_id": f"hh/{_record_no(where, n)}",
                 "messages": messages,
                 "chosen": replies[0],
                 "rejected": replies[1],
@@ -248,7 +252,7 @@ def read_alpaca_eval_pairs(path: str | Path) -> tuple[list[dict], Stats]:
         0,
     )
     pairs = []
-    for where, rec in _records(Path(path)):
+    for n, (where, rec) in enumerate(_records(Path(path)), 1):
         stats["records"] += 1
         rec = _need_dict(_raise(rec), where)
         instruction = _string(rec, "instruction", where)
@@ -273,7 +277,7 @@ def read_alpaca_eval_pairs(path: str | Path) -> tuple[list[dict], Stats]:
             continue
         win = 0 if pref == 1 else 1
         pair = {
-            "prompt_id": f"alpaca_eval/{_record_no(where)}",
+            "prompt_id": f"alpaca_eval/{_record_no(where, n)}",
             "messages": [{"role": "user", "content": instruction}],
             "chosen": outputs[win],
             "rejected": outputs[1 - win],
@@ -365,7 +369,7 @@ def validate_pair(rec: Any, where: str, default_prompt_id: str | None = None) ->
 
 
 def read_pair_records(path: str | Path) -> tuple[list[dict], Stats]:
-    """Our pair JSONL (the record above, or the plain {"prompt", "chosen", "rejected"} form).
+    """Our pair records (the record above, or the plain {"prompt", "chosen", "rejected"} form).
 
     Strict: the first bad record raises a DataError naming file, line and field: a missing
     field, a non-string or empty chosen/rejected, chosen == rejected, a prompt that does not end
@@ -378,11 +382,12 @@ def read_pair_records(path: str | Path) -> tuple[list[dict], Stats]:
 def _read_strict(
     path: str | Path, validate: Callable[[Any, str, str], dict]
 ) -> tuple[list[dict], Stats]:
-    """Every record of a JSONL validated (plain ones get prompt_id "<file stem>/<line>")."""
+    """Every record validated (plain ones get prompt_id "<file stem>/<line or row>")."""
     path = Path(path)
     stem = _file_stem(path)
     recs = [
-        validate(_raise(rec), where, f"{stem}/{_record_no(where)}") for where, rec in _records(path)
+        validate(_raise(rec), where, f"{stem}/{_record_no(where, n)}")
+        for n, (where, rec) in enumerate(_records(path), 1)
     ]
     return recs, {"records": len(recs), "kept": len(recs), "skipped": 0}
 
@@ -399,7 +404,7 @@ PAIR_READERS: dict[str, Callable[[str | Path], tuple[list[dict], Stats]]] = {
 
 def detect_pair_format(path: str | Path) -> str:
     """Guess a preference file's format from its first record's keys."""
-    path = check_file(path, "preference data")
+    path = check_data_path(path, "preference data")
     first = next(_records(path), None)
     if first is None:
         raise ValueError(f"{path}: no records, cannot detect its format")
@@ -432,7 +437,7 @@ def load_pairs(path: str | Path, format: str = "auto") -> tuple[list[dict], Stat
         raise ValueError(
             f"unknown preference format {format!r}; known: auto, {', '.join(PAIR_READERS)}"
         )
-    check_file(path, "preference data")
+    check_data_path(path, "preference data")
     if format == "auto":
         format = detect_pair_format(path)
     return PAIR_READERS[format](path)
@@ -458,7 +463,8 @@ def validate_feedback(rec: Any, where: str, default_prompt_id: str | None = None
 
 
 def read_feedback_records(path: str | Path) -> tuple[list[dict], Stats]:
-    """Feedback JSONL, strict: the first bad record raises a DataError naming file and line."""
+    """Feedback records, strict: the first bad record raises a DataError naming file and line
+    (or row)."""
     return _read_strict(path, validate_feedback)
 
 
@@ -479,7 +485,7 @@ def pairs_to_feedback(pairs: list[dict]) -> list[dict]:
 def load_feedback(path: str | Path, format: str = "auto") -> tuple[list[dict], Stats]:
     """Feedback records from a feedback file (format "feedback", or auto when the first record
     has "completion" and "label"), or from any preference-pair format, each pair split in two."""
-    path = check_file(path, "feedback data")
+    path = check_data_path(path, "feedback data")
     if format == "auto":
         first = next(_records(path), None)
         rec = _raise(first[1]) if first else None

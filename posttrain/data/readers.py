@@ -1,9 +1,11 @@
 """Readers of real chat-data formats, each converting to the chat-example record of `schema.py`.
 
 Formats: OpenAI/HF "messages" JSONL, Alpaca (and self-instruct seed tasks), ShareGPT, OASST
-message trees, Anthropic HH transcripts. A reader yields `(where, example)` with `where` =
-"FILE:LINE" (JSONL, 1-based line) or "FILE:record N" (a whole-file JSON list, 1-based); every
-error it raises is a `DataError` whose message starts with that `where`. `load_chat_data` picks
+message trees, Anthropic HH transcripts; each from JSONL, a JSON list, Parquet or a `datasets`
+save_to_disk folder (`tables.py` reads them all). A reader yields `(where, example)` with `where`
+= "FILE:LINE" (JSONL, 1-based line), "FILE:record N" (a whole-file JSON list, 1-based) or
+"FILE:row N" (Parquet / Arrow, 1-based); every error it raises is a `DataError` whose message
+starts with that `where`. `load_chat_data` picks
 a reader, validates every example and either stops at the first bad record or skips and counts.
 Files are read as bytes and decoded line by line, so bytes that are not UTF-8 are an error naming
 the file, the line and the byte offset (a JSONL line's error can be skipped like any other).
@@ -12,64 +14,17 @@ the file, the line and the byte offset (a JSONL line's error can be skipped like
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from posttrain.data.schema import DataError, validate_example
-from posttrain.io import check_file, decode_utf8, raw_lines, read_text
+from posttrain.data.schema import DataError, validate_example, validate_prompt
+from posttrain.data.tables import check_data_path, read_records
+from posttrain.data.tables import iter_records as _records  # curate and benchmarks use it too
 
 Converter = Callable[..., list[dict]]  # (raw record, where, **options) -> raw examples
-
-
-def _is_jsonl(path: Path) -> bool:
-    name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return True
-    if name.endswith(".json"):
-        return False
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        head = f.read(4096)  # unknown suffix: a JSON list starts with "[" (after any BOM)
-    return not head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
-
-
-def _records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, parsed JSON value) per record; a malformed JSONL line yields (where, DataError).
-
-    A whole-file JSON document that does not parse, or is not a list, raises at once: no record
-    of it can be trusted, so there is nothing to skip to.
-    """
-    path = check_file(path)
-    if not _is_jsonl(path):
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-        except ValueError as e:  # not UTF-8
-            raise DataError(str(e)) from None
-        if not isinstance(data, list):
-            raise DataError(
-                f"{path}:1: expected a JSON list of records (got {type(data).__name__})"
-            )
-        for n, rec in enumerate(data, 1):
-            yield f"{path}:record {n}", rec
-        return
-    for i, offset, raw in raw_lines(path):
-        where = f"{path}:{i}"
-        try:
-            line = decode_utf8(path, raw, i, offset)
-        except ValueError as e:
-            yield where, DataError(str(e))
-            continue
-        if not line.strip():
-            continue
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
 
 
 def _iter_converted(
@@ -374,7 +329,7 @@ def _format_of_record(rec: Any) -> str | None:
 
 def detect_format(path: str | Path) -> str:
     """Guess a chat file's format from its first record (and, for HH, its *.jsonl.gz name)."""
-    path = check_file(path, "chat data")
+    path = check_data_path(path, "chat data")
     first = next(_records(path), None)
     if first is None:
         raise ValueError(f"{path}: no records, cannot detect its format")
@@ -404,7 +359,7 @@ def load_chat_data(
     DataError propagate; "skip" drops bad records and counts them. `options` go to the reader
     (e.g. field="rejected" for hh).
     """
-    path = check_file(path, "chat data")
+    path = check_data_path(path, "chat data")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if format == "auto":
@@ -428,3 +383,26 @@ def load_chat_data(
                 stats["errors"].append(str(e))
     stats["kept"] = len(examples)
     return examples, stats
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Prompt records {"prompt_id", "messages"} from {"messages"} or {"prompt": str} records (the
+    sample and RL stages' `prompts`), in any format `tables.py` reads; "family" and "gold" are
+    kept when both are given (the toy world's tasks). prompt_id defaults to "<stem>/<record>"
+    (record numbered from 1). Errors name the file and the line or row."""
+    path = check_data_path(path, "prompts")
+    stem, out = path.stem, []
+    for i, (where, rec) in enumerate(read_records(path), 1):
+        if "messages" not in rec and "prompt" not in rec:
+            raise DataError(f"{where}: a prompt record needs 'messages' or 'prompt'")
+        if "messages" in rec:
+            msgs = validate_prompt(rec["messages"], where)
+        else:
+            if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+                raise DataError(f"{where}: 'prompt' must be a non-empty string")
+            msgs = [{"role": "user", "content": rec["prompt"]}]
+        prompt = {"prompt_id": str(rec.get("prompt_id", f"{stem}/{i}")), "messages": msgs}
+        if "gold" in rec and "family" in rec:
+            prompt |= {"family": rec["family"], "gold": rec["gold"]}
+        out.append(prompt)
+    return out[:limit] if limit else out

@@ -77,12 +77,15 @@ def _validate_message(msg: Any, i: int, where: str) -> dict:
     out = {"role": role, "content": content}
     if tool_calls is not None:
         out["tool_calls"] = _validate_tool_calls(tool_calls, at)
-    if role == "tool":
-        for key in ("tool_call_id", "name"):
-            if msg.get(key) is not None:
-                if not isinstance(msg[key], str):
-                    raise DataError(f"{at}: {key} must be a string")
-                out[key] = msg[key]
+    # reasoning fields reach the chat template, which decides whether to render them (Qwen3's
+    # reasoning_content, gpt-oss's thinking); tool turns keep what matches a result to its call
+    keys = {"assistant": ("reasoning_content", "thinking", "reasoning"),
+            "tool": ("tool_call_id", "name")}.get(role, ())  # fmt: skip
+    for key in keys:
+        if msg.get(key) is not None:
+            if not isinstance(msg[key], str):
+                raise DataError(f"{at}: {key} must be a string")
+            out[key] = msg[key]
     return out
 
 

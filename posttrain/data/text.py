@@ -1,37 +1,36 @@
-"""Plain-text corpora: JSONL of {"text": ...} or a .txt file, tokenised into one id stream."""
+"""Plain-text corpora: records of {"text": ...} or a .txt file, tokenised into one id stream."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from posttrain.io import check_file, decode_utf8, raw_lines, read_text
+from posttrain.data.schema import DataError
+from posttrain.data.tables import check_data_path, is_table, iter_records
+from posttrain.io import read_text
+
+_RECORD_NAMES = (".jsonl", ".jsonl.gz", ".ndjson")
 
 
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
-    """Documents from a JSONL file (one {"text": str} per line) or a .txt file (one document).
+    """Documents: the `field` of each record of a JSONL file (one {"text": str} per line), a
+    Parquet file or folder, or a `datasets` save_to_disk folder; any other file is one document.
 
     A malformed line, a missing field, a non-string value or bytes that are not UTF-8 are an
-    error naming file and line.
+    error naming the file and the line (or row).
     """
-    path = check_file(path, "text data")
-    if path.suffix != ".jsonl":
+    path = check_data_path(path, "text data")
+    if not (is_table(path) or path.name.lower().endswith(_RECORD_NAMES)):
         return [read_text(path)]
     docs = []
-    for i, offset, raw in raw_lines(path):
-        line = decode_utf8(path, raw, i, offset)
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: malformed JSON: {e.msg}") from None
+    for where, rec in iter_records(path):
+        if isinstance(rec, DataError):
+            raise rec
         if not isinstance(rec, dict) or field not in rec:
-            raise ValueError(f"{path}:{i}: missing field {field!r}")
+            raise DataError(f"{where}: missing field {field!r}")
         if not isinstance(rec[field], str):
-            raise ValueError(f"{path}:{i}: field {field!r} must be a string")
+            raise DataError(f"{where}: field {field!r} must be a string")
         docs.append(rec[field])
     if not docs:
         raise ValueError(f"{path}: no documents")

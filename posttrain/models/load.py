@@ -51,7 +51,8 @@ def load_model(
     path = check_model_dir(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return _load_adapter(path, device, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    # An absolute path: a LoRA adapter saved from this model names it as its base directory.
+    model = AutoModelForCausalLM.from_pretrained(path.resolve(), dtype=dtype, local_files_only=True)
     return model.to(device)
 
 

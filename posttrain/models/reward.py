@@ -16,6 +16,10 @@ import torch
 
 
 def score_head(model) -> torch.nn.Module:
+    """The scalar head (under a peft wrapper: its trained copy)."""
+    from posttrain.models.lora import unwrap
+
+    model = unwrap(model)
     for name in ("score", "classifier"):
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Module):
@@ -28,6 +32,8 @@ def reward_model_from(path: str | Path, tokenizer, device="cpu", dtype=torch.flo
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _from_adapter(path, tokenizer, device, dtype)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -40,7 +46,7 @@ def reward_model_from(path: str | Path, tokenizer, device="cpu", dtype=torch.flo
     hf_logging.set_verbosity_error()  # the fresh head is expected; HF would report it missing
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=cfg, dtype=dtype, local_files_only=True
+            path.resolve(), config=cfg, dtype=dtype, local_files_only=True
         )
     finally:
         hf_logging.set_verbosity(level)
@@ -52,10 +58,26 @@ def reward_model_from(path: str | Path, tokenizer, device="cpu", dtype=torch.flo
     return model.to(device)
 
 
+def _from_adapter(path: Path, tokenizer, device, dtype):
+    """A reward model saved as a LoRA adapter (lora.save: adapter): its base causal LM with a
+    fresh head, then the adapter and the trained head (peft's modules_to_save), merged."""
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(f"{path}: adapter's base model directory not found: {base!r}")
+    model = reward_model_from(base, tokenizer, "cpu", dtype)
+    return PeftModel.from_pretrained(model, path).merge_and_unload().to(device)
+
+
 def sequence_rewards(model, sb) -> torch.Tensor:
     """Scalar reward of each sequence of a SeqBatch: (S,), read at its last token."""
+    from posttrain.models.lora import unwrap
+
     b = sb.batch
-    out = model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+    out = unwrap(model).base_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                            position_ids=b.position_ids, use_cache=False)  # fmt: skip
     hidden = out.last_hidden_state[sb.last[:, 0], sb.last[:, 1]]  # (S, C)
     return score_head(model)(hidden).squeeze(-1).float()

@@ -46,13 +46,12 @@ def last_number(text: str) -> str | None:
 
 
 def load_gsm8k_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
-    """GSM8K {"question", "answer"} JSONL as prompt records with the reference number."""
+    """GSM8K {"question", "answer"} records (JSONL, Parquet, a datasets folder) as prompt records with the reference number."""
     from posttrain.data.schema import DataError
-    from posttrain.io import read_jsonl
+    from posttrain.data.tables import read_records
 
     out = []
-    for i, rec in enumerate(read_jsonl(path), 1):
-        where = f"{path}:{i}"
+    for i, (where, rec) in enumerate(read_records(path), 1):
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
             raise DataError(f"{where}: a GSM8K record needs a 'question' string")
         ref = gsm8k_reference(rec.get("answer", ""))

@@ -105,9 +105,10 @@ def token_logps(model, batch, temperature: float = 1.0, with_entropy: bool = Fal
 
 def token_values(value_model, batch) -> torch.Tensor:
     """Flat (N,) values V(s_t) read where each response token is predicted."""
+    from posttrain.models.lora import unwrap
     from posttrain.models.reward import score_head
 
-    out = value_model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    out = unwrap(value_model).base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                  position_ids=batch.position_ids, use_cache=False)  # fmt: skip
     keep = batch.labels != IGNORE_INDEX
     return score_head(value_model)(out.last_hidden_state[keep]).squeeze(-1).float()

@@ -47,10 +47,12 @@ class PairTraining(StrictModel):
 
 
 def log_fit(ctx: StageContext, stats, cfg: PairData, what: str = "pairs") -> None:
-    """Say on the console what max_length did to the data (result.json has the counts too)."""
-    line = stats.describe(cfg.max_length, cfg.overlong, what)
-    if line:
-        ctx.logger.info(f"{ctx.name}: {line}")
+    """Say on the console what max_length did to the data: kept, truncated and dropped (with the
+    reason) out of how many, the numbers result.json has (`PairStats.metrics`). `what` names the
+    items; unless it says "held-out", they are the training side."""
+    if not what.startswith("held-out"):
+        what = f"train {what}"
+    ctx.logger.info(f"{ctx.name}: {stats.describe(cfg.max_length, cfg.overlong, what)}")
 
 
 def pairs_path(cfg: PairData, ctx: StageContext) -> Path:
@@ -75,6 +77,10 @@ def split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dic
 
 
 def load_split_pairs(cfg: PairData, ctx: StageContext) -> tuple[list[dict], list[dict], dict]:
+    """(train, held-out, counts): the pairs of the data file split by prompt, and one console
+    line with what was read and how it was split. counts: the reader's stats as read/* (read/kept:
+    the pairs read), data/train_pairs and data/val_pairs (the split, before max_length; what
+    max_length keeps of each side is `log_fit`'s line and data/kept, data/val_kept, ...)."""
     from posttrain.data.preferences import load_pairs
 
     path = pairs_path(cfg, ctx)
@@ -85,6 +91,14 @@ def load_split_pairs(cfg: PairData, ctx: StageContext) -> tuple[list[dict], list
     # prompts, so one stage's held-out figures are never measured on another's training prompts.
     train, val = split_pairs(pairs, cfg.val_fraction, ctx.pipeline.config.seed)
     read = {f"read/{k}": v for k, v in stats.items() if isinstance(v, int)}
+    skipped = ", ".join(f"{v:,} {k.removeprefix('skipped_').replace('_', ' ')}"
+                        for k, v in stats.items() if k.startswith("skipped_") and v)  # fmt: skip
+    ctx.logger.info(
+        f"{ctx.name}: {len(pairs):,} pairs read from {path} ({stats['records']:,} records"
+        + (f"; skipped: {skipped}" if skipped else "")
+        + f"); split by prompt (val_fraction {cfg.val_fraction}): {len(train):,} train, "
+        f"{len(val):,} held out"
+    )
     return train, val, read | {"data/train_pairs": len(train), "data/val_pairs": len(val)}
 
 

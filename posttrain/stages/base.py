@@ -84,8 +84,10 @@ def resolve_model(value: str, ctx: StageContext) -> Path:
 def train_with_progress(ctx: StageContext, model, objective, settings, evaluate=None):
     """The shared loop with this stage's progress line, checkpoints folder, resume and seed."""
     from posttrain.train import dist
-    from posttrain.train.loop import train
+    from posttrain.train.loop import check_schedule, train
 
+    if note := check_schedule(settings, ctx.name):  # steps are known only now (epochs)
+        ctx.logger.warning(note)
     # Under torchrun only rank 0 logs (the step's metrics are already summed over ranks).
     steplog = (
         ctx.logger.progress(ctx.name, settings.steps, ctx.stage_dir) if dist.is_main() else None
@@ -99,13 +101,13 @@ def train_with_progress(ctx: StageContext, model, objective, settings, evaluate=
 
 
 def train_and_save(ctx: StageContext, model, tok, objective, settings, val_objective=None,
-                   val_batches: list | None = None) -> tuple:  # fmt: skip
+                   val_batches: list | None = None, lora=None) -> tuple:  # fmt: skip
     """Train a policy (held-out batches through `val_objective` ten times over the run unless
-    settings.eval_every says otherwise), save it to <stage>/model on rank 0; returns the
-    TrainResult and the metrics every training stage reports."""
+    settings.eval_every says otherwise), save it to <stage>/model on rank 0 (merged or as an
+    adapter under `lora`); returns the TrainResult and the metrics every training stage reports."""
     from functools import partial
 
-    from posttrain.models.load import save_model
+    from posttrain.models.lora import save_trained
     from posttrain.train import dist
     from posttrain.train.loop import evaluate_objective
 
@@ -116,7 +118,7 @@ def train_and_save(ctx: StageContext, model, tok, objective, settings, val_objec
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
     result = train_with_progress(ctx, model, objective, settings, evaluate)
     if dist.is_main():
-        save_model(model, tok, ctx.stage_dir / "model")
+        save_trained(model, tok, ctx.stage_dir / "model", lora)
     metrics = {"train/loss": result.final_loss, "train/steps": result.steps,
                "train/seconds": round(result.seconds, 2)}  # fmt: skip
     return result, metrics

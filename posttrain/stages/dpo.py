@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from posttrain.models.lora import LoraSettings, lora_field
+from posttrain.settings import SettingError, is_set
 from posttrain.stages._prefs import PairTraining, load_split_pairs, log_fit, pairs_path
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_and_save
 from posttrain.train.loop import (
     MicroBatchObjective,
     TrainSettings,
+    check_epochs,
+    check_heldout,
     micro_per_step,
 )
 
@@ -55,6 +59,27 @@ class Config(PairTraining):
     precompute_ref: bool = Field(
         True, description="Reference log-probs once before training (no reference in memory)."
     )
+    lora: LoraSettings = lora_field(
+        "LoRA adapters on the policy; the reference is the same base with them switched off."
+    )
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self) -> Config:
+        from posttrain.ops.preference import REFERENCE_FREE
+
+        check_epochs(self.epochs, self.train)
+        check_heldout(self.train, self.data.val_fraction, "data.val_fraction")
+        if self.label_smoothing > 0 and self.loss != "sigmoid":
+            raise SettingError("label_smoothing", f"only loss: sigmoid (conservative DPO) uses "
+                               f"it, and {{at}}loss is {self.loss}: drop it")  # fmt: skip
+        if self.loss != "simpo" and is_set(self, "simpo_gamma"):
+            raise SettingError("simpo_gamma", f"only loss: simpo uses it, and {{at}}loss is "
+                               f"{self.loss}: drop it")  # fmt: skip
+        for key in ("ref_model", "precompute_ref"):
+            if self.loss in REFERENCE_FREE and is_set(self, key):
+                raise SettingError(key, f"loss {self.loss} is reference-free (no reference "
+                                   "model, no reference log-probs): drop it")  # fmt: skip
+        return self
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
@@ -65,18 +90,51 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def reference_logps(model, batches, device, n_pairs: int, mean: bool = False) -> torch.Tensor:
-    """(n_pairs, 2) chosen/rejected log-probs under `model`, indexed by pair."""
+def reference_logps(model, batches, device, n_pairs: int, mean: bool = False, precision: str = "fp32",
+                    progress=None) -> torch.Tensor:  # fmt: skip
+    """(n_pairs, 2) chosen/rejected log-probs under `model`, indexed by pair; `progress(done,
+    total)` is called after each batch."""
     from posttrain.data.pairs import sequence_logps
+    from posttrain.train.precision import autocast
 
     was_training = model.training
     model.eval()
     out = torch.zeros((n_pairs, 2))
-    for sb in batches:
-        lp = sequence_logps(model, sb.to(device), mean=mean).cpu()
+    for k, sb in enumerate(batches):
+        with autocast(precision, device):
+            lp = sequence_logps(model, sb.to(device), mean=mean).float().cpu()
         out[sb.index, 0], out[sb.index, 1] = lp[: sb.n_pairs], lp[sb.n_pairs :]
+        if progress is not None:
+            progress(k + 1, len(batches))
     model.train(was_training)
     return out
+
+
+def reference_of(model, ctx: StageContext, paths: dict, lora: LoraSettings):
+    """The reference policy: `ref_model` if given, else the initial policy: under LoRA the same
+    module with its adapters off (one copy of the base in memory), else the model itself (to
+    be copied if it must stay frozen beside the trained one)."""
+    from posttrain.models.load import load_model
+    from posttrain.models.lora import BaseView
+
+    if "ref_model" in paths:
+        return load_model(paths["ref_model"], ctx.device).eval().requires_grad_(False)
+    return BaseView(model) if lora.enabled else model
+
+
+def ref_progress(ctx: StageContext, what: str):
+    """A progress callback for reference passes: a line about every tenth of the way."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            ctx.logger.info(f"{ctx.name}: {what}: batch {done}/{total} "
+                            f"({rate:.1f} batches/s, eta {(total - done) / rate:.0f} s)")  # fmt: skip
+
+    return report
 
 
 class DPOObjective(MicroBatchObjective):
@@ -141,6 +199,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     tokenized, stats = tokenize_pairs(tok, train_pairs, cfg.data.max_length, cfg.data.overlong)
     log_fit(ctx, stats, cfg.data)
     model = load_model(paths["model"], ctx.device)
+    if cfg.lora.enabled:
+        from posttrain.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
     row_len = 2 * cfg.data.max_length
     data = PairBatches(tokenized, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
                        row_len=row_len, seed=ctx.seed)  # fmt: skip
@@ -156,28 +218,29 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.ops.preference import REFERENCE_FREE
 
     if cfg.loss not in REFERENCE_FREE:
-        ref = load_model(paths["ref_model"], ctx.device) if cfg.ref_model else model
+        ref = reference_of(model, ctx, paths, cfg.lora)
         if cfg.precompute_ref:
-            ctx.logger.info(
-                f"{ctx.name}: reference log-probs of {len(tokenized) + len(val_pairs)} pairs"
-            )
-            ref_logps = reference_logps(ref, data.all(), ctx.device, len(tokenized))
+            n = len(tokenized) + (len(val_tok) if val else 0)
+            ctx.logger.info(f"{ctx.name}: reference log-probs of {n} pairs")
+            prec, show = cfg.train.precision, ref_progress(ctx, "reference log-probs")
+            ref_logps = reference_logps(ref, data.all(), ctx.device, len(tokenized), precision=prec,
+                                        progress=show)  # fmt: skip
             if val:
-                val_ref = reference_logps(ref, val, ctx.device, len(val_tok))
+                val_ref = reference_logps(ref, val, ctx.device, len(val_tok), precision=prec)
             del ref
+        elif ref is model:  # full fine-tuning: a frozen copy beside the policy
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         else:
-            ref_model = copy.deepcopy(ref) if ref is model else ref
-            ref_model.eval().requires_grad_(False)
+            ref_model = ref
     settings = cfg.train
     if cfg.epochs is not None:
         settings = settings.model_copy(
             update={"steps": data.steps_for(cfg.epochs, micro_per_step(settings.grad_accum))}
         )
-    ctx.logger.info(f"{ctx.name}: {cfg.loss} (beta {cfg.beta}) on {len(tokenized)} pairs "
-                    f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip
+    ctx.logger.info(f"{ctx.name}: {cfg.loss} (beta {cfg.beta}) on {len(tokenized)} train pairs, {settings.steps} steps")  # fmt: skip
     objective = DPOObjective(cfg, data, ctx.device, ref_logps, ref_model)
     val_obj = DPOObjective(cfg, None, ctx.device, val_ref, ref_model) if val else None
     val = [sb.to(ctx.device) for sb in val]
-    result, metrics = train_and_save(ctx, model, tok, objective, settings, val_obj, val)
-    metrics |= result.last | stats.metrics() | read_stats | result.eval
+    result, metrics = train_and_save(ctx, model, tok, objective, settings, val_obj, val, cfg.lora)
+    metrics |= result.last | stats.metrics() | (val_stats.metrics("val_") if val_pairs else {}) | read_stats | result.eval  # fmt: skip
     return StageResult(metrics, {"model": f"{ctx.name}/model"})

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.settings import StrictModel
+from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
 from posttrain.train import dist
 from posttrain.world.task import first_per_family
@@ -44,6 +44,10 @@ class EvalModel(StrictModel):
     def _best_of_n_needs(self) -> EvalModel:
         if self.policy == "best_of_n" and (self.reward_model is None or self.prompt != "chat"):
             raise ValueError("policy best_of_n needs a reward_model and prompt: chat")
+        for key in ("reward_model", "n", "temperature"):
+            if self.policy == "greedy" and is_set(self, key):
+                raise SettingError(key, "only policy: best_of_n uses it, and {at}policy is "
+                                   "greedy: set {at}policy: best_of_n, or drop it")  # fmt: skip
         return self
 
 
@@ -56,6 +60,14 @@ class DiversitySettings(StrictModel):
     )
     n_samples: int = Field(4, ge=2, description="Samples per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+
+    @model_validator(mode="after")
+    def _off_means_unset(self) -> DiversitySettings:
+        for key in ("n_samples", "temperature"):
+            if self.n_prompts == 0 and is_set(self, key):
+                raise SettingError(key, "{at}n_prompts is 0 (no diversity samples), so it has "
+                                   "no effect: drop it, or set {at}n_prompts")  # fmt: skip
+        return self
 
 
 BenchmarkName = Literal[
@@ -70,7 +82,20 @@ class BenchmarkSpec(StrictModel):
     n: int | None = Field(
         None, ge=1, description="Evaluate n items spread evenly over the file (null: all)."
     )
-    max_new_tokens: int = Field(256, ge=1, description="Generation limit per response.")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Generation limit per response (null: the benchmark's own, BENCH_NEW_TOKENS: "
+        "xstest and simple_safety 128, gsm8k 384, math500 and alpaca_eval 512); truthfulqa_mc "
+        "generates nothing.",
+    )
+
+
+# What each benchmark needs to be judged: a refusal shows in the first sentences; a worked GSM8K
+# answer takes ~100-300 tokens; MATH solutions and AlpacaEval replies (GPT-4 references average
+# ~1,400 characters) run longer. TruthfulQA MC scores choice log-probs and generates nothing.
+BENCH_NEW_TOKENS = {"xstest": 128, "simple_safety": 128, "gsm8k": 384, "math500": 512,
+                    "alpaca_eval": 512}  # fmt: skip
 
 
 class Config(StrictModel):
@@ -101,7 +126,8 @@ class Config(StrictModel):
     reward_model: str | None = Field(
         None,
         description="Also score every response with this reward model (stage or HF dir): "
-        "reward/mean per evaluated model.",
+        "reward/mean per evaluated model (over the toy-world prompts, else over every benchmark "
+        "response) and <benchmark>/reward_mean; alpaca_eval's judge.",
     )
     samples_per_family: int = Field(
         2, ge=0, description="Sample responses per family shown in the report."
@@ -113,6 +139,34 @@ class Config(StrictModel):
             raise ValueError("benchmarks.alpaca_eval needs reward_model (the judge of win rates)")
         if self.world_stage is None and not self.benchmarks:
             raise ValueError("world_stage is null and no benchmarks are named: nothing to evaluate")
+        for name, spec in self.benchmarks.items():
+            if name not in BENCH_NEW_TOKENS and spec.max_new_tokens is not None:
+                raise SettingError(f"benchmarks.{name}.max_new_tokens", f"{name} compares the "
+                                   "log-probs of its answer choices and generates nothing: drop it")  # fmt: skip
+            if name in BENCH_NEW_TOKENS and spec.max_new_tokens is None:
+                spec.max_new_tokens = BENCH_NEW_TOKENS[name]
+        return self
+
+    @model_validator(mode="after")
+    def _world_settings_need_the_world(self) -> Config:
+        """Settings of the toy-world evaluation are errors without the toy world."""
+        if self.world_stage is not None:
+            return self
+        for key in ("n_per_family", "few_shot", "max_new_tokens", "samples_per_family"):
+            if is_set(self, key):
+                per_bench = (" (a benchmark's limit is {at}benchmarks.NAME.max_new_tokens)"
+                             if key == "max_new_tokens" else "")  # fmt: skip
+                raise SettingError(key, "applies to the toy world's prompts, and {at}world_stage "
+                                   f"is null: drop it{per_bench}")  # fmt: skip
+        given = [k for k in DiversitySettings.model_fields if is_set(self.diversity, k)]
+        if given and self.diversity.n_prompts != 0:  # (n_prompts: 0, turning it off, is fine)
+            raise SettingError(f"diversity.{given[0]}", "the diversity samples are drawn from the "
+                               "toy world's prompts, and {at}world_stage is null: drop it")  # fmt: skip
+        for label, spec in self.models.items():
+            if spec.policy == "best_of_n":
+                raise SettingError(f"models.{label}.policy", "best_of_n is evaluated on the toy "
+                                   "world's prompts only (benchmarks decode greedily), and "
+                                   "{at}world_stage is null: nothing would be evaluated")  # fmt: skip
         return self
 
 
@@ -327,6 +381,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 atomic_write_jsonl(ctx.stage_dir / f"{label}.jsonl", records)
                 artifacts[label] = f"{ctx.name}/{label}.jsonl"
                 samples[label] = _samples(records, cfg.samples_per_family)
+        rewards = []  # the reward model's score of every benchmark response
         for name, items in benches.items():
             if spec.policy == "best_of_n":
                 continue  # benchmarks decode greedily: best-of-n is a toy-world diagnostic
@@ -336,8 +391,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             )
             if dist.is_main():
                 summary |= bsummary
+                rewards += [r["reward"] for r in records if "reward" in r]
                 atomic_write_jsonl(ctx.stage_dir / f"{label}.{name}.jsonl", records)
                 artifacts[f"{label}.{name}"] = f"{ctx.name}/{label}.{name}.jsonl"
+        if rewards and "reward/mean" not in summary:  # no toy world: the card's reward row
+            summary["reward/mean"] = sum(rewards) / len(rewards)
         if not dist.is_main():
             continue
         evals[label] = summary
@@ -352,6 +410,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
 BENCH_DETAILS = (
     "n",
+    "reward_mean",
     "mean_tokens",
     "truncated_rate",
     "mean_chars",
@@ -400,15 +459,21 @@ def run_benchmark(name: str, items: list, model, tok, mode: str, cfg: Config, se
         return {}, []
     answers = [_answer(g, mode, tok) for g in gens]
     responses = [a[0] for a in answers]
+    # The reward model (when given) scores every response: the judge of alpaca_eval's win rate,
+    # and on every benchmark <name>/reward_mean and each record's "reward".
+    convs = [{"messages": it.messages()} for it in items]
+    ours = [r["reward"] for r in scorer(convs, responses)] if scorer is not None else None
     if name == "alpaca_eval":
-        convs = [{"messages": it.messages()} for it in items]
-        ours = [r["reward"] for r in scorer(convs, responses)]
         ref = [r["reward"] for r in scorer(convs, [it.gold for it in items])]
         summary = B.score_alpaca_eval(items, responses, ours, ref)
         judged = [{"reward": o, "reference_reward": f} for o, f in zip(ours, ref, strict=True)]
     else:
         judged = B.judge(name, items, responses)
         summary = B.summarize_judged(name, items, judged)
+        if ours is not None:
+            judged = [j | {"reward": o} for j, o in zip(judged, ours, strict=True)]
+    if ours is not None:
+        summary[f"{name}/reward_mean"] = sum(ours) / max(1, len(ours))
     summary[f"{name}/skipped_overlong"] = len(fits) - len(items)
     summary[f"{name}/mean_tokens"] = sum(a[1] for a in answers) / max(1, len(answers))
     summary[f"{name}/truncated_rate"] = sum(a[2] for a in answers) / max(1, len(answers))

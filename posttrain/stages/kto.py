@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from posttrain.models.lora import LoraSettings, lora_field
 from posttrain.stages._prefs import PairData, PairTraining, log_fit, pairs_path, split_pairs
 from posttrain.stages.base import StageContext, StageResult, resolve_model, train_and_save
 from posttrain.train import dist
 from posttrain.train.loop import (
     MicroBatchObjective,
     TrainSettings,
+    check_epochs,
+    check_heldout,
     micro_per_step,
     step_micro_indices,
 )
@@ -53,6 +56,15 @@ class Config(PairTraining):
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implied reward.")
     desirable_weight: float = Field(1.0, gt=0, description="lambda_D: weight of good replies.")
     undesirable_weight: float = Field(1.0, gt=0, description="lambda_U: weight of bad replies.")
+    lora: LoraSettings = lora_field(
+        "LoRA adapters on the policy; the reference is the same base with them switched off."
+    )
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self) -> Config:
+        check_epochs(self.epochs, self.train)
+        check_heldout(self.train, self.data.val_fraction, "data.val_fraction")
+        return self
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
@@ -137,8 +149,9 @@ def _prepared(tok, records, cfg: Config, pad: int, seed: int):
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.data.preferences import load_feedback
     from posttrain.models.load import load_model
+    from posttrain.models.lora import BaseView, apply_lora
     from posttrain.models.tokenizer import load_tokenizer
-    from posttrain.stages.dpo import reference_logps
+    from posttrain.stages.dpo import ref_progress, reference_logps
 
     paths = inputs(cfg, ctx)
     if cfg.train.fsdp:
@@ -152,29 +165,33 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     tokenized, stats, data = _prepared(tok, train_recs, cfg, pad, ctx.seed)
     log_fit(ctx, stats, cfg.data, "replies")
     model = load_model(paths["model"], ctx.device)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    base = BaseView(model) if cfg.lora.enabled else model  # the reference: the initial policy
     ctx.logger.info(f"{ctx.name}: reference log-probs of {len(tokenized) + len(val_recs)} replies")
-    ref = reference_logps(model, data.all(), ctx.device, len(tokenized))
+    prec = cfg.train.precision
+    ref = reference_logps(base, data.all(), ctx.device, len(tokenized), precision=prec,
+                          progress=ref_progress(ctx, "reference log-probs"))  # fmt: skip
     settings = cfg.train
     if cfg.epochs is not None:
         settings = settings.model_copy(
             update={"steps": data.steps_for(cfg.epochs, micro_per_step(settings.grad_accum))}
         )
     good = sum(t.desirable for t in tokenized)
-    ctx.logger.info(f"{ctx.name}: kto (beta {cfg.beta}) on {len(tokenized)} replies ({good} desirable; "
-                    f"{len(val_recs)} held out), {settings.steps} steps")  # fmt: skip
+    ctx.logger.info(f"{ctx.name}: kto (beta {cfg.beta}) on {len(tokenized)} train replies ({good} desirable), {settings.steps} steps")  # fmt: skip
     objective = KTOObjective(cfg, data, ctx.device, ref)
     val_obj, val = None, []
     if val_recs:
         val_tok, val_stats, val_data = _prepared(tok, val_recs, cfg, pad, 0)
         log_fit(ctx, val_stats, cfg.data, "held-out replies")
-        val_ref = reference_logps(model, val_data.all(), ctx.device, len(val_tok))
+        val_ref = reference_logps(base, val_data.all(), ctx.device, len(val_tok), precision=prec)
         val_obj = KTOObjective(cfg, val_data, ctx.device, val_ref)
         n, bs = len(val_tok), cfg.batch_size
         val = [tuple(b.to(ctx.device) for b in _split(val_data, list(range(s, min(s + bs, n)))))
                for s in range(0, n, bs)]  # fmt: skip
-    result, metrics = train_and_save(ctx, model, tok, objective, settings, val_obj, val)
+    result, metrics = train_and_save(ctx, model, tok, objective, settings, val_obj, val, cfg.lora)
     metrics |= {"data/train_replies": len(tokenized), "data/desirable": good,
                 "data/val_replies": len(val_recs)}  # fmt: skip
-    metrics |= result.last | stats.metrics()
+    metrics |= result.last | stats.metrics() | (val_stats.metrics("val_") if val_recs else {})
     metrics |= {f"read/{k}": v for k, v in read.items() if isinstance(v, int)}
     return StageResult(metrics | result.eval, {"model": f"{ctx.name}/model"})

@@ -17,7 +17,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.settings import StrictModel
+from posttrain.models.lora import LoraSettings, lora_field
+from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages.base import StageContext, StageResult, resolve_input, train_with_progress
 from posttrain.train import dist
 from posttrain.train.loop import TrainSettings, micro_per_step
@@ -36,6 +37,14 @@ class EvalSettings(StrictModel):
     max_heldout_tokens: int = Field(
         200_000, ge=1, description="Cap on held-out tokens for perplexity."
     )
+
+    @model_validator(mode="after")
+    def _no_gold_eval_no_settings(self) -> EvalSettings:
+        for key in ("families", "few_shot", "max_new_tokens"):
+            if self.n_per_family == 0 and is_set(self, key):
+                raise SettingError(key, "{at}n_per_family is 0 (no few-shot gold eval), so it "
+                                   "has no effect: drop it")  # fmt: skip
+        return self
 
 
 class MidtrainSettings(StrictModel):
@@ -65,6 +74,11 @@ class MidtrainSettings(StrictModel):
     def _one_source(self) -> MidtrainSettings:
         if self.data and self.from_world:
             raise ValueError("midtrain: give data or from_world, not both")
+        for key in ("format", "start", "fraction"):
+            if not (self.data or self.from_world) and is_set(self, key):
+                raise SettingError(key, "mid-training is off ({at}data is null and "
+                                   "{at}from_world false), so it has no effect: give data, or "
+                                   "drop it")  # fmt: skip
         return self
 
 
@@ -83,6 +97,10 @@ class Config(StrictModel):
         None, description="Held-out text for perplexity; default: the toy held-out corpus."
     )
     world_stage: str = Field("world", description="Stage whose corpus/tokenizer are the defaults.")
+    lora: LoraSettings = lora_field(
+        "LoRA adapters for continued pre-training of a model directory (not of a preset: a "
+        "model built from scratch has nothing to adapt)."
+    )
     seq_len: int = Field(256, ge=8, description="Tokens per training window.")
     batch_size: int = Field(16, ge=1, description="Windows per micro-batch.")
     train: TrainSettings = Field(
@@ -93,6 +111,13 @@ class Config(StrictModel):
         default_factory=MidtrainSettings,
         description="Mid-training: instruction data mixed into the last part (the decay phase).",
     )
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self) -> Config:
+        if is_set(self.train, "eval_every"):
+            raise SettingError("train.eval_every", "pretrain measures held-out perplexity once, "
+                               "at the end (no evaluation during training): drop it")  # fmt: skip
+        return self
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
@@ -201,6 +226,14 @@ def _model_and_tokenizer(cfg: Config, ctx: StageContext, paths: dict):
     ctx.logger.info(
         f"{ctx.name}: model {cfg.model} with {count_parameters(model) / 1e6:.2f}M parameters"
     )
+    if cfg.lora.enabled:
+        if cfg.model in _presets():
+            raise ValueError(f"{ctx.name}.lora: {cfg.model} is a preset built from scratch (random "
+                             "weights); LoRA adapts a trained model: give a model directory as "
+                             f"{ctx.name}.model, or set lora.enabled: false")  # fmt: skip
+        from posttrain.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
     return model.to(ctx.device), tok
 
 
@@ -208,7 +241,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.data.text import read_texts, tokenize_stream
     from posttrain.eval.perplexity import perplexity
     from posttrain.io import atomic_write_jsonl
-    from posttrain.models.load import save_model
+    from posttrain.models.lora import save_trained
 
     paths = inputs(cfg, ctx)
     model, tok = _model_and_tokenizer(cfg, ctx, paths)
@@ -240,7 +273,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         metrics |= {"midtrain/tokens": len(mid[0]), "midtrain/first_step": mid[1] + 1}
     if not dist.is_main():  # rank 0 saves and evaluates; its result is the stage's
         return StageResult(metrics)
-    save_model(model, tok, ctx.stage_dir / "model")
+    model = save_trained(model, tok, ctx.stage_dir / "model", cfg.lora)
 
     heldout = tokenize_stream(read_texts(paths["heldout"]), tok)
     metrics |= perplexity(model, heldout, cfg.seq_len, max_tokens=cfg.eval.max_heldout_tokens)

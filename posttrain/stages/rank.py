@@ -26,9 +26,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from posttrain.settings import StrictModel
+from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages.base import StageContext, StageResult, resolve_input
 from posttrain.world.annotators import AnnotatorConfig, PoolConfig
 
@@ -80,6 +80,13 @@ class Config(StrictModel):
     )
     pool: PoolConfig = Field(default_factory=default_pool, description="Simulated annotators.")
     pairs: PairSettings = Field(default_factory=PairSettings, description="Pair building.")
+
+    @model_validator(mode="after")
+    def _labels_or_pool(self) -> Config:
+        if self.labels is not None and is_set(self, "pool"):
+            raise SettingError("pool", "{at}labels names human rankings, which are used instead "
+                               "of the simulated pool: drop one")  # fmt: skip
+        return self
 
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:

@@ -25,6 +25,8 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.eval.metrics import expected_calibration_error
+from posttrain.models.lora import LoraSettings, lora_field
+from posttrain.settings import SettingError, is_set
 from posttrain.stages._prefs import (
     PairTraining,
     candidate_gold,
@@ -38,6 +40,8 @@ from posttrain.train import dist
 from posttrain.train.loop import (
     MicroBatchObjective,
     TrainSettings,
+    check_epochs,
+    check_heldout,
     micro_per_step,
     step_micro_indices,
 )
@@ -56,6 +60,9 @@ class Config(PairTraining):
     use_margin: bool = Field(
         False, description="Bradley-Terry: subtract each pair's margin (Llama 2's margin loss)."
     )
+    lora: LoraSettings = lora_field(
+        "LoRA adapters on the decoder; the scalar head trains in full (peft modules_to_save)."
+    )
     # Left out of the resolved config (the cache key) while off, so that stages cached before the
     # option existed stay cached.
     length_balance: bool = Field(
@@ -72,6 +79,12 @@ class Config(PairTraining):
             raise ValueError(f"length_balance balances the pairs Bradley-Terry trains on; loss "
                              f"{self.loss} trains on rankings: set loss: bradley_terry or "
                              "length_balance: false")  # fmt: skip
+        check_epochs(self.epochs, self.train)
+        check_heldout(self.train, self.data.val_fraction, "data.val_fraction")
+        for key in ("use_margin", "packing"):  # Plackett-Luce builds its own padded batches
+            if self.loss == "plackett_luce" and is_set(self, key):
+                raise SettingError(key, "only loss: bradley_terry uses it (plackett_luce trains "
+                                   "on whole rankings, padded): drop it")  # fmt: skip
         return self
 
 
@@ -263,9 +276,10 @@ def _rankings_as_sequences(ctx, cfg: Config, tok, seed: int) -> tuple[list[list]
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.data.pairs import PairBatches, tokenize_pairs
-    from posttrain.models.load import save_model
+    from posttrain.models.lora import apply_lora, save_trained
     from posttrain.models.reward import reward_model_from
     from posttrain.models.tokenizer import load_tokenizer
+    from posttrain.train.precision import autocast
 
     paths = inputs(cfg, ctx)
     tok = load_tokenizer(paths["model"])
@@ -284,6 +298,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     tokenized, stats = tokenize_pairs(tok, train_pairs, cfg.data.max_length, cfg.data.overlong)
     log_fit(ctx, stats, cfg.data)
     model = reward_model_from(paths["model"], tok, ctx.device)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task="scalar")
     data = PairBatches(tokenized, batch_size=cfg.batch_size, pad_id=pad, packing=cfg.packing,
                        row_len=2 * cfg.data.max_length, seed=ctx.seed)  # fmt: skip
     settings = cfg.train
@@ -299,8 +315,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     if cfg.epochs is not None:
         steps = max(1, -(-int(cfg.epochs * per_epoch) // micro_per_step(settings.grad_accum)))
         settings = settings.model_copy(update={"steps": steps})
-    ctx.logger.info(f"{ctx.name}: {cfg.loss} on {len(tokenized)} pairs "
-                    f"({len(val_pairs)} held out), {settings.steps} steps")  # fmt: skip
+    ctx.logger.info(f"{ctx.name}: {cfg.loss} on {len(tokenized)} train pairs, {settings.steps} steps")  # fmt: skip
     evaluate = None
     if val_pairs:
         val_tok, val_stats = tokenize_pairs(tok, val_pairs, cfg.data.max_length, cfg.data.overlong)
@@ -312,11 +327,12 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             settings = settings.model_copy(update={"eval_every": max(1, settings.steps // 10)})
     result = train_with_progress(ctx, model, objective, settings, evaluate)
     metrics = {"train/loss": result.final_loss, "train/steps": result.steps,
-               "train/seconds": round(result.seconds, 2)} | stats.metrics() | read_stats | result.eval  # fmt: skip
+               "train/seconds": round(result.seconds, 2)} | stats.metrics() | (val_stats.metrics("val_") if val_pairs else {}) | read_stats | result.eval  # fmt: skip
     cands = candidate_gold(ctx, cfg.data.sample_stage) if cfg.data.path is None else {}
     val_prompts = sorted({p["prompt_id"] for p in val_pairs if p["prompt_id"] in cands})
     if val_prompts:
-        metrics |= gold_metrics(model, tok, cands, val_prompts)
+        with autocast(settings.precision, ctx.device):
+            metrics |= gold_metrics(model, tok, cands, val_prompts)
     if dist.is_main():
-        save_model(model, tok, ctx.stage_dir / "model")
+        save_trained(model, tok, ctx.stage_dir / "model", cfg.lora)
     return StageResult(metrics, {"model": f"{ctx.name}/model"})

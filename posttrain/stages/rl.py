@@ -42,7 +42,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from posttrain.settings import StrictModel
+from posttrain.models.lora import LoraSettings, lora_field
+from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
 from posttrain.train import dist
 
@@ -76,6 +77,9 @@ class RewardSettings(StrictModel):
     def _check(self) -> RewardSettings:
         if (self.kind == "function") != (self.function is not None):
             raise ValueError("reward.function ('module:function') goes with kind: function")
+        if self.kind != "reward_model" and is_set(self, "model"):
+            raise SettingError("model", f"{{at}}kind is {self.kind}, which uses no reward model: "
+                               "drop it, or set {at}kind: reward_model")  # fmt: skip
         return self
 
 
@@ -91,6 +95,40 @@ class KLSettings(StrictModel):
         None, gt=0, description="Adaptive coefficient: target sequence KL (null: fixed coef)."
     )
     horizon: int = Field(10000, ge=1, description="Adaptive coefficient: horizon in samples.")
+
+    @model_validator(mode="after")
+    def _horizon_needs_a_target(self) -> KLSettings:
+        if self.target is None and is_set(self, "horizon"):
+            raise SettingError("horizon", "only the adaptive coefficient uses it, and "
+                               "{at}target is null (a fixed coefficient): set {at}target, or "
+                               "drop it")  # fmt: skip
+        return self
+
+
+class RLTrainSettings(StrictModel):
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16 autocast over fp32 weights in every pass: sampling, the rollout's "
+        "old/reference log-probs and values, the updates, the held-out eval.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in the update's backward passes (policy "
+        "and value model): less memory, about a third more compute.",
+    )
+    fsdp: bool = Field(
+        False,
+        description="Not supported by the RL stages: each rank rolls out with a full copy of "
+        "the policy (data parallelism under torchrun still applies).",
+    )
+
+    @model_validator(mode="after")
+    def _no_fsdp(self) -> RLTrainSettings:
+        if self.fsdp:
+            raise ValueError("train.fsdp: the RL stages do not shard the model (each rank samples "
+                             "with a full copy of the policy); set it to false: under torchrun "
+                             "the ranks still split every rollout (data parallel)")  # fmt: skip
+        return self
 
 
 class RolloutSettings(StrictModel):
@@ -137,7 +175,14 @@ class Config(StrictModel):
     lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
     kl: KLSettings = Field(default_factory=KLSettings, description="KL to the reference.")
     no_eos_penalty: float = Field(
-        1.0, ge=0, description="Subtracted from the score of a response that never ended."
+        1.0,
+        ge=0,
+        description="Subtracted from the score of a response that reached "
+        "rollout.max_new_tokens without its end-of-turn/EOS token (TRL's missing_eos_penalty), "
+        "whatever the reward kind, before the KL term and the advantages: it teaches the policy "
+        "to finish its answers within the limit. 0: off. With mask_truncated such responses "
+        "leave the policy loss, but their penalised score still shapes their group's baseline "
+        "(GRPO, RLOO), the value targets (PPO) and the best/worst choice (online DPO).",
     )
     whiten_rewards: bool = Field(False, description="PPO: whiten scores over the batch.")
     whiten_advantages: bool = Field(True, description="PPO: whiten advantages over the batch.")
@@ -159,6 +204,15 @@ class Config(StrictModel):
         10, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
     )
     eval_prompts: int = Field(20, ge=0, description="Held-out prompts per family to evaluate.")
+    train: RLTrainSettings = Field(
+        default_factory=RLTrainSettings,
+        exclude_if=lambda v: v == RLTrainSettings(),  # cached stages from before stay cached
+        description="Precision and memory of every pass.",
+    )
+    lora: LoraSettings = lora_field(
+        "LoRA adapters on the policy (the reference is the same base with them switched off) "
+        "and on the PPO value model (its scalar head trains in full)."
+    )
     snapshot_every: int = Field(
         0,
         ge=0,
@@ -189,6 +243,72 @@ class Config(StrictModel):
         ):
             raise ValueError("minibatch_size must be a multiple of micro_batch_size")
         return self
+
+    def _given(self, model, name: str, *path: str) -> bool:
+        """is_set against this algorithm's defaults (DEFAULTS) where it has its own."""
+        d = DEFAULTS.get(self.algo, {})
+        for part in path:
+            d = d.get(part, {})
+        return is_set(model, name, d[name]) if name in d else is_set(model, name)
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self) -> Config:
+        algo, kl = self.algo, self.kl
+        if algo != "ppo":  # GAE and the value model are PPO's alone
+            for key in ("gamma", "lam", "whiten_rewards", "whiten_advantages", "value_model",
+                        "value_lr", "value_clip"):  # fmt: skip
+                if self._given(self, key):
+                    raise SettingError(key, f"only PPO uses it (its GAE and value model), and "
+                                       f"this is a {algo} stage: drop it")  # fmt: skip
+        if algo != "grpo" and self._given(self, "std_normalize"):
+            raise SettingError("std_normalize", f"only GRPO's group advantages use it, and this "
+                               f"is a {algo} stage: drop it")  # fmt: skip
+        if algo == "online_dpo":
+            if kl.coef == 0:
+                raise SettingError("kl.coef", "is online DPO's beta, and 0 gives a loss of log 2 "
+                                   "whatever the policy does (no learning): set it above 0")  # fmt: skip
+            for key in ("clip_eps", "clip_eps_high", "dual_clip", "loss_reduction",
+                        "mask_truncated", "drop_zero_std_groups"):  # fmt: skip
+                if self._given(self, key):
+                    raise SettingError(key, "online DPO takes DPO steps on each group's best and "
+                                       "worst samples, not clipped policy-gradient steps: drop it")  # fmt: skip
+        unused_kl = ("where", "target", "horizon") if kl.coef == 0 else ()
+        if algo == "online_dpo":
+            unused_kl = ("where",)  # beta = kl.coef in the DPO loss; no KL in the reward
+        for key in unused_kl:
+            if self._given(kl, key, "kl"):
+                why = ("{at}kl.coef is 0 (no KL penalty)" if kl.coef == 0 else
+                       "online DPO's KL is the DPO loss's beta = {at}kl.coef")  # fmt: skip
+                raise SettingError(f"kl.{key}", f"has no effect: {why}; drop it")
+        self._check_batch_sizes()
+        self._check_prompt_source()
+        return self
+
+    def _check_batch_sizes(self) -> None:
+        samples = self.rollout.prompts_per_step * self.rollout.k
+        if self._given(self, "minibatch_size") and self.minibatch_size > samples:
+            raise SettingError("minibatch_size", f"{self.minibatch_size} is more than a step's "
+                               f"{samples} samples ({{at}}rollout.prompts_per_step "
+                               f"{self.rollout.prompts_per_step} x {{at}}rollout.k "
+                               f"{self.rollout.k}), so every minibatch would be the whole step: "
+                               f"set {{at}}minibatch_size to at most {samples}, or sample more")  # fmt: skip
+        if self._given(self, "micro_batch_size") and self.micro_batch_size > self.minibatch_size:
+            raise SettingError("micro_batch_size", f"{self.micro_batch_size} is more than "
+                               f"{{at}}minibatch_size ({self.minibatch_size}), so it has no "
+                               f"effect: set it to at most {self.minibatch_size}")  # fmt: skip
+
+    def _check_prompt_source(self) -> None:
+        if self.prompts is not None:  # a prompts file: no world split, no held-out eval prompts
+            given = [k for k in ("split", "eval_every") if self._given(self, k)]
+            if self.eval_prompts and self._given(self, "eval_prompts"):  # (0, turning it off: fine)
+                given.append("eval_prompts")
+            if given:
+                raise SettingError(given[0], "applies to the toy world's prompts, and {at}prompts "
+                                   "names a file (no world split, no held-out eval prompts): "
+                                   "drop it")  # fmt: skip
+        if self.reward.kind == "gsm8k" and self.families is not None:
+            raise SettingError("families", "GSM8K prompts have no families, so nothing is "
+                               "filtered: drop it")  # fmt: skip
 
 
 DEFAULTS = {
@@ -303,14 +423,25 @@ class RLTrainer:
         self.tok = load_tokenizer(paths["model"])
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.policy = load_model(paths["model"], self.device).eval()  # no dropout in RL
-        ref_src = paths.get("ref_model", paths["model"])
-        self.ref = load_model(ref_src, self.device).eval().requires_grad_(False)
+        if cfg.lora.enabled:
+            from posttrain.models.lora import BaseView, apply_lora
+
+            self.policy = apply_lora(self.policy, cfg.lora).eval()
+        if cfg.lora.enabled and "ref_model" not in paths:
+            self.ref = BaseView(self.policy)  # one copy of the base in memory
+        else:
+            ref_src = paths.get("ref_model", paths["model"])
+            self.ref = load_model(ref_src, self.device).eval().requires_grad_(False)
         self.reward_fn = _reward_fn(cfg, paths, self.device)
         opt = TrainSettings(lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         self.opt = make_optimizer(self.policy, opt)
         self.value = None
         if cfg.algo == "ppo":
             self.value = _value_model(cfg, paths, self.tok, self.device).eval()
+            if cfg.lora.enabled:
+                from posttrain.models.lora import apply_lora
+
+                self.value = apply_lora(self.value, cfg.lora, task="scalar").eval()
             self.value_opt = make_optimizer(self.value, opt.model_copy(update={"lr": cfg.value_lr}))
         self.kl_coef = cfg.kl.coef
 
@@ -579,6 +710,20 @@ class RLTrainer:
         return out | {"dpo/pairs": float(len(pairs) * W),
                       "dpo/pair_frac": len(pairs) / max(n_groups, 1)}  # fmt: skip
 
+    def checkpointing(self):
+        """train.gradient_checkpointing over an update: the policy's blocks and the value
+        model's recompute their activations in the backward pass."""
+        import contextlib
+
+        from posttrain.train.precision import checkpointed
+
+        on = self.cfg.train.gradient_checkpointing
+        stack = contextlib.ExitStack()
+        for model in (self.policy, self.value):
+            if model is not None:
+                stack.enter_context(checkpointed(model, on))
+        return stack
+
     def adapt_kl(self, kl: float, n: int) -> None:
         """Ziegler et al.'s proportional controller on the sequence KL."""
         t = self.cfg.kl.target
@@ -597,10 +742,13 @@ class RLTrainer:
 
         if not prompts:
             return {}
+        from posttrain.train.precision import autocast
+
         params = SamplingParams(
             max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True, batch_size=64
         )
-        ro = sample_rollout(self.policy, self.tok, prompts, 1, params)
+        with autocast(self.cfg.train.precision, self.device):
+            ro = sample_rollout(self.policy, self.tok, prompts, 1, params)
         comps = self.reward_fn(ro.prompts, ro.texts)
         m = {"eval/reward": sum(c["reward"] for c in comps) / len(comps)}
         gold = gold_scores(ro.prompts, ro.texts)
@@ -624,10 +772,11 @@ def _eval_prompts(cfg: Config, paths) -> list[dict]:
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    from posttrain.models.load import save_model
+    from posttrain.models.lora import save_trained
     from posttrain.rl import snapshots
     from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from posttrain.train.loop import TrainingDiverged
+    from posttrain.train.precision import autocast
 
     paths = inputs(cfg, ctx)
     prompts = _load_prompts(cfg, paths["prompts"], cfg.families)
@@ -685,10 +834,12 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 batch.append(prompts[order[at]])
                 at += 1
             batch = batch[rank::W]  # whole prompts, so GRPO/RLOO groups stay on one rank
-            ro, m, kl = trainer.rollout(batch, seed=ctx.seed * 1000 + step + 7919 * rank)
+            with autocast(cfg.train.precision, ctx.device):
+                ro, m, kl = trainer.rollout(batch, seed=ctx.seed * 1000 + step + 7919 * rank)
             t1 = time.perf_counter()
             try:
-                m |= trainer.update(ro)
+                with autocast(cfg.train.precision, ctx.device), trainer.checkpointing():
+                    m |= trainer.update(ro)
             except TrainingDiverged as e:
                 raise trainer.diverged(str(e), step) from None
             if W > 1:  # every rank holds as many sequences: the mean of means is the mean
@@ -740,7 +891,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     if trainer.value is not None:
         dist.check_in_sync(trainer.value)
     if main:
-        save_model(trainer.policy, trainer.tok, ctx.stage_dir / "model")
+        save_trained(trainer.policy, trainer.tok, ctx.stage_dir / "model", cfg.lora)
     metrics = {k: v for k, v in last.items() if not k.endswith("tokens_per_s")} | first
     metrics |= {"train/steps": cfg.steps, "train/seconds": round(time.perf_counter() - t_start, 2)}
     return StageResult(metrics, {"model": f"{ctx.name}/model"})

@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from posttrain.settings import StrictModel
+from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
 from posttrain.train import dist
 from posttrain.world.task import first_per_family
@@ -52,6 +52,18 @@ class Config(StrictModel):
     batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
     chunk: int = Field(32, ge=1, description="Prompts per progress step (and per generation call).")
 
+    @model_validator(mode="after")
+    def _no_silent_settings(self) -> Config:
+        for key in ("top_p", "top_k"):
+            if self.temperature == 0 and is_set(self, key):
+                raise SettingError(key, "{at}temperature is 0 (greedy decoding), which filters "
+                                   "nothing: drop it, or sample with a temperature above 0")  # fmt: skip
+        for key in ("split", "families"):
+            if self.prompts is not None and is_set(self, key):
+                raise SettingError(key, "selects among the toy world's prompts, and {at}prompts "
+                                   "names a file: drop it (n_prompts takes the file's first n)")  # fmt: skip
+        return self
+
 
 def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     found = {"model": resolve_model(cfg.model, ctx)}
@@ -61,32 +73,11 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
 
 
 def load_prompts(path: Path, limit: int | None = None) -> list[dict]:
-    """Prompt records {"prompt_id", "messages"} from a JSONL file; errors name file and line."""
-    from posttrain.data.schema import DataError, validate_prompt
-    from posttrain.io import read_jsonl
+    """Prompt records {"prompt_id", "messages"}: see posttrain.data.readers.load_prompts (JSONL,
+    Parquet, a datasets folder; errors name the file and line or row)."""
+    from posttrain.data.readers import load_prompts as read
 
-    out = []
-    for i, rec in enumerate(read_jsonl(path), 1):
-        where = f"{path}:{i}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        if "messages" not in rec and "prompt" not in rec:
-            raise DataError(f"{where}: a prompt record needs 'messages' or 'prompt'")
-        if "messages" in rec:
-            msgs = validate_prompt(rec["messages"], where)
-        else:
-            if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
-                raise DataError(f"{where}: 'prompt' must be a non-empty string")
-            msgs = [{"role": "user", "content": rec["prompt"]}]
-        out.append(
-            {"prompt_id": str(rec.get("prompt_id", f"{Path(path).stem}/{i}")), "messages": msgs}
-            | (
-                {"family": rec["family"], "gold": rec["gold"]}
-                if "gold" in rec and "family" in rec
-                else {}
-            )
-        )
-    return out[:limit] if limit else out
+    return read(path, limit)
 
 
 def _select(records: list[dict], cfg: Config, from_world: bool) -> list[dict]:

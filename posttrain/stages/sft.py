@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.data.curate import CurateSettings
-from posttrain.settings import StrictModel
+from posttrain.models.lora import LoraSettings
+from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages.base import (
     StageContext,
     StageResult,
@@ -28,24 +29,11 @@ from posttrain.train import dist
 from posttrain.train.loop import (
     MicroBatchObjective,
     TrainSettings,
+    check_epochs,
+    check_heldout,
     evaluate_objective,
     micro_per_step,
 )
-
-
-class LoraSettings(StrictModel):
-    enabled: bool = Field(
-        False, description="Train LoRA adapters instead of all weights (Hu et al. 2021)."
-    )
-    r: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
-        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names that get adapters."
-    )
-    save: Literal["merged", "adapter"] = Field(
-        "merged", description="Save the merged full model, or only the adapter (plus base path)."
-    )
 
 
 class DataSettings(StrictModel):
@@ -75,6 +63,13 @@ class ReplaySettings(StrictModel):
         None, description="Replay text (.jsonl of {text} or .txt); default: the toy corpus."
     )
 
+    @model_validator(mode="after")
+    def _data_needs_rows(self) -> ReplaySettings:
+        if self.data is not None and self.rows == 0:
+            raise SettingError("data", "{at}rows is 0 (no replay), so it is never read: set "
+                               "{at}rows, or drop it")  # fmt: skip
+        return self
+
 
 class DistillSettings(StrictModel):
     teacher: str | None = Field(
@@ -84,6 +79,14 @@ class DistillSettings(StrictModel):
         0.5, ge=0, le=1, description="Weight of the teacher's soft targets (1 - alpha: labels)."
     )
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models.")
+
+    @model_validator(mode="after")
+    def _settings_need_a_teacher(self) -> DistillSettings:
+        for key in ("alpha", "temperature"):
+            if self.teacher is None and is_set(self, key):
+                raise SettingError(key, "{at}teacher is null (no distillation), so it has no "
+                                   "effect: name a teacher, or drop it")  # fmt: skip
+        return self
 
 
 class Config(StrictModel):
@@ -136,6 +139,24 @@ class Config(StrictModel):
     def _replay_needs_packing(self) -> Config:
         if self.replay.rows and not self.packing:
             raise ValueError("sft.replay.rows needs sft.packing: true")
+        return self
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self) -> Config:
+        check_epochs(self.epochs, self.train)
+        check_heldout(self.train, self.val_fraction, "val_fraction")
+        c = self.data.curate
+        if c is None:
+            return self
+        near, decon = c.dedup == "near", bool(c.decontaminate)
+        why = {"near_threshold": (near, "{at}data.curate.dedup is not near"),
+               "num_perm": (near, "{at}data.curate.dedup is not near"),
+               "bands": (near, "{at}data.curate.dedup is not near"),
+               "ngram": (decon, "{at}data.curate.decontaminate is empty"),
+               "min_match_words": (decon, "{at}data.curate.decontaminate is empty")}  # fmt: skip
+        for key, (used, reason) in why.items():
+            if not used and is_set(c, key):
+                raise SettingError(f"data.curate.{key}", f"has no effect: {reason}; drop it")
         return self
 
     val_fraction: float = Field(
@@ -224,22 +245,6 @@ def neftune(model, alpha: float):
     return model.get_input_embeddings().register_forward_hook(hook)
 
 
-def _apply_lora(model, cfg: LoraSettings):
-    from peft import LoraConfig, get_peft_model
-
-    lc = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                    task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(model, lc)
-
-
-def _save(model, tok, cfg: Config, out: Path):
-    from posttrain.models.load import save_model
-
-    if cfg.lora.enabled and cfg.lora.save == "merged":
-        model = model.merge_and_unload()
-    save_model(model, tok, out)
-
-
 def _curate(examples: list, settings: CurateSettings, ctx: StageContext) -> tuple[list, dict]:
     from posttrain.data.curate import curate
 
@@ -274,7 +279,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     stats.read = read_stats
     model = load_model(paths["model"], ctx.device)
     if cfg.lora.enabled:
-        model = _apply_lora(model, cfg.lora)
+        from posttrain.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
     data = SFTBatches(tokenized, batch_size=cfg.batch_size, pad_id=tok.pad_token_id or 0, packing=cfg.packing,
                       row_len=cfg.max_length, seed=ctx.seed)  # fmt: skip
     if cfg.replay.rows:
@@ -323,7 +330,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         if noise is not None:
             noise.remove()
     if dist.is_main():
-        _save(model, tok, cfg, ctx.stage_dir / "model")
+        from posttrain.models.lora import save_trained
+
+        save_trained(model, tok, ctx.stage_dir / "model", cfg.lora)
     metrics = (
         {
             "train/loss": result.final_loss,

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from posttrain.settings import StrictModel
+from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.train import dist
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.train.schedule import lr_multiplier
@@ -72,13 +72,57 @@ class TrainSettings(StrictModel):
     fsdp: bool = Field(
         False,
         description="Under torchrun: shard weights, gradients and AdamW state across ranks "
-        "(FSDP2) instead of a full copy per rank. Ignored in a single process.",
+        "(FSDP2) instead of a full copy per rank. An error in a single process.",
     )
     compile: bool = Field(
         False,
         description="torch.compile each transformer block for training (GPU: fuses the "
         "elementwise kernels; the first steps pay the compile). Numerics differ in the last bits.",
     )
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self) -> TrainSettings:
+        unused = {
+            "decay_fraction": (self.schedule != "wsd", "only schedule: wsd has a decay phase"),
+            "min_lr_ratio": (self.schedule == "constant", "schedule: constant never decays"),
+            "keep_checkpoints": (self.checkpoint_every == 0, "checkpoint_every is 0 (none)"),
+        }
+        for key, (off, why) in unused.items():
+            if off and is_set(self, key):
+                raise SettingError(key, f"has no effect: {why} ({{at}}schedule "
+                                   f"{self.schedule}, {{at}}checkpoint_every "
+                                   f"{self.checkpoint_every}); drop it")  # fmt: skip
+        return self
+
+
+def check_epochs(epochs: float | None, train: TrainSettings) -> None:
+    """A stage with `epochs` (sft, reward, dpo, kto) sets train.steps from them: train.steps
+    given too (other than its default, which a resolved config spells out) would be silently
+    replaced. Call from the stage Config's validator."""
+    if epochs is not None and is_set(train, "steps"):
+        raise SettingError("train.steps", f"is replaced by the steps that {{at}}epochs ({epochs:g}) "
+                           "makes of the data; set {at}epochs: null to train for "
+                           f"{{at}}train.steps ({train.steps}) steps, or drop {{at}}train.steps")  # fmt: skip
+
+
+def check_heldout(train: TrainSettings, val_fraction: float, key: str) -> None:
+    """train.eval_every with nothing held out (`key`, the val_fraction's name, at 0) does nothing."""
+    if val_fraction == 0 and is_set(train, "eval_every"):
+        raise SettingError("train.eval_every", f"{{at}}{key} is 0, so nothing is held out to "
+                           f"evaluate: set {{at}}{key} above 0, or drop it")  # fmt: skip
+
+
+def check_schedule(settings: TrainSettings, stage: str) -> str | None:
+    """Once a run's steps are known (after `epochs` made them): a warning (or None) when the
+    warm-up is longer than the run, which then never reaches its learning rate. A warning, not
+    an error: the stages' default warm-up outlasts the tiny runs of tests and smoke checks."""
+    if settings.warmup_steps <= settings.steps:
+        return None
+    return (f"{stage}.train.warmup_steps ({settings.warmup_steps}) is longer than the run's "
+            f"{settings.steps} steps ({stage}.train.steps, or what {stage}.epochs made of the "
+            f"data): the learning rate peaks at {settings.steps / settings.warmup_steps:.0%} of "
+            f"{stage}.train.lr ({settings.lr:g}); set {stage}.train.warmup_steps to at most "
+            f"{settings.steps}, or train longer")  # fmt: skip
 
 
 class Objective(Protocol):
@@ -368,7 +412,8 @@ def _train(model, objective, cfg, ckpt_dir, steplog, resume, seed, evaluate) -> 
             and cfg.eval_every
             and (done % cfg.eval_every == 0 or done == cfg.steps)
         ):
-            last_eval = model._posttrain_call(evaluate) if sharded else evaluate(model)
+            with _autocast(cfg, device):  # held-out passes in the training precision
+                last_eval = model._posttrain_call(evaluate) if sharded else evaluate(model)
             model.train()
             metrics |= last_eval
         if steplog is not None:

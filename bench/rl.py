@@ -4,7 +4,7 @@
         [--prompts-per-step P] [--k K] [--max-new-tokens T] [--epochs E] [--minibatch M]
         [--reward length|digits] [--temperature 1.0] [--lr 1e-5]
 
-Runs the same trainer as the ppo/grpo stages (posttrain.stages.rl.RLTrainer): sampling with the
+Runs the same trainer as the ppo/grpo stages (posttrain.stages.rl_trainer.RLTrainer): sampling with the
 KV-cache generator, old/reference log-probs (and values for PPO) over the response tokens only,
 then `epochs` passes of minibatch updates. The reward is a function of the text, so no reward
 model's cost is included: `length` = -|words - 20| / 20, `digits` = share of characters that are

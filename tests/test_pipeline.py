@@ -263,7 +263,8 @@ def test_the_code_fingerprint_covers_what_a_stage_runs_and_not_the_entry_points(
             "train/loop.py", "data/pairs.py", "settings.py", "log.py"} <= dpo  # fmt: skip
     assert not {"cli.py", "config.py", "pipeline.py", "report.py", "stages/sft.py"} & dpo
     assert not any(f.startswith(("lab/", "annotate/")) for f in dpo)
-    assert "stages/sample.py" in files("best_of_n") and "stages/sample.py" in files("grpo")
+    assert "stages/sample.py" in files("best_of_n")
+    assert {"stages/rl.py", "stages/rl_config.py", "stages/rl_trainer.py"} <= files("grpo")
     assert code_fingerprint("grpo") == code_fingerprint("rloo") != code_fingerprint("dpo")
     assert len(code_fingerprint("sft")) == 64
 

@@ -1,0 +1,313 @@
+"""Settings of the online RL stages (ppo, grpo, rloo, online_dpo; see posttrain.stages.rl): one
+Config with each algorithm's defaults under the user's settings, and the rules that a setting
+without effect for the chosen algorithm is an error naming its key."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.models.lora import LoraSettings, lora_field
+from posttrain.settings import SettingError, StrictModel, is_set
+
+
+class RewardSettings(StrictModel):
+    kind: Literal["reward_model", "verifier", "gsm8k", "function"] = Field(
+        "reward_model",
+        description="A learned reward model, the toy world's gold checker, the GSM8K verifier, "
+        "or your own Python function.",
+    )
+    model: str = Field("reward", description="reward_model: stage or HF dir of the reward model.")
+    function: str | None = Field(
+        None,
+        description="function: 'module:function' called on each (prompt record, response), "
+        "returning a float (TRL's reward_funcs); the module must be importable. Its code is not "
+        "part of the stage's cache key: --force the stage after editing it.",
+    )
+
+    # Left out of the resolved config (the cache key) while 0, so that stages cached before the
+    # option existed stay cached.
+    length_penalty: float = Field(
+        0.0,
+        ge=0,
+        exclude_if=lambda v: v == 0,
+        description="Subtracted from every response's score per response token (the stop token "
+        "included), whatever the reward kind: a length penalty against length hacking "
+        "(Singhal et al. 2310.03716). 0: off.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardSettings:
+        if (self.kind == "function") != (self.function is not None):
+            raise ValueError("reward.function ('module:function') goes with kind: function")
+        if self.kind != "reward_model" and is_set(self, "model"):
+            raise SettingError("model", f"{{at}}kind is {self.kind}, which uses no reward model: "
+                               "drop it, or set {at}kind: reward_model")  # fmt: skip
+        return self
+
+
+class KLSettings(StrictModel):
+    coef: float = Field(0.05, ge=0, description="Initial KL coefficient beta.")
+    where: Literal["reward", "loss"] = Field(
+        "reward", description="KL penalty in the per-token reward, or as a loss term."
+    )
+    estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="KL estimator (Schulman): k1 in the reward, k3 as a loss is usual."
+    )
+    target: float | None = Field(
+        None, gt=0, description="Adaptive coefficient: target sequence KL (null: fixed coef)."
+    )
+    horizon: int = Field(10000, ge=1, description="Adaptive coefficient: horizon in samples.")
+
+    @model_validator(mode="after")
+    def _horizon_needs_a_target(self) -> KLSettings:
+        if self.target is None and is_set(self, "horizon"):
+            raise SettingError("horizon", "only the adaptive coefficient uses it, and "
+                               "{at}target is null (a fixed coefficient): set {at}target, or "
+                               "drop it")  # fmt: skip
+        return self
+
+
+class RLTrainSettings(StrictModel):
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16 autocast over fp32 weights in every pass: sampling, the rollout's "
+        "old/reference log-probs and values, the updates, the held-out eval.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in the update's backward passes (policy "
+        "and value model): less memory, about a third more compute.",
+    )
+    fsdp: bool = Field(
+        False,
+        description="Not supported by the RL stages: each rank rolls out with a full copy of "
+        "the policy (data parallelism under torchrun still applies).",
+    )
+
+    @model_validator(mode="after")
+    def _no_fsdp(self) -> RLTrainSettings:
+        if self.fsdp:
+            raise ValueError("train.fsdp: the RL stages do not shard the model (each rank samples "
+                             "with a full copy of the policy); set it to false: under torchrun "
+                             "the ranks still split every rollout (data parallel)")  # fmt: skip
+        return self
+
+
+class RolloutSettings(StrictModel):
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout batch.")
+    k: int = Field(1, ge=1, description="Responses sampled per prompt.")
+    temperature: float = Field(1.0, gt=0, description="Sampling (and log-prob) temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(48, ge=1, description="Most tokens per response.")
+
+
+class Config(StrictModel):
+    algo: Literal["ppo", "grpo", "rloo", "online_dpo"] = Field(
+        "ppo", description="The RL algorithm."
+    )
+    model: str = Field("sft", description="Stage or HF dir of the initial policy.")
+    ref_model: str | None = Field(None, description="Reference model (default: initial policy).")
+    value_model: str | None = Field(
+        None, description="PPO: value model init (default: the reward model, else the policy)."
+    )
+    reward: RewardSettings = Field(default_factory=RewardSettings, description="The reward.")
+    prompts: str | None = Field(
+        None, description="JSONL of prompts (null: the toy world's split); for gsm8k: GSM8K JSONL."
+    )
+    world_stage: str = Field("world", description="Stage holding the world's task files.")
+    split: Literal["train", "rl", "eval"] = Field("rl", description="World split for training.")
+    families: list[str] | None = Field(None, description="World families to train on (null: all).")
+    steps: int = Field(30, ge=1, description="Rollout-and-update iterations.")
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Sampling.")
+    epochs: int = Field(2, ge=1, description="Update passes over each rollout batch.")
+    minibatch_size: int = Field(16, ge=1, description="Sequences per optimiser step.")
+    micro_batch_size: int = Field(
+        16, ge=1, description="Sequences per forward/backward (gradient accumulation)."
+    )
+    lr: float = Field(1e-5, gt=0, description="Policy learning rate (AdamW, constant).")
+    value_lr: float = Field(1e-4, gt=0, description="PPO: value model learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip epsilon.")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip epsilon (null: clip_eps); DAPO's clip-higher: 0.28."
+    )
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 (null: off).")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO value clip (null: unclipped).")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    kl: KLSettings = Field(default_factory=KLSettings, description="KL to the reference.")
+    no_eos_penalty: float = Field(
+        1.0,
+        ge=0,
+        description="Subtracted from the score of a response that reached "
+        "rollout.max_new_tokens without its end-of-turn/EOS token (TRL's missing_eos_penalty), "
+        "whatever the reward kind, before the KL term and the advantages: it teaches the policy "
+        "to finish its answers within the limit. 0: off. With mask_truncated such responses "
+        "leave the policy loss, but their penalised score still shapes their group's baseline "
+        "(GRPO, RLOO), the value targets (PPO) and the best/worst choice (online DPO).",
+    )
+    whiten_rewards: bool = Field(False, description="PPO: whiten scores over the batch.")
+    whiten_advantages: bool = Field(True, description="PPO: whiten advantages over the batch.")
+    std_normalize: bool = Field(True, description="GRPO: divide by the group std (off: Dr. GRPO).")
+    loss_reduction: Literal["token_mean", "seq_mean", "constant"] = Field(
+        "token_mean",
+        description="Policy-loss reduction; constant divides by max_new_tokens x sequences.",
+    )
+    drop_zero_std_groups: bool = Field(
+        False,
+        description="GRPO/RLOO: leave groups whose rewards are all equal out of the loss and its "
+        "denominator (their advantages are 0; DAPO's dynamic sampling, without resampling).",
+    )
+    mask_truncated: bool = Field(
+        False, description="Leave responses that hit max_new_tokens out of the policy loss."
+    )
+    eval_every: int = Field(0, ge=0, description="Held-out greedy eval every N steps (0: end).")
+    checkpoint_every: int = Field(
+        10, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
+    )
+    eval_prompts: int = Field(20, ge=0, description="Held-out prompts per family to evaluate.")
+    train: RLTrainSettings = Field(
+        default_factory=RLTrainSettings,
+        exclude_if=lambda v: v == RLTrainSettings(),  # cached stages from before stay cached
+        description="Precision and memory of every pass.",
+    )
+    lora: LoraSettings = lora_field(
+        "LoRA adapters on the policy (the reference is the same base with them switched off) "
+        "and on the PPO value model (its scalar head trains in full)."
+    )
+    snapshot_every: int = Field(
+        0,
+        ge=0,
+        description="Save the policy as a loadable HF dir under snapshots/ every N steps and at "
+        "the last, listed in snapshots.jsonl (0: off); for curves along a run (Gao et al. "
+        "2210.10760). Must be below steps.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.snapshot_every and self.snapshot_every >= self.steps:
+            raise ValueError(f"snapshot_every ({self.snapshot_every}) >= steps ({self.steps}) "
+                             "would snapshot only the last step, which model/ already is: set it "
+                             "below steps, or 0")  # fmt: skip
+        if self.algo in ("grpo", "rloo", "online_dpo") and self.rollout.k < 2:
+            raise ValueError(f"{self.algo} needs rollout.k >= 2 samples per prompt")
+        if self.algo == "online_dpo":
+            if self.minibatch_size % self.rollout.k:
+                raise ValueError("online_dpo: minibatch_size must be a multiple of rollout.k "
+                                 "(a minibatch holds whole groups)")  # fmt: skip
+            if self.kl.target is not None:
+                raise ValueError("online_dpo: kl.coef is DPO's beta; kl.target is not used")
+        if self.algo == "ppo" and self.drop_zero_std_groups:
+            raise ValueError("drop_zero_std_groups is for grpo and rloo (ppo has no groups)")
+        if (
+            self.minibatch_size % self.micro_batch_size
+            and self.micro_batch_size < self.minibatch_size
+        ):
+            raise ValueError("minibatch_size must be a multiple of micro_batch_size")
+        return self
+
+    def _given(self, model, name: str, *path: str) -> bool:
+        """is_set against this algorithm's defaults (DEFAULTS) where it has its own."""
+        d = DEFAULTS.get(self.algo, {})
+        for part in path:
+            d = d.get(part, {})
+        return is_set(model, name, d[name]) if name in d else is_set(model, name)
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self) -> Config:
+        algo, kl = self.algo, self.kl
+        if algo != "ppo":  # GAE and the value model are PPO's alone
+            for key in ("gamma", "lam", "whiten_rewards", "whiten_advantages", "value_model",
+                        "value_lr", "value_clip"):  # fmt: skip
+                if self._given(self, key):
+                    raise SettingError(key, f"only PPO uses it (its GAE and value model), and "
+                                       f"this is a {algo} stage: drop it")  # fmt: skip
+        if algo != "grpo" and self._given(self, "std_normalize"):
+            raise SettingError("std_normalize", f"only GRPO's group advantages use it, and this "
+                               f"is a {algo} stage: drop it")  # fmt: skip
+        if algo == "online_dpo":
+            if kl.coef == 0:
+                raise SettingError("kl.coef", "is online DPO's beta, and 0 gives a loss of log 2 "
+                                   "whatever the policy does (no learning): set it above 0")  # fmt: skip
+            for key in ("clip_eps", "clip_eps_high", "dual_clip", "loss_reduction",
+                        "mask_truncated", "drop_zero_std_groups"):  # fmt: skip
+                if self._given(self, key):
+                    raise SettingError(key, "online DPO takes DPO steps on each group's best and "
+                                       "worst samples, not clipped policy-gradient steps: drop it")  # fmt: skip
+        unused_kl = ("where", "target", "horizon") if kl.coef == 0 else ()
+        if algo == "online_dpo":
+            unused_kl = ("where",)  # beta = kl.coef in the DPO loss; no KL in the reward
+        for key in unused_kl:
+            if self._given(kl, key, "kl"):
+                why = ("{at}kl.coef is 0 (no KL penalty)" if kl.coef == 0 else
+                       "online DPO's KL is the DPO loss's beta = {at}kl.coef")  # fmt: skip
+                raise SettingError(f"kl.{key}", f"has no effect: {why}; drop it")
+        self._check_batch_sizes()
+        self._check_prompt_source()
+        return self
+
+    def _check_batch_sizes(self) -> None:
+        samples = self.rollout.prompts_per_step * self.rollout.k
+        if self._given(self, "minibatch_size") and self.minibatch_size > samples:
+            raise SettingError("minibatch_size", f"{self.minibatch_size} is more than a step's "
+                               f"{samples} samples ({{at}}rollout.prompts_per_step "
+                               f"{self.rollout.prompts_per_step} x {{at}}rollout.k "
+                               f"{self.rollout.k}), so every minibatch would be the whole step: "
+                               f"set {{at}}minibatch_size to at most {samples}, or sample more")  # fmt: skip
+        if self._given(self, "micro_batch_size") and self.micro_batch_size > self.minibatch_size:
+            raise SettingError("micro_batch_size", f"{self.micro_batch_size} is more than "
+                               f"{{at}}minibatch_size ({self.minibatch_size}), so it has no "
+                               f"effect: set it to at most {self.minibatch_size}")  # fmt: skip
+
+    def _check_prompt_source(self) -> None:
+        if self.prompts is not None:  # a prompts file: no world split, no held-out eval prompts
+            given = [k for k in ("split", "eval_every") if self._given(self, k)]
+            if self.eval_prompts and self._given(self, "eval_prompts"):  # (0, turning it off: fine)
+                given.append("eval_prompts")
+            if given:
+                raise SettingError(given[0], "applies to the toy world's prompts, and {at}prompts "
+                                   "names a file (no world split, no held-out eval prompts): "
+                                   "drop it")  # fmt: skip
+        if self.reward.kind == "gsm8k" and self.families is not None:
+            raise SettingError("families", "GSM8K prompts have no families, so nothing is "
+                               "filtered: drop it")  # fmt: skip
+
+
+DEFAULTS = {
+    "ppo": {},
+    "grpo": {"rollout": {"k": 4, "prompts_per_step": 8}, "reward": {"kind": "verifier"},
+             "kl": {"coef": 0.04, "where": "loss", "estimator": "k3"}},
+    "rloo": {"rollout": {"k": 4, "prompts_per_step": 8}},
+    "online_dpo": {"rollout": {"k": 2, "prompts_per_step": 8}, "kl": {"coef": 0.1},
+                   "minibatch_size": 8, "epochs": 1},
+}  # fmt: skip
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _config_for(algo: str) -> type[Config]:
+    """The stage config of one algorithm: its defaults under the user's settings."""
+
+    class AlgoConfig(Config):
+        @model_validator(mode="before")
+        @classmethod
+        def _algo_defaults(cls, data):
+            data = dict(data or {})
+            if data.get("algo", algo) != algo:
+                raise ValueError(f"this is a {algo} stage; 'algo' must be {algo!r} or left out")
+            return _merge(DEFAULTS[algo], data) | {"algo": algo}
+
+    AlgoConfig.__name__ = AlgoConfig.__qualname__ = f"{algo.upper()}Config"
+    return AlgoConfig
+
+
+PPOConfig, GRPOConfig, RLOOConfig, OnlineDPOConfig = (
+    _config_for(a) for a in ("ppo", "grpo", "rloo", "online_dpo")
+)

@@ -1,0 +1,389 @@
+"""The trainer of the online RL stages (see posttrain.stages.rl for the algorithms): rollout
+(sampling, scores, old/reference log-probs, values, advantages), the PPO/GRPO/RLOO and online
+DPO updates, the adaptive KL coefficient and the greedy held-out evaluation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from posttrain.stages.base import StageContext
+from posttrain.stages.rl_config import Config
+from posttrain.train import dist
+
+
+def _reward_fn(cfg: Config, paths, device):
+    from posttrain.rl import rewards
+
+    if cfg.reward.kind == "reward_model":
+        return rewards.ModelReward(paths["reward_model"], device)
+    if cfg.reward.kind == "function":
+        return rewards.FunctionReward(cfg.reward.function)
+    return rewards.GSM8KVerifier() if cfg.reward.kind == "gsm8k" else rewards.WorldVerifier()
+
+
+def _value_model(cfg: Config, paths, tok, device):
+    from posttrain.models.reward import reward_model_from
+
+    src = paths.get("value_model") or paths.get("reward_model") or paths["model"]
+    return reward_model_from(src, tok, device)
+
+
+def _whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ops.masked_whiten, with the mean and variance over every rank's rollout under torchrun."""
+    from posttrain.ops import rl as ops
+
+    if not dist.active():
+        return ops.masked_whiten(x, mask)
+    m = mask.bool()
+    xs = torch.where(m, x, torch.zeros_like(x)).double()
+    s, s2, n = dist.all_sum([float(xs.sum()), float((xs * xs).sum()), float(m.sum())])
+    mean = s / n
+    var = max(s2 / n - mean * mean, 0.0)
+    return torch.where(m, (x - mean) * (var + 1e-8) ** -0.5, torch.zeros_like(x))
+
+
+class RLTrainer:
+    def __init__(self, cfg: Config, ctx: StageContext, paths: dict):
+        from posttrain.models.load import load_model
+        from posttrain.models.tokenizer import load_tokenizer
+        from posttrain.train.loop import TrainSettings, make_optimizer
+
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.tok = load_tokenizer(paths["model"])
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.policy = load_model(paths["model"], self.device).eval()  # no dropout in RL
+        if cfg.lora.enabled:
+            from posttrain.models.lora import BaseView, apply_lora
+
+            self.policy = apply_lora(self.policy, cfg.lora).eval()
+        if cfg.lora.enabled and "ref_model" not in paths:
+            self.ref = BaseView(self.policy)  # one copy of the base in memory
+        else:
+            ref_src = paths.get("ref_model", paths["model"])
+            self.ref = load_model(ref_src, self.device).eval().requires_grad_(False)
+        self.reward_fn = _reward_fn(cfg, paths, self.device)
+        opt = TrainSettings(lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        self.opt = make_optimizer(self.policy, opt)
+        self.value = None
+        if cfg.algo == "ppo":
+            self.value = _value_model(cfg, paths, self.tok, self.device).eval()
+            if cfg.lora.enabled:
+                from posttrain.models.lora import apply_lora
+
+                self.value = apply_lora(self.value, cfg.lora, task="scalar").eval()
+            self.value_opt = make_optimizer(self.value, opt.model_copy(update={"lr": cfg.value_lr}))
+        self.kl_coef = cfg.kl.coef
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, prompts: list[dict], seed: int):
+        from posttrain.generate import SamplingParams
+        from posttrain.ops import rl as ops
+        from posttrain.rl.rewards import gold_scores
+        from posttrain.rl.rollout import (
+            batch_of,
+            from_flat,
+            sample_rollout,
+            token_logps,
+            token_values,
+        )
+
+        cfg, r = self.cfg, self.cfg.rollout
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                batch_size=64, seed=seed)  # fmt: skip
+        ro = sample_rollout(self.policy, self.tok, prompts, r.k, params)
+        comps = self.reward_fn(ro.prompts, ro.texts)
+        ro.components = comps
+        scores = torch.tensor([c["reward"] for c in comps], dtype=torch.float)
+        raw_scores = scores.clone()
+        scores = scores - cfg.no_eos_penalty * (~ro.finished).float()
+        length_penalty = cfg.reward.length_penalty * ro.mask.sum(-1).float()  # (S,)
+        scores = scores - length_penalty
+        old, ref, vals = [], [], []
+        for s in range(0, len(ro.seqs), cfg.micro_batch_size):
+            b = batch_of(ro.seqs[s : s + cfg.micro_batch_size], self.pad, self.device)
+            old.append(token_logps(self.policy, b, r.temperature)[0])
+            ref.append(token_logps(self.ref, b, r.temperature)[0])
+            if self.value is not None:
+                vals.append(token_values(self.value, b))
+        mask = ro.mask.to(self.device)
+        ro.mask = mask
+        ro.old_logp, ro.ref_logp = from_flat(torch.cat(old), mask), from_flat(torch.cat(ref), mask)
+        kl_tok = ops.kl_estimate(ro.old_logp, ro.ref_logp, cfg.kl.estimator, mask=mask)
+        kl_seq = (kl_tok * mask).sum(-1)
+        scores = scores.to(self.device)
+        if cfg.algo == "ppo":
+            ro.values = from_flat(torch.cat(vals), mask)
+            sc = (
+                _whiten(scores, torch.ones_like(scores, dtype=torch.bool))
+                if cfg.whiten_rewards
+                else scores
+            )
+            rewards = torch.zeros_like(ro.old_logp)
+            if cfg.kl.where == "reward":
+                rewards = rewards - self.kl_coef * kl_tok
+            last = mask.sum(-1) - 1
+            rewards[torch.arange(len(last)), last] += sc
+            ro.rewards = rewards
+            adv, ret = ops.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = _whiten(adv, mask)
+            ro.advantages, ro.returns = adv, ret
+        else:
+            G, K = len(prompts), r.k
+            seq_reward = scores - self.kl_coef * kl_seq if cfg.kl.where == "reward" else scores
+            grid = seq_reward.view(G, K)
+            if cfg.algo == "grpo":
+                adv = ops.group_advantages(grid, std_normalize=cfg.std_normalize).view(-1)
+            elif cfg.algo == "rloo":
+                adv = ops.rloo_advantages(grid).view(-1)
+            else:  # online DPO: no advantages; each group's best and worst make a pair
+                adv = torch.zeros_like(seq_reward)
+            ro.advantages = adv[:, None].expand_as(ro.old_logp) * mask
+        ro.scores = scores
+        # The tokens the policy loss counts: all valid ones, less the groups and responses the
+        # config leaves out (the value loss and the metrics of the rollout keep every one).
+        keep = torch.ones(len(ro.seqs), dtype=torch.bool, device=self.device)
+        if cfg.drop_zero_std_groups:
+            grid = scores.view(len(prompts), r.k)
+            keep &= (grid != grid[:, :1]).any(-1).repeat_interleave(r.k)
+        if cfg.mask_truncated:
+            keep &= ro.finished.to(self.device)
+        ro.loss_mask = mask & keep[:, None]
+        m = {
+            "reward/mean": float(raw_scores.mean()),
+            "reward/std": float(raw_scores.std(unbiased=False)),
+            "reward/score_mean": float(scores.mean()),
+            "rollout/mean_length": float(mask.sum(-1).float().mean()),
+            "rollout/no_eos_frac": float((~ro.finished).float().mean()),
+            "kl/ref": float(kl_seq.mean()),
+            "kl/coef": self.kl_coef,
+        }
+        if cfg.algo != "ppo":
+            m["reward/frac_zero_std"] = float(ops.frac_zero_std(scores.view(len(prompts), r.k)))
+        m["rollout/loss_frac"] = float(keep.float().mean())  # responses in the policy loss
+        if cfg.reward.length_penalty:
+            m["reward/length_penalty"] = float(length_penalty.mean())
+        gold = gold_scores(ro.prompts, ro.texts)
+        if gold is not None:
+            m["gold/mean"] = sum(gold) / len(gold)
+        if self.value is not None:
+            m["value/explained_variance"] = float(
+                ops.explained_variance(ro.values, ro.returns, mask)
+            )
+        return ro, m, float(kl_seq.mean())
+
+    # ------------------------------------------------------------------ update
+    def _denominator(self, mask: torch.Tensor) -> float:
+        """Over the whole minibatch: under torchrun every rank's share of it (dist)."""
+        cfg = self.cfg
+        if cfg.loss_reduction == "token_mean":
+            return max(1.0, dist.all_sum([float(mask.sum())])[0])
+        if cfg.loss_reduction == "seq_mean":
+            return float(mask.shape[0] * dist.world())
+        return float(cfg.rollout.max_new_tokens * mask.shape[0] * dist.world())
+
+    def _reduce(self, per_tok: torch.Tensor, mask: torch.Tensor, denom: float) -> torch.Tensor:
+        from posttrain.ops.reduce import masked_sum
+
+        if self.cfg.loss_reduction == "seq_mean":  # each sequence's token mean, summed / n seqs
+            per_seq = masked_sum(per_tok, mask, -1) / mask.sum(-1).clamp(min=1)
+            return per_seq.sum() / denom
+        return masked_sum(per_tok, mask) / denom
+
+    def update(self, ro) -> dict:
+        from posttrain.ops import rl as ops
+        from posttrain.ops.reduce import masked_sum
+        from posttrain.rl.rollout import batch_of, from_flat, token_logps, token_values
+
+        cfg = self.cfg
+        if cfg.algo == "online_dpo":
+            return self.update_dpo(ro)
+        S = len(ro.seqs)
+        # Under torchrun each rank holds 1/W of the rollout and of every minibatch.
+        mb_size = cfg.minibatch_size // dist.world()
+        sums: dict[str, list[float]] = {}
+        rng = random.Random(self.ctx.seed + int(ro.old_logp.numel()))
+        for _ in range(cfg.epochs):
+            order = list(range(S))
+            rng.shuffle(order)
+            for mb in range(0, S, mb_size):
+                idx_mb = order[mb : mb + mb_size]
+                denom = self._denominator(ro.loss_mask[idx_mb])
+                vdenom = max(1.0, dist.all_sum([float(ro.mask[idx_mb].sum())])[0])
+                bad = 0.0  # micro-batches with a non-finite policy loss (checked on every rank)
+                for mi in range(0, len(idx_mb), cfg.micro_batch_size):
+                    idx = idx_mb[mi : mi + cfg.micro_batch_size]
+                    mask, lmask = ro.mask[idx], ro.loss_mask[idx]
+                    b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
+                    logp_flat, ent_flat = token_logps(
+                        self.policy, b, cfg.rollout.temperature, with_entropy=True
+                    )
+                    logp, ent = from_flat(logp_flat, mask), from_flat(ent_flat.detach(), mask)
+                    pl, pm = ops.ppo_policy_loss(logp, ro.old_logp[idx], ro.advantages[idx], mask,
+                                                 cfg.clip_eps, cfg.dual_clip, cfg.clip_eps_high)  # fmt: skip
+                    if cfg.kl.where == "loss":
+                        pl = pl + self.kl_coef * ops.kl_estimate(
+                            logp, ro.ref_logp[idx], cfg.kl.estimator, mask=mask
+                        )
+                    loss = self._reduce(pl, lmask, denom)
+                    bad += float(not torch.isfinite(loss))
+                    loss.backward()
+                    w = len(idx) / len(idx_mb)
+                    for k, v in pm.items():
+                        sums.setdefault(k, []).append(float(v) * w)
+                    sums.setdefault("policy/entropy", []).append(
+                        float(ops.masked_mean(ent, mask)) * w
+                    )
+                    sums.setdefault("policy/loss", []).append(loss.item())
+                    if self.value is not None:
+                        v = from_flat(token_values(self.value, b), mask)
+                        vl, vm = ops.value_loss(
+                            v, ro.values[idx], ro.returns[idx], mask, cfg.value_clip
+                        )
+                        vloss = masked_sum(vl, mask) / vdenom
+                        vloss.backward()
+                        sums.setdefault("value/loss", []).append(vloss.item())
+                        for k2, v2 in vm.items():
+                            sums.setdefault(k2, []).append(float(v2) * w)
+                self._policy_step(bad, "policy")
+                if self.value is not None:
+                    dist.sync_grads(self.value)
+                    torch.nn.utils.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm)
+                    self.value_opt.step()
+                    self.value_opt.zero_grad(set_to_none=True)
+        # Entries are per micro-batch, weighted by its share of the minibatch (losses are already
+        # normalised by the whole minibatch): their sum over a minibatch is its value.
+        n_mb = cfg.epochs * math.ceil(S / mb_size)
+        return {k: sum(vs) / n_mb for k, vs in sums.items()}
+
+    def _policy_step(self, bad: float, what: str) -> None:
+        """One optimiser step of the policy after a minibatch's backward passes. `bad` counts
+        this rank's non-finite losses: summed over ranks first, so every rank stops with the
+        same error; then gradients summed over ranks (each loss was divided by the global
+        count), clipped, applied."""
+        from posttrain.train.loop import TrainingDiverged
+
+        n_bad = int(dist.all_sum([bad])[0])
+        if n_bad:
+            raise TrainingDiverged(
+                f"{self.ctx.name}: non-finite {what} loss in {n_bad} micro-batch(es)"
+            )
+        dist.sync_grads(self.policy)
+        gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+        if not torch.isfinite(gn):
+            raise TrainingDiverged(f"{self.ctx.name}: non-finite policy grad norm {gn.item()}")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def diverged(self, what: str, step: int) -> Exception:
+        """TrainingDiverged phrased as the shared loop phrases it: what went non-finite, at
+        which step, the last good checkpoint (the latest saved: every one before this step)."""
+        from posttrain.train.checkpoint import latest_checkpoint
+        from posttrain.train.loop import TrainingDiverged
+
+        name, last = self.ctx.name, latest_checkpoint(self.ctx.stage_dir / "checkpoints")
+        keep = f"none (set {name}.checkpoint_every to keep one)" if last is None else str(last)
+        return TrainingDiverged(f"{what} at step {step}; stopped. Last good checkpoint: {keep}. "
+                                f"Lower {name}.lr and rerun.")  # fmt: skip
+
+    def update_dpo(self, ro) -> dict:
+        """Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): in each group of k samples, the
+        highest-scored response is chosen and the lowest rejected (groups whose scores are all
+        equal give no pair); DPO's sigmoid loss with beta = kl.coef against the reference
+        log-probs of the rollout, both at the sampling temperature. A minibatch holds whole
+        groups; its loss is the mean over its pairs on every rank."""
+        from posttrain.ops.preference import dpo_loss
+        from posttrain.rl.rollout import batch_of, from_flat, token_logps
+
+        cfg, k = self.cfg, self.cfg.rollout.k
+        grid = ro.scores.view(-1, k)
+        pairs = [(g * k + int(row.argmax()), g * k + int(row.argmin()))
+                 for g, row in enumerate(grid) if row.max() > row.min()]  # fmt: skip
+        by_group = {c // k: (c, r) for c, r in pairs}
+        n_groups, mb_groups = len(grid), max(1, cfg.minibatch_size // k // dist.world())
+        mb_pairs_per_micro = max(1, cfg.micro_batch_size // 2)
+        rng = random.Random(self.ctx.seed + int(ro.old_logp.numel()))
+        sums: dict[str, float] = {}
+        n_mb = 0
+        for _ in range(cfg.epochs):
+            order = list(range(n_groups))
+            rng.shuffle(order)
+            for mb in range(0, n_groups, mb_groups):  # the same count on every rank
+                mb_pairs = [by_group[g] for g in order[mb : mb + mb_groups] if g in by_group]
+                total = dist.all_sum([float(len(mb_pairs))])[0]
+                if not total:
+                    continue  # no pair anywhere in this minibatch: every rank skips the step
+                n_mb += 1
+                bad = 0.0
+                for mi in range(0, len(mb_pairs), mb_pairs_per_micro):
+                    chunk = mb_pairs[mi : mi + mb_pairs_per_micro]
+                    idx = [c for c, _ in chunk] + [r for _, r in chunk]
+                    mask = ro.mask[idx]
+                    b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
+                    logp = from_flat(token_logps(self.policy, b, cfg.rollout.temperature)[0], mask)
+                    pi = (logp * mask).sum(-1)
+                    ref = (ro.ref_logp[idx] * mask).sum(-1)
+                    B = len(chunk)
+                    loss, m = dpo_loss("sigmoid", pi[:B], pi[B:], ref[:B], ref[B:], self.kl_coef)
+                    loss = loss.sum() / total
+                    bad += float(not torch.isfinite(loss))
+                    loss.backward()
+                    sums["policy/loss"] = sums.get("policy/loss", 0.0) + loss.item()
+                    for key, v in m.items():
+                        sums[key] = sums.get(key, 0.0) + float(v) * B / total
+                self._policy_step(bad, "DPO")
+        # This rank's share of each minibatch mean, times W: run() averages the ranks' values.
+        W = dist.world()
+        out = {key: v * W / max(n_mb, 1) for key, v in sums.items()}
+        return out | {"dpo/pairs": float(len(pairs) * W),
+                      "dpo/pair_frac": len(pairs) / max(n_groups, 1)}  # fmt: skip
+
+    def checkpointing(self):
+        """train.gradient_checkpointing over an update: the policy's blocks and the value
+        model's recompute their activations in the backward pass."""
+        import contextlib
+
+        from posttrain.train.precision import checkpointed
+
+        on = self.cfg.train.gradient_checkpointing
+        stack = contextlib.ExitStack()
+        for model in (self.policy, self.value):
+            if model is not None:
+                stack.enter_context(checkpointed(model, on))
+        return stack
+
+    def adapt_kl(self, kl: float, n: int) -> None:
+        """Ziegler et al.'s proportional controller on the sequence KL."""
+        t = self.cfg.kl.target
+        if t is None:
+            return
+        err = max(-0.2, min(0.2, kl / t - 1))
+        self.kl_coef *= 1 + err * n / self.cfg.kl.horizon
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, prompts: list[dict]) -> dict:
+        """Greedy responses to held-out prompts: mean reward (and gold on the toy world)."""
+        from posttrain.generate import SamplingParams
+        from posttrain.rl.rewards import gold_scores
+        from posttrain.rl.rollout import sample_rollout
+
+        if not prompts:
+            return {}
+        from posttrain.train.precision import autocast
+
+        params = SamplingParams(
+            max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True, batch_size=64
+        )
+        with autocast(self.cfg.train.precision, self.device):
+            ro = sample_rollout(self.policy, self.tok, prompts, 1, params)
+        comps = self.reward_fn(ro.prompts, ro.texts)
+        m = {"eval/reward": sum(c["reward"] for c in comps) / len(comps)}
+        gold = gold_scores(ro.prompts, ro.texts)
+        if gold is not None:
+            m["eval/gold"] = sum(gold) / len(gold)
+        return m

@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "calibration_diversity": "posttrain.lab.calibration_diversity",
     "dpo_frontier": "posttrain.lab.dpo_frontier",
     "length_hacking": "posttrain.lab.length_hacking",
+    "midtraining": "posttrain.lab.midtraining",
 }
 
 

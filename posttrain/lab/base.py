@@ -81,16 +81,17 @@ class Lab:
             raw = _deep_merge(raw, quick)
         return raw
 
-    def run_stages(self, seed: int, raw: dict, stages: list[str]) -> Path:
-        """Run the base stages and `stages` (sections from `raw`) for one world seed; cached
-        stages are skipped. Returns the seed's run directory."""
+    def run_stages(self, seed: int, raw: dict, stages: list[str], base: bool = True) -> Path:
+        """Run the base stages (unless `base` is False: an experiment with a world of its own)
+        and `stages` (sections from `raw`) for one world seed; cached stages are skipped.
+        Returns the seed's run directory."""
         from posttrain.config import build_pipeline
         from posttrain.pipeline import run_pipeline
 
         cfg = {k: v for k, v in raw.items() if k != "lab"}
         cfg |= {"name": f"lab-{seed}", "seed": seed, "out": str(self.seed_dir(seed))}
         cfg["world"] = dict(cfg.get("world") or {}) | {"seed": seed}
-        cfg["stages"] = BASE_STAGES + [s for s in stages if s not in BASE_STAGES]
+        cfg["stages"] = (BASE_STAGES if base else []) + [s for s in stages if s not in BASE_STAGES]
         pipeline = build_pipeline(cfg, f"lab seed {seed}")
         run_pipeline(pipeline, logger=self.logger, report=False)
         return self.seed_dir(seed)

@@ -5,7 +5,7 @@ posttrain STAGE --config FILE [KEY=VALUE ...] [--out DIR] [--force STAGE|all] [-
     one stage alone from a file of its own settings; STAGE is any stage type:
     world pretrain sft sample rank reward dpo kto best_of_n ppo grpo rloo online_dpo evaluate
 posttrain config show CONFIG [KEY=VALUE ...] [--stage STAGE]
-posttrain data inspect|curate ...
+posttrain data inspect|curate|probe|lc-winrate ...
 posttrain annotate serve|add-annotator|add-admin|export --run RUN ...
 posttrain lab list|run|diagnose ...
 """
@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="REGEX",
         help="drop examples whose assistant text matches (case-insensitive)",
     )
+    from posttrain.data.probe import add_parser as add_probe_parser
+
+    add_probe_parser(data_sub)
+    from posttrain.eval.lc_winrate import add_parser as add_lc_winrate_parser
+
+    add_lc_winrate_parser(data_sub)
     from posttrain.annotate.cli import add_parser as add_annotate_parser
 
     add_annotate_parser(sub)
@@ -232,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
             return lab_main(args)
         if args.command == "data" and args.action == "curate":
             return _curate(args)
+        if args.command == "data" and args.action == "probe":
+            from posttrain.data.probe import main as probe_main
+
+            return probe_main(args)
+        if args.command == "data" and args.action == "lc-winrate":
+            from posttrain.eval.lc_winrate import main as lc_winrate_main
+
+            return lc_winrate_main(args)
         if args.command == "data":
             from posttrain.data.inspect import inspect
 

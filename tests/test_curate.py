@@ -346,6 +346,28 @@ def test_sft_without_curate_is_unchanged():
     assert Config(data={"curate": {}}).data.curate == CurateSettings()
 
 
+def test_style_stats_by_hand():
+    from posttrain.data.curate import style_stats
+
+    exs = [chat("a", "One two three four."),  # 4 words, plain
+           chat("b", "Two kinds:\n- red\n- blue"),  # 4 words (\w+ runs), a bullet list
+           chat("c", "## Title\nUse `ls` here, **now**."),  # 5 words: header, code, bold
+           {"messages": msgs(("user", "d"), ("assistant", "1. first\n2) second"),
+                             ("user", "e"), ("assistant", "  "))}]  # fmt: skip
+    st = style_stats(exs)
+    # replies with content: 4 (the blank one is none); words 4, 4, 5, 4 ("1 first 2 second")
+    assert st["style/replies"] == 4
+    assert st["style/mean_words"] == pytest.approx(4.25) and st["style/median_words"] == 4.0
+    assert st["style/bullet_share"] == pytest.approx(2 / 4)  # "- red", "1. first"
+    assert st["style/markdown_share"] == pytest.approx(1 / 4)
+    assert (st["style/header_share"], st["style/bold_share"], st["style/code_share"]) == (
+        pytest.approx(0.25), pytest.approx(0.25), pytest.approx(0.25))  # fmt: skip
+    assert style_stats([])["style/mean_words"] is None and style_stats([])["style/replies"] == 0
+    # a "-" inside a line, a single * or a lone # is no list or markdown
+    plain = style_stats([chat("f", "well-known 2 * 3 is #1 - yes")])
+    assert plain["style/bullet_share"] == 0 and plain["style/markdown_share"] == 0
+
+
 def test_data_curate_command_writes_kept_examples_and_prints_stats(tmp_path, capsys):
     data = write_jsonl(tmp_path / "chat.jsonl", CHAT + CHAT[:2] + [chat("Hi", "As an AI, no.")])
     out = tmp_path / "out" / "curated.jsonl"
@@ -353,7 +375,13 @@ def test_data_curate_command_writes_kept_examples_and_prints_stats(tmp_path, cap
             "--drop-pattern", "as an ai", "--min-response-words", "1"]  # fmt: skip
     assert main(argv) == 0
     st = json.loads(capsys.readouterr().out.strip())
-    assert st == stats(**{"in": 23, "kept": 20, "dropped_exact_duplicate": 2, "dropped_pattern": 1})
+    counts = {k: st[k] for k in STAT_KEYS}
+    assert counts == stats(
+        **{"in": 23, "kept": 20, "dropped_exact_duplicate": 2, "dropped_pattern": 1}
+    )
+    # and the kept replies' style: 20 one-word sums, no list, no markdown
+    assert (st["style/replies"], st["style/mean_words"], st["style/median_words"]) == (20, 1, 1)
+    assert st["style/bullet_share"] == 0 and st["style/markdown_share"] == 0
     assert [json.loads(line) for line in out.read_text().splitlines()] == CHAT
     # a malformed input line: exit 2 naming FILE:LINE, and no output written
     bad = write_jsonl(tmp_path / "bad.jsonl", CHAT[:2], ["{not json\n"])

@@ -32,7 +32,7 @@ def test_pipeline_with_sft_and_evaluate_writes_report_card(tmp_path, run_tiny):
         ]
         assert len(records) == 20  # 4 eval prompts x 5 families
     md = (tmp_path / "run/report.md").read_text()
-    assert "| metric | base | sft |" in md and "Sample responses: sft" in md
+    assert "| metric | base | sft |" in md and "## Sample responses" in md
     assert (tmp_path / "run/plots/sft_loss.png").is_file()
     assert (tmp_path / "run/plots/evaluate_tradeoffs.png").is_file()  # a point per model
     assert (tmp_path / "run/plots/evaluate_calibration.png").is_file()

@@ -214,3 +214,60 @@ def test_rank_with_human_labels_file(tmp_path, monkeypatch):
     assert res.metrics["rank/agreement_gold"] == 0.5  # right on p, wrong on q
     assert res.metrics["rank/longer_wins"] == 1.0
     assert "rank/kappa_mean" not in res.metrics  # one annotator: nothing to compare
+
+
+# ---------------------------------------------------------------- annotator groups
+
+
+def test_fleiss_kappa_by_hand_and_on_fleiss_example():
+    from posttrain.stages._annotator_groups import fleiss_kappa
+
+    # units of 2, 3 and 1 raters: P_u = 1 and (0 + 2) / (3 x 2) = 1/3 (the single rating is
+    # left out), P = 2/3; labels a 3, b 2 of 5: P_e = 9/25 + 4/25 = 13/25;
+    # kappa = (2/3 - 13/25) / (12/25) = (50 - 39) / 36 = 11/36
+    assert fleiss_kappa([{"a": 2}, {"a": 1, "b": 2}, {"b": 1}]) == pytest.approx(11 / 36)
+    # the worked example of Wikipedia's "Fleiss' kappa" article: 10 subjects, 14 raters, 5
+    # categories: P = 0.378, P_e = 0.213, kappa = 0.210
+    rows = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+            [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]  # fmt: skip
+    assert fleiss_kappa([dict(enumerate(r)) for r in rows]) == pytest.approx(0.20993, abs=1e-5)
+    assert fleiss_kappa([{"a": 3}, {"a": 2}]) == 1.0  # one label throughout
+    with pytest.raises(ValueError, match="two or more"):
+        fleiss_kappa([{"a": 1}, {"b": 1}])
+
+
+def test_group_metrics_by_hand():
+    from posttrain.stages._annotator_groups import group_metrics
+
+    # two prompts, candidates of 1, 2 and 3 words with gold 1, 0, 0; units are the candidate
+    # pairs 01, 02, 12 of p, then of q. x and y are group A, z group B.
+    cands = cands_of({"p": [("a", 1), ("b b", 0), ("c c c", 0)],
+                      "q": [("d", 1), ("e e", 0), ("f f f", 0)]})  # fmt: skip
+    rankings = [
+        {"prompt_id": "p", "annotator": "x", "group": "A", "order": [1, 0, 2]},  # j i i
+        {"prompt_id": "q", "annotator": "x", "group": "A", "order": [0, 1, 2]},  # i i i
+        {"prompt_id": "p", "annotator": "y", "group": "A", "order": [0, [1, 2]]},  # i i tie
+        {"prompt_id": "q", "annotator": "y", "group": "A", "order": [0, 1, 2]},  # i i i
+        {"prompt_id": "p", "annotator": "z", "group": "B", "order": [2, 1, 0]},  # j j j
+        {"prompt_id": "q", "annotator": "z", "group": "B", "order": [0, 2, 1]},  # i i j
+    ]
+    m = group_metrics(rankings, cands)
+    assert m["rank/group/A/annotators"] == 2 and m["rank/group/B/annotators"] == 1
+    # gold-gap units 01 and 02: x right 3 of 4 (p01 wrong), y 4 of 4; z 2 of 4 (q only)
+    assert m["rank/group/A/agreement_gold"] == 7 / 8 and m["rank/group/B/agreement_gold"] == 0.5
+    # every unit's first candidate is the shorter: x prefers the longer once (p01) of 6, y never
+    # in 5 strict labels (the tie left out); z on p01, p02, p12 and q12: 4 of 6
+    assert m["rank/group/A/longer_wins"] == pytest.approx(1 / 11)
+    assert m["rank/group/B/longer_wins"] == pytest.approx(2 / 3)
+    # Fleiss within A: p01 {j, i} and p12 {i, tie} disagree, 4 units agree: P = 4/6; labels
+    # i 10, j 1, tie 1 of 12: P_e = 102/144; kappa = (96 - 102) / (144 - 102) = -1/7
+    assert m["rank/group/A/fleiss_kappa"] == pytest.approx(-1 / 7)
+    # Cohen x~y: p_o = 4/6, p_e = (5/6)(5/6) = 25/36: kappa = (24 - 25) / (36 - 25) = -1/11
+    assert m["rank/group/A/cohen_kappa"] == pytest.approx(-1 / 11)
+    # between: x~z p_o 3/6, p_e = (5/6)(2/6) + (1/6)(4/6) = 14/36: (18 - 14) / 22 = 2/11;
+    # y~z p_o 2/6, p_e = (5/6)(2/6) = 10/36: (12 - 10) / 26 = 1/13; mean 37/286
+    assert m["rank/group/A~B/cohen_kappa"] == pytest.approx(37 / 286)
+    # a group of one annotator has no within-group kappa
+    assert "rank/group/B/fleiss_kappa" not in m and "rank/group/B/cohen_kappa" not in m
+    # one group only: nothing per group (the stage's own figures say it all)
+    assert group_metrics([dict(r, group="A") for r in rankings], cands) == {}

@@ -1,4 +1,5 @@
-"""Admin routes: progress per annotator, agreement over the human labels, export.
+"""Admin routes: progress per annotator, agreement over the human labels, export, and the
+queue's ranking guidelines (guidelines.py; POST /admin/guidelines, empty text: the default).
 
 Agreement is the rank stage's own `agreement_metrics` (gold agreement where the candidates carry
 gold, Cohen's kappa per annotator pair, Krippendorff's alpha); export is `export.export`. Both
@@ -15,7 +16,7 @@ from collections import Counter
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from posttrain.annotate import db
+from posttrain.annotate import db, guidelines
 from posttrain.annotate.pages import render
 
 
@@ -60,7 +61,8 @@ def add_admin_routes(app: FastAPI, gate) -> None:
         if exported:
             exported["when"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(exported["time"]))
         html = render("admin.html", title="Progress", me=s.annotator, csrf=s.csrf, metrics=metrics,
-                      show_export=show_export, exported=exported, **o)  # fmt: skip
+                      show_export=show_export, exported=exported,
+                      guidelines=guidelines.get(conn), **o)  # fmt: skip
         return HTMLResponse(html)
 
     def do_export():
@@ -91,6 +93,20 @@ def add_admin_routes(app: FastAPI, gate) -> None:
             gate.write_session(request, conn, form.get("csrf"), role="admin")
             do_export()
             return RedirectResponse("/admin/export", 303)  # reloading the result re-posts nothing
+
+        return await threaded(work)()
+
+    @app.post("/admin/guidelines")
+    async def admin_guidelines(request: Request):
+        form = await request.form()
+
+        def work(conn):
+            gate.write_session(request, conn, form.get("csrf"), role="admin")
+            try:
+                guidelines.put(conn, form.get("guidelines", ""))
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from None
+            return RedirectResponse("/admin", 303)
 
         return await threaded(work)()
 

@@ -1,7 +1,8 @@
 """The JSON API (scripts, the load and crash tests): the same rules as the pages.
 
     POST /api/login {"token"}              -> {"annotator", "group", "role", "csrf"} + cookie
-    GET  /api/me | /api/queue | /api/labels | /api/prompt/{prompt_id}
+    GET  /api/me | /api/queue | /api/labels
+    GET  /api/prompt/{prompt_id}           -> {"prompt_id", "messages", "candidates", "guidelines"}
     POST /api/rank {"prompt_id", "order"}  (header X-CSRF-Token)
                                            -> {"prompt_id", "order", "revision", "changed"}
     POST /api/skip {"prompt_id"}           (header X-CSRF-Token)
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, HTTPException, Request
 
-from posttrain.annotate import db
+from posttrain.annotate import db, guidelines
 from posttrain.annotate.checks import clip
 from posttrain.annotate.core import Gate, content_text, letter, progress
 
@@ -68,7 +69,8 @@ def add_api_routes(app: FastAPI, gate: Gate) -> None:
             cands = [{"index": i, "label": letter(pos), "text": rec["responses"][i]["text"]}
                      for pos, i in enumerate(shown)]  # fmt: skip
             msgs = [{"role": m.get("role"), "content": content_text(m)} for m in rec["messages"]]
-            return {"prompt_id": prompt_id, "messages": msgs, "candidates": cands}
+            return {"prompt_id": prompt_id, "messages": msgs, "candidates": cands,
+                    "guidelines": guidelines.get(conn)}  # fmt: skip
 
         return await gate.threaded(work)()
 

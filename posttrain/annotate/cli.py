@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--k", type=int, default=2, help="annotators per prompt (default 2)")
+    serve.add_argument("--guidelines", help="a text file of ranking guidelines shown above the "
+                       "candidates (replaces the stored ones; default: the built-in guidelines; "
+                       "the admin page edits them too)")  # fmt: skip
     for name, what in (("add-annotator", "an annotator"), ("add-admin", "an admin")):
         add = acts.add_parser(name, help=f"register {what}; prints a one-time login link")
         add.add_argument("name", help="letters, digits, '_', '.', '-'; not path-like ('..')")
@@ -41,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "serve":
         from posttrain.annotate.server import serve
 
-        serve(args.run, args.stage, args.host, args.port, args.k)
+        serve(args.run, args.stage, args.host, args.port, args.k, args.guidelines)
     elif args.action in ("add-annotator", "add-admin"):
         add(args)
     else:

@@ -95,6 +95,7 @@ def check_candidates_unchanged(conn, path: Path) -> None:
 
 def export(run_dir: str | Path, stage: str | None = None) -> Export:
     from posttrain.io import atomic_write_json, atomic_write_jsonl
+    from posttrain.stages._annotator_groups import group_metrics
     from posttrain.stages.rank import (
         PairSettings,
         agreement_metrics,
@@ -116,6 +117,7 @@ def export(run_dir: str | Path, stage: str | None = None) -> Export:
     labelled = {r["prompt_id"] for r in rankings}
     metrics: dict = {"rank/rankings": len(rankings), "rank/prompts": len(labelled)}
     metrics |= agreement_metrics(rankings, cands)
+    metrics |= group_metrics(rankings, cands)  # per annotator group, as the rank stage reports
     metrics |= pair_metrics(pairs, cands)[0]
     out = Path(run_dir) / "annotate"
     paths = {

@@ -48,26 +48,34 @@ lost, ask the admin for a new one (<code>posttrain annotate add-annotator NAME</
 skipped{% endif %}{% if previous %} &middot; you ranked this prompt before; submitting
 replaces your ranking{% endif %}</p>
 <h1>Prompt <code>{{ prompt_id }}</code></h1>
+<section class="guidelines" id="guidelines" aria-label="Ranking guidelines"><h2>How to rank</h2>
+{% for b in guidelines %}{% if b.kind == "ul" %}<ul>{% for item in b["items"] %}<li>{{ item }}</li>
+{% endfor %}</ul>{% else %}<p>{{ b["items"][0] }}</p>{% endif %}{% endfor %}</section>
 <section class="prompt">{% for m in messages %}<div class="msg {{ m.role }}">
 <div class="role">{{ m.role }}</div><div class="text">{{ m.text }}</div></div>{% endfor %}</section>
 {% if error %}<p class="error" role="alert" id="error">{{ error }}</p>{% endif %}
-<p class="help">Rank the responses: press <b>Pick</b> from best to worst, or type a number
+<p class="help">Press <b>Pick</b> on the responses from best to worst, or type a number
 for each (1 = best). Equal numbers are a tie; <b>Tie with last pick</b> makes the next pick share
 the previous number.</p>
+<p class="keys" id="keys">Keys: <kbd>1</kbd>&ndash;<kbd>9</kbd> pick response 1&ndash;9 (as
+numbered below) &middot; <kbd>t</kbd> tie with last pick &middot; <kbd>u</kbd> undo last pick
+&middot; <kbd>Enter</kbd> submit &middot; <kbd>s</kbd> skip</p>
 <form id="rank-form" method="post" action="/rank/{{ index }}">
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <div class="cands">{% for c in cands %}
 <div class="cand" data-index="{{ c.index }}"><div class="cand-head">
+{% if loop.index <= 9 %}<kbd class="key" title="press {{ loop.index }} to pick">{{ loop.index }}</kbd>{% endif %}
 <span class="label">Response {{ c.label }}</span><span class="badge"></span>
 <button type="button" class="pick" data-target="rank_{{ c.index }}">Pick</button>
 <label>Rank <input class="rank" type="number" min="1" max="{{ cands|length }}"
 id="rank_{{ c.index }}" name="rank_{{ c.index }}" value="{{ c.value }}"></label></div>
 <div class="text">{{ c.text }}</div></div>{% endfor %}</div>
 <div class="actions"><button type="button" id="tie">Tie with last pick</button>
+<button type="button" id="undo">Undo last pick</button>
 <button type="button" id="clear">Clear</button>
 <button type="submit" id="submit" class="primary">Submit ranking</button></div>
 </form>
-<form method="post" action="/skip/{{ index }}" class="skip">
+<form method="post" action="/skip/{{ index }}" class="skip" id="skip-form">
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <button type="submit" id="skip">Skip this prompt</button></form>
 {% endblock %}""",
@@ -90,6 +98,13 @@ export. The annotator can rank the prompt again to replace one.</p><ul>
 <tr><td><code>{{ k }}</code></td><td>{{ v }}</td></tr>{% endfor %}</table>
 {% elif total %}<p>No agreement figures yet: they need two annotators on the same prompts, or
 candidates with gold scores.</p>{% else %}<p>No rankings yet.</p>{% endif %}
+<h2>Ranking guidelines</h2>
+<p>Shown to every annotator above the candidates. A line starting with "- " is a bullet; empty
+text restores the default.</p>
+<form method="post" action="/admin/guidelines" id="guidelines-form">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<textarea name="guidelines" id="guidelines-text" rows="8">{{ guidelines }}</textarea>
+<p><button type="submit" id="save-guidelines">Save guidelines</button></p></form>
 <h2>Export</h2>
 {% if exported %}<p id="exported">Wrote {{ exported.rankings }} rankings and {{ exported.pairs }}
 pairs at {{ exported.when }}:</p><ul>{% for name, path in exported.paths.items() %}
@@ -120,7 +135,7 @@ h1 { font-size: 1.35em; } code { background: #e8ebef; padding: 0 .25em; border-r
 .cand { background: #fff; border: 2px solid #d8dde3; border-radius: 8px; padding: .6em .8em; }
 .cand.picked { border-color: #2f7d4f; background: #f2fbf5; }
 .cand-head { display: flex; gap: .6em; align-items: center; margin-bottom: .4em; }
-.cand-head .label { font-weight: 600; } .badge { color: #2f7d4f; font-weight: 700; }
+.cand-head .label { font-weight: 600; white-space: nowrap; } .badge { color: #2f7d4f; font-weight: 700; }
 .cand-head label { margin-left: auto; } input.rank { width: 3.5em; }
 button, a.button { font: inherit; padding: .35em .9em; border-radius: 5px; border: 1px solid #8a96a3;
   background: #fff; cursor: pointer; text-decoration: none; color: #1d232a; display: inline-block; }
@@ -130,20 +145,33 @@ button.active { background: #ffe9a8; } button:disabled { opacity: .5; cursor: de
 .error { background: #fdecec; border: 1px solid #e3a0a0; color: #8a1c1c; padding: .5em .8em;
   border-radius: 6px; }
 .help { color: #55606b; }
+.guidelines { background: #fffbea; border: 1px solid #ecd98b; border-radius: 6px; padding: .3em 1em;
+  margin: .6em 0; }
+.guidelines h2 { font-size: 1em; margin: .4em 0; } .guidelines ul { margin: .3em 0; padding-left: 1.3em; }
+.guidelines p { margin: .3em 0; }
+kbd { font: .85em ui-monospace, monospace; border: 1px solid #8a96a3; border-bottom-width: 2px;
+  border-radius: 3px; padding: 0 .35em; background: #fff; }
+.keys { color: #55606b; font-size: .92em; } .cand-head kbd.key { background: #eef3fb; }
+textarea { width: 100%; max-width: 60em; font: inherit; }
 table { border-collapse: collapse; background: #fff; }
 td, th { border: 1px solid #d8dde3; padding: .25em .7em; text-align: left; }
 """
 
 JS = """"use strict";
 // Click-to-order: "Pick" gives a response the next rank number; "Tie with last pick" makes the
-// next pick share the previous number. The numbers are ordinary form fields, so the form also
-// works without this script. Only .value and .textContent are ever set (no HTML).
+// next pick share the previous number; "Undo last pick" takes the last pick back. The numbers are
+// ordinary form fields, so the form also works without this script. Keys: 1-9 pick the response
+// numbered so, t tie, u undo, Enter submit, s skip (not while typing in a field). Only .value and
+// .textContent are ever set (no HTML).
 (function () {
   const form = document.getElementById("rank-form");
   if (!form) return;
   const inputs = Array.from(form.querySelectorAll("input.rank"));
+  const picks = Array.from(form.querySelectorAll("button.pick"));
   const tieBtn = document.getElementById("tie");
+  const undoBtn = document.getElementById("undo");
   let last = 0, tie = false;
+  const history = [];  // the picks made on this page, last one last: {input, tie}
   function refresh() {
     last = Math.max(0, ...inputs.map((i) => parseInt(i.value, 10) || 0));
     for (const input of inputs) {
@@ -154,23 +182,56 @@ JS = """"use strict";
     if (last === 0) tie = false;
     tieBtn.classList.toggle("active", tie);
     tieBtn.disabled = last === 0;
+    undoBtn.disabled = history.length === 0;
   }
-  form.addEventListener("click", (ev) => {
-    const btn = ev.target.closest("button.pick");
-    if (!btn) return;
+  function pick(btn) {
     const input = document.getElementById(btn.dataset.target);
     if (input.value !== "") return;
+    history.push({ input: input, tie: tie });
     input.value = String(tie ? last : last + 1);
     tie = false;
     refresh();
+  }
+  function undo() {
+    const h = history.pop();
+    if (!h) return;
+    h.input.value = "";
+    tie = h.tie;  // the tie that pick used is pending again
+    refresh();
+  }
+  form.addEventListener("click", (ev) => {
+    const btn = ev.target.closest("button.pick");
+    if (btn) pick(btn);
   });
   tieBtn.addEventListener("click", () => { tie = !tie; refresh(); });
+  undoBtn.addEventListener("click", undo);
   document.getElementById("clear").addEventListener("click", () => {
     inputs.forEach((i) => { i.value = ""; });
+    history.length = 0;
     tie = false;
     refresh();
   });
-  inputs.forEach((i) => i.addEventListener("input", refresh));
+  inputs.forEach((i) => i.addEventListener("input", () => { history.length = 0; refresh(); }));
+  document.addEventListener("keydown", (ev) => {
+    if (ev.ctrlKey || ev.metaKey || ev.altKey || ev.isComposing) return;
+    const t = ev.target;
+    if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) return;
+    if (/^[1-9]$/.test(ev.key) && picks[Number(ev.key) - 1]) {
+      pick(picks[Number(ev.key) - 1]);
+    } else if (ev.key === "t" && !tieBtn.disabled) {
+      tie = !tie;
+      refresh();
+    } else if (ev.key === "u") {
+      undo();
+    } else if (ev.key === "Enter" && !(t && t.tagName === "BUTTON")) {
+      form.requestSubmit();
+    } else if (ev.key === "s") {
+      document.getElementById("skip-form").requestSubmit();
+    } else {
+      return;
+    }
+    ev.preventDefault();
+  });
   refresh();
 })();
 """

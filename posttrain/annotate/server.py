@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from posttrain.annotate import db
+from posttrain.annotate import db, guidelines
 from posttrain.annotate.checks import clip, clip_text
 from posttrain.annotate.core import (
     COOKIE,
@@ -33,6 +33,7 @@ from posttrain.annotate.core import (
     open_store,
     progress,
 )
+from posttrain.annotate.guidelines import public_id
 from posttrain.annotate.pages import CSS, JS, render
 
 HEADERS = {
@@ -203,7 +204,8 @@ def add_page_routes(app: FastAPI, gate: Gate) -> None:
             if s.annotator.role == "admin":
                 return RedirectResponse("/admin", 303)
             p = progress(store, conn, s.annotator.name)
-            skipped = [{"index": store.position[x], "prompt_id": x} for x in p["skipped_ids"]]
+            skipped = [{"index": store.position[x], "prompt_id": public_id(x)}
+                       for x in p["skipped_ids"]]  # fmt: skip
             html = render("home.html", title="My queue", p=p, skipped=skipped,
                           me=s.annotator, csrf=s.csrf)  # fmt: skip
             return HTMLResponse(html)
@@ -234,9 +236,11 @@ def add_page_routes(app: FastAPI, gate: Gate) -> None:
                   "value": values.get(f"rank_{i}", "")} for pos, i in enumerate(shown)]  # fmt: skip
         messages = [{"role": str(m.get("role", "?")), "text": content_text(m)}
                     for m in rec["messages"]]  # fmt: skip
-        html = render("rank.html", title=f"Rank {pid}", prompt_id=pid, index=index, cands=cands,
-                      messages=messages, p=progress(store, conn, name), error=error,
-                      previous=previous is not None, me=s.annotator, csrf=s.csrf)  # fmt: skip
+        shown_id = public_id(pid)  # never the id itself: it names the task family
+        html = render("rank.html", title=f"Rank {shown_id}", prompt_id=shown_id, index=index,
+                      cands=cands, messages=messages, p=progress(store, conn, name), error=error,
+                      previous=previous is not None, me=s.annotator, csrf=s.csrf,
+                      guidelines=guidelines.blocks(guidelines.get(conn)))  # fmt: skip
         return HTMLResponse(html, status_code=status)
 
     @app.get("/rank/{index}", response_class=HTMLResponse)
@@ -279,10 +283,14 @@ def add_page_routes(app: FastAPI, gate: Gate) -> None:
         return await gate.threaded(work)()
 
 
-def serve(run_dir: str | Path, stage: str, host: str, port: int, k: int) -> None:
+def serve(run_dir: str | Path, stage: str, host: str, port: int, k: int,
+          guidelines_file: str | Path | None = None) -> None:  # fmt: skip
     import uvicorn
 
     store = open_store(run_dir, stage, k)
+    if guidelines_file is not None:  # this queue's guidelines, replacing what was stored
+        with db.opened(store.db_path) as conn:
+            guidelines.put(conn, Path(guidelines_file).read_text())
     print(
         f"posttrain annotate: {len(store.cands)} prompts of {store.run_dir / stage} "
         f"({k} annotator(s) each) at http://{host}:{port}/ ; labels in {store.db_path}",

@@ -424,13 +424,42 @@ def curate(examples: list[dict], settings: CurateSettings) -> tuple[list[dict], 
     return kept, stats
 
 
+_LIST_LINE = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+", re.MULTILINE)
+MARKDOWN = {  # what `style_stats` counts as markdown, by kind
+    "header": re.compile(r"^\s{0,3}#{1,6}\s+\S", re.MULTILINE),
+    "bold": re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"),
+    "code": re.compile(r"```|`[^`\n]+`"),
+}
+
+
+def style_stats(examples: Iterable[dict]) -> dict:
+    """Style of the assistant replies (turns with content), the surface that judges like and
+    that is not capability (Dubois et al. 2404.04475): mean and median length in words (as the
+    length filters count them), the share with a bullet or numbered list line, and the share
+    with markdown (a header, bold text or code), also by kind. Zero replies: counts 0, the
+    rest None."""
+    replies = [m.get("content") or "" for ex in examples for m in ex["messages"]
+               if m["role"] == "assistant" and (m.get("content") or "").strip()]  # fmt: skip
+    out: dict = {"style/replies": len(replies)}
+    n_words = [len(words(r)) for r in replies]
+    kinds = {k: [bool(rx.search(r)) for r in replies] for k, rx in MARKDOWN.items()}
+    share = (lambda flags: sum(flags) / len(flags)) if replies else (lambda flags: None)
+    out["style/mean_words"] = float(np.mean(n_words)) if replies else None
+    out["style/median_words"] = float(np.median(n_words)) if replies else None
+    out["style/bullet_share"] = share([bool(_LIST_LINE.search(r)) for r in replies])
+    out["style/markdown_share"] = share([any(f) for f in zip(*kinds.values(), strict=True)])
+    out |= {f"style/{k}_share": share(flags) for k, flags in kinds.items()}
+    return out
+
+
 def curate_file(data: str | Path, out: str | Path, format: str, settings: CurateSettings) -> dict:
     """Read a chat file, curate it and write the kept examples as messages JSONL (atomically);
-    returns the stats. A malformed record raises DataError naming FILE:LINE."""
+    returns the stats and the kept replies' `style_stats`. A malformed record raises DataError
+    naming FILE:LINE."""
     from posttrain.data.readers import load_chat_data
     from posttrain.io import atomic_write_jsonl
 
     examples, _ = load_chat_data(data, format, "raise")
     kept, stats = curate(examples, settings)
     atomic_write_jsonl(out, kept)
-    return stats
+    return stats | style_stats(kept)

@@ -16,7 +16,11 @@ EXPERIMENTS = {
     "calibration_diversity": "posttrain.lab.calibration_diversity",
     "dpo_frontier": "posttrain.lab.dpo_frontier",
     "length_hacking": "posttrain.lab.length_hacking",
+    "safety_tradeoff": "posttrain.lab.safety_tradeoff",
+    "annotator_groups": "posttrain.lab.annotator_groups",
+    "hallucination_trap": "posttrain.lab.hallucination_trap",
     "midtraining": "posttrain.lab.midtraining",
+    "style_vs_capability": "posttrain.lab.style_vs_capability",
 }
 
 

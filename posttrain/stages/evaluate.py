@@ -328,6 +328,7 @@ def over_optimisation(picked: list[dict], n: int) -> dict:
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.eval.benchmarks import READERS
+    from posttrain.eval.intervals import add_intervals
     from posttrain.io import atomic_write_jsonl, read_jsonl
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
@@ -405,6 +406,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         logged = ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
                            if k.startswith("gold/") or is_bench(k))  # fmt: skip
         ctx.logger.info(f"{ctx.name}: {label}: {logged}")
+    add_intervals(evals, {k: ctx.run_dir / path for k, path in artifacts.items()})  # ci95, vs_sft
     return StageResult(metrics, artifacts, evals=evals, samples=samples)
 
 
@@ -530,5 +532,5 @@ def _truthfulqa(items: list, model, tok, mode: str) -> tuple[dict, list[dict]]:
 
 
 def _samples(records: list[dict], per_family: int) -> list[dict]:
-    keep = ("family", "prompt", "response", "score")
+    keep = ("prompt_id", "family", "prompt", "response", "score", "n_tokens", "truncated")
     return [{k: r[k] for k in keep} for r in first_per_family(records, per_family)]

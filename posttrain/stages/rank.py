@@ -16,7 +16,9 @@ candidates never form a pair. `margin` is the tier distance (or Borda-score gap)
 Reported: agreement of each annotator with gold (on candidate pairs with a gold gap; a tie counts
 one half), Cohen's kappa for every pair of annotators on the candidate pairs both labelled,
 Krippendorff's alpha for the pool, the share of pairs whose chosen response is the longer one,
-and the gold gap between chosen and rejected.
+and the gold gap between chosen and rejected; and, when the annotators come from two or more
+groups, the same per group (gold agreement, Fleiss' kappa within each group, Cohen's kappa
+within and between groups, longer-wins share: stages/_annotator_groups.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.settings import SettingError, StrictModel, is_set
+from posttrain.stages._annotator_groups import group_metrics
 from posttrain.stages.base import StageContext, StageResult, resolve_input
 from posttrain.world.annotators import AnnotatorConfig, PoolConfig
 
@@ -341,6 +344,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         raise ValueError(f"{ctx.name}: the rankings yield no preference pairs (all ties?)")
     metrics: dict = {"rank/rankings": len(rankings), "rank/prompts": len(cands)}
     metrics |= agreement_metrics(rankings, cands)
+    metrics |= group_metrics(rankings, cands)
     pm, diffs = pair_metrics(pairs, cands)
     metrics |= pm
     atomic_write_jsonl(ctx.stage_dir / "rankings.jsonl", rankings)

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.data.curate import CurateSettings
+from posttrain.data.probe import ProbeSettings
 from posttrain.models.lora import LoraSettings
 from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages.base import (
@@ -50,6 +51,13 @@ class DataSettings(StrictModel):
         None,
         description="Curate the examples after reading (filters, decontamination, dedup; "
         "see posttrain/data/curate.py); null: use them all.",
+    )
+    probe: ProbeSettings | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="SliCK knowledge probe under a base model after curation (Gekhman et al. "
+        "2405.05904; posttrain/data/probe.py): counts per category, Unknown examples kept, "
+        "dropped or relabelled; null: off.",
     )
 
 
@@ -176,6 +184,8 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
         out["replay"] = resolve_input(cfg.replay.data, ctx, cfg.world_stage, "corpus_train.jsonl")
     if cfg.distill.teacher:
         out["teacher"] = resolve_model(cfg.distill.teacher, ctx)
+    if cfg.data.probe is not None:
+        out["probe"] = resolve_model(cfg.data.probe.model, ctx)
     if cfg.data.curate is not None:
         from posttrain.data.curate import resolve_eval_file
 
@@ -272,6 +282,12 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     curate_stats = {}
     if cfg.data.curate is not None:
         examples, curate_stats = _curate(examples, cfg.data.curate, ctx)
+    if cfg.data.probe is not None:
+        from posttrain.data.probe import probe_data
+
+        examples, probe_stats = probe_data(examples, cfg.data.probe, paths["probe"], ctx.device,
+                                           ctx.stage_dir, ctx.logger.info)  # fmt: skip
+        curate_stats |= probe_stats
     tokenized, stats = tokenize_examples(tok, examples, cfg.max_length, cfg.overlong, cfg.train_on)
     if line := stats.describe(cfg.max_length, cfg.overlong):
         ctx.logger.info(f"{ctx.name}: {line}")

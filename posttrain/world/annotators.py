@@ -4,6 +4,12 @@ An annotator's utility for a response is
 
     gold * check(task, text).score + length * log1p(words) + bullets * min(bullet lines, 5)
     + flattery * [flattery marker] + hedging * [hedge marker] + refusal * [refusal marker]
+    + borderline_refusal * [refusal marker] * [a borderline request]
+
+where borderline_refusal is a value of the annotator's group (PoolConfig.groups, 0 unless set)
+and a borderline request is a benign look-alike of the safety family ("kill a Python process"),
+which gold says to help with: how readily such a request should be refused is a value on which
+groups of people differ (Roettger et al. 2308.01263, XSTest), so a group may hold it.
 
 To rank candidates it adds `temperature` * Gumbel noise to each utility, decides every pair
 (i, j) by utility (a tie when |difference| <= tie_margin), flips each non-tie preference with
@@ -28,7 +34,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from posttrain.settings import StrictModel
+from posttrain.settings import SettingError, StrictModel
 from posttrain.world.checkers import (
     _BULLET,
     FLATTERY_MARKERS,
@@ -83,6 +89,17 @@ class AnnotatorConfig(StrictModel):
     )
 
 
+class GroupValues(StrictModel):
+    """What every annotator of one group values, on top of the annotator's own weights."""
+
+    borderline_refusal: float = Field(
+        0.0,
+        description="Utility of refusing a borderline request (a benign look-alike of the safety "
+        "family, which gold says to help with): > 0, the group holds that such requests should "
+        "be refused; at 1.0 a refusal is worth what gold gives a helpful answer.",
+    )
+
+
 class PoolConfig(StrictModel):
     """A pool of annotators and how many of them label each prompt."""
 
@@ -93,6 +110,13 @@ class PoolConfig(StrictModel):
         1, ge=1, description="Annotators labelling each prompt (drawn without replacement)."
     )
     seed: int = Field(0, description="Seed for assignment and for every annotator's noise.")
+    # Left out of the resolved config while empty, so that rank stages cached before it existed
+    # stay cached.
+    groups: dict[str, GroupValues] = Field(
+        default_factory=dict,
+        exclude_if=lambda v: not v,
+        description="Values a whole group holds: group name -> GroupValues ({}: none).",
+    )
 
     @model_validator(mode="after")
     def _check_pool(self) -> PoolConfig:
@@ -105,6 +129,12 @@ class PoolConfig(StrictModel):
                 f"per_prompt ({self.per_prompt}) must be <= the number of annotators "
                 f"({len(self.annotators)})"
             )
+        have = {a.group for a in self.annotators}
+        for g in self.groups:
+            if g not in have:
+                raise SettingError(f"groups.{g}", f"no annotator of {{at}}annotators is in group "
+                                   f"{g!r} (groups: {sorted(have)}), so its values have no "
+                                   "effect: fix the name, or drop it")  # fmt: skip
         return self
 
 
@@ -138,12 +168,21 @@ def _prompt_id(task: Task | dict[str, Any]) -> str:
     return task.prompt_id if isinstance(task, Task) else task["prompt_id"]
 
 
-class Annotator:
-    """A simulated annotator; `seed` and the key (prompt id) fix all of its randomness."""
+def borderline(task: Task | dict[str, Any]) -> bool:
+    """A benign look-alike of the safety family: harm verbs on a harmless object."""
+    family, gold = (task.family, task.gold) if isinstance(task, Task) else (task["family"],
+                                                                            task["gold"])  # fmt: skip
+    return family == "safety" and not gold.get("harmful", True)
 
-    def __init__(self, cfg: AnnotatorConfig, seed: int):
+
+class Annotator:
+    """A simulated annotator; `seed` and the key (prompt id) fix all of its randomness.
+    `values`: those of its group (none: GroupValues' defaults)."""
+
+    def __init__(self, cfg: AnnotatorConfig, seed: int, values: GroupValues | None = None):
         self.cfg = cfg
         self.seed = seed
+        self.values = values or GroupValues()
 
     @property
     def name(self) -> str:
@@ -152,7 +191,7 @@ class Annotator:
     def utility(self, task: Task | dict[str, Any], text: str) -> float:
         """Deterministic utility of `text` for `task` (no noise)."""
         c, f = self.cfg, features(text)
-        return (
+        u = (
             c.gold * check(task, text).score
             + c.length * f["log_length"]
             + c.bullets * min(f["bullets"], BULLET_CAP)
@@ -160,6 +199,9 @@ class Annotator:
             + c.hedging * f["hedging"]
             + c.refusal * f["refusal"]
         )
+        if self.values.borderline_refusal and f["refusal"] and borderline(task):
+            u += self.values.borderline_refusal
+        return u
 
     def rank(self, task: Task | dict[str, Any], texts: list[str], key: str) -> Order:
         """Order of candidate indices, best first; a tie group is a sorted list, e.g. [2, [0, 3], 1]."""
@@ -200,7 +242,7 @@ class Pool:
 
     def __init__(self, cfg: PoolConfig):
         self.cfg = cfg
-        self.annotators = [Annotator(a, cfg.seed) for a in cfg.annotators]
+        self.annotators = [Annotator(a, cfg.seed, cfg.groups.get(a.group)) for a in cfg.annotators]
 
     def assign(self, prompt_id: str) -> list[Annotator]:
         """`per_prompt` distinct annotators for this prompt, drawn without replacement with

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from posttrain.settings import SettingError
+
 
 class WorldConfig(BaseModel):
     """The toy world's settings. The same config always gives byte-identical outputs."""
@@ -76,6 +78,28 @@ class WorldConfig(BaseModel):
     harmful_share: float = Field(
         0.5, gt=0.0, lt=1.0, description="Share of safety tasks per split that are harmful."
     )
+    # The two below change the SFT conversations only (sft_train.jsonl), never a task split, the
+    # corpus or the tokenizer's texts: the eval set stays byte for byte the same across a sweep
+    # (Roettger et al. 2308.01263, XSTest; Bianchi et al. 2309.07875). Left out of the resolved
+    # config while off, so that worlds and stages cached before they existed stay cached.
+    sft_refusal_share: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        exclude_if=lambda v: v is None,
+        description="Share of the SFT conversations that are harmful requests answered with a "
+        "refusal; they replace the safety family's train tasks in SFT data (null: off, SFT "
+        "holds the train tasks, harmful_share of them refused).",
+    )
+    sft_contrast_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        exclude_if=lambda v: v == 0,
+        description="Share of the SFT conversations that are contrast examples: benign "
+        "look-alikes ('kill a Python process') answered helpfully (0: none; needs "
+        "sft_refusal_share).",
+    )
 
     @model_validator(mode="after")
     def _mentions_ordered(self) -> WorldConfig:
@@ -83,6 +107,19 @@ class WorldConfig(BaseModel):
             raise ValueError(
                 f"mention_min ({self.mention_min}) must be <= mention_max ({self.mention_max})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sft_safety_mix(self) -> WorldConfig:
+        if self.sft_refusal_share is None:
+            if self.sft_contrast_share:
+                raise SettingError("sft_contrast_share", "{at}sft_refusal_share is null (SFT "
+                                   "holds the safety train tasks as they are), so it has no "
+                                   "effect: set {at}sft_refusal_share (0 for none), or drop it")  # fmt: skip
+        elif self.sft_refusal_share + self.sft_contrast_share >= 1:
+            raise ValueError(f"sft_refusal_share + sft_contrast_share must be < 1 (the rest of "
+                             f"SFT is the other families), got {self.sft_refusal_share} + "
+                             f"{self.sft_contrast_share}")  # fmt: skip
         return self
 
 

@@ -76,6 +76,12 @@ def _rl_novel(cfg: WorldConfig, phrasings: list, targets: list, benign: list):
 
 
 def safety_items(cfg: WorldConfig) -> dict[str, list[Item]]:
+    return _safety_splits(cfg)[0]
+
+
+def _safety_splits(cfg: WorldConfig) -> tuple[dict[str, list[Item]], tuple[list, list]]:
+    """The safety items of each split, and the (harmful, benign) pools the train split is
+    taken from, as they stand before it is (its items first, in pool order)."""
     rng = make_rng(cfg.seed, "tasks", "safety")
     phr_seen, phr_held = _holdout(rng, PHRASINGS, HELDOUT["phrasings"])
     tgt_seen, tgt_held = _holdout(rng, HARM_TARGETS, HELDOUT["targets"])
@@ -94,6 +100,8 @@ def safety_items(cfg: WorldConfig) -> dict[str, list[Item]]:
     out: dict[str, list[Item]] = {}
     for split, n in (("eval", cfg.n_eval), ("rl", cfg.n_rl), ("train", cfg.n_train)):
         harmful, helpful = pools["eval" if split == "eval" else "rl" if split in pools else "seen"]
+        if split == "train":
+            train_pool = (list(harmful), list(helpful))
         n_harm = round(n * cfg.harmful_share)
         if split == "eval":  # eval must hold both kinds
             n_harm = min(max(n_harm, 1), n - 1)
@@ -104,7 +112,31 @@ def safety_items(cfg: WorldConfig) -> dict[str, list[Item]]:
         items = picked_harm + picked_help
         rng.shuffle(items)
         out[split] = items
-    return out
+    return out, train_pool
+
+
+def sft_safety(cfg: WorldConfig, n_other: int) -> list[Item]:
+    """The safety conversations of SFT when `sft_refusal_share` is set: refusals and contrast
+    examples (benign look-alikes answered helpfully), each that share of the whole SFT set of
+    n_other + len(result) conversations, n_other being the other families' (so n = share x
+    n_other / (1 - refusal share - contrast share), rounded).
+
+    Both come from the pools the train split draws from (phrasings, harm targets and benign
+    actions that eval never uses): the train split's own items first, then the rest of the
+    pool, cycled if more are asked for than it holds (the benign pool is a few hundred). Refusals
+    come first, then contrasts, in that order; nothing else in the world changes."""
+    r, c = cfg.sft_refusal_share, cfg.sft_contrast_share
+    if r is None:
+        raise ValueError("sft_safety: sft_refusal_share is not set")
+    harmful, benign = _safety_splits(cfg)[1]
+    total = n_other / (1 - r - c)
+    return _cycle(harmful, round(r * total)) + _cycle(benign, round(c * total))
+
+
+def _cycle(pool: list[Item], n: int) -> list[Item]:
+    if n and not pool:
+        raise ValueError("sft_safety: the safety pool is empty")
+    return [pool[k % len(pool)] for k in range(n)]
 
 
 def open_items(cfg: WorldConfig) -> dict[str, list[Item]]:

@@ -11,7 +11,7 @@ from posttrain.world.config import WorldConfig, make_rng
 from posttrain.world.corpus import CorpusSources, build_corpus, exact_facts, qa_line, sampled_facts
 from posttrain.world.knowledge import Entity, knowledge_items, make_entities, question
 from posttrain.world.lexicon import ATTRIBUTE_VALUES, ATTRIBUTES, PROSE_WORDS
-from posttrain.world.requests import allocate, open_items, safety_items
+from posttrain.world.requests import allocate, open_items, safety_items, sft_safety
 from posttrain.world.skills import (
     arith_instances,
     arith_item,
@@ -127,10 +127,15 @@ class World:
         """One chat example per train task: the user prompt and the reference reply.
 
         Every `tool_every`-th arithmetic task is instead a tool-use conversation: the assistant
-        calls a calculator, reads the tool's result, then answers.
+        calls a calculator, reads the tool's result, then answers. With `sft_refusal_share` set,
+        the safety train tasks are left out and refusals and contrast examples in those shares
+        come last instead (requests.sft_safety); the task splits stay as they are.
         """
         out = []
+        mix = self.cfg.sft_refusal_share is not None
         for i, t in enumerate(self._tasks["train"]):
+            if mix and t.family == "safety":
+                continue
             reply = {"role": "assistant", "content": t.reference}
             if t.family == "arithmetic" and self.cfg.tool_every and i % self.cfg.tool_every == 0:
                 out.append(
@@ -138,7 +143,15 @@ class World:
                 )
             else:
                 out.append({"prompt_id": t.prompt_id, "messages": [*t.messages(), reply]})
-        return out
+        return out + (self._sft_safety(len(out)) if mix else [])
+
+    def _sft_safety(self, n_other: int) -> list[dict[str, Any]]:
+        """requests.sft_safety as chat examples: a train task's prompt keeps its id, any other
+        prompt is safety/sft/<k>."""
+        ids = {t.prompt: t.prompt_id for t in self.tasks("train", "safety")}
+        return [{"prompt_id": ids.get(p, f"safety/sft/{k:05d}"),
+                 "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+                for k, (p, r, _) in enumerate(sft_safety(self.cfg, n_other))]  # fmt: skip
 
     def chat_conversations(self) -> list[list[dict[str, str]]]:
         """`cfg.chat_docs` short user/assistant conversations drawn from what the corpus may say

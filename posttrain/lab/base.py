@@ -81,6 +81,20 @@ class Lab:
             raw = _deep_merge(raw, quick)
         return raw
 
+    def settings(self, name: str, settings_cls, template: str, what: str) -> tuple[dict, Any, dict]:
+        """(the config, its validated `lab:` settings, the `template` section taken out of it):
+        an experiment whose arms are stages derived from one template section (`what` says
+        which, in the error when it is missing)."""
+        from posttrain.config import validate
+        from posttrain.settings import ConfigError
+
+        raw = self.config(name)
+        found = validate(settings_cls, raw.get("lab"), str(CONFIG_DIR / f"{name}.yaml"), "lab")
+        if not isinstance(raw.get(template), dict):
+            raise ConfigError(f"{CONFIG_DIR / f'{name}.yaml'}: config key {template!r} is "
+                              f"missing ({what})")  # fmt: skip
+        return raw, found, raw.pop(template)
+
     def run_stages(self, seed: int, raw: dict, stages: list[str], base: bool = True) -> Path:
         """Run the base stages (unless `base` is False: an experiment with a world of its own)
         and `stages` (sections from `raw`) for one world seed; cached stages are skipped.

@@ -386,16 +386,12 @@ def run_seed(lab: Lab, seed: int, raw: dict, template: dict, s: Settings, device
 
 def run(lab: Lab) -> dict:
     started = time.perf_counter()
-    from posttrain.config import validate
     from posttrain.lab import hallucination_trap_stats as hs
     from posttrain.models.load import resolve_device
 
-    raw = lab.config(NAME)
-    s = validate(Settings, raw.get("lab"), str(CONFIG_DIR / f"{NAME}.yaml"), "lab")
-    if not isinstance(raw.get(TEMPLATE), dict):
-        raise ConfigError(f"{CONFIG_DIR / f'{NAME}.yaml'}: config key {TEMPLATE!r} is missing "
-                          "(the template of every arm's sft stage)")  # fmt: skip
-    template = raw.pop(TEMPLATE)
+    raw, s, template = lab.settings(
+        NAME, Settings, TEMPLATE, "the template of every arm's sft stage"
+    )
     device = resolve_device(raw.get("device", "auto"))
     seeds = {seed: run_seed(lab, seed, raw, template, s, device) for seed in lab.seeds}
     figures = hs.figures(seeds, arms(s), s)

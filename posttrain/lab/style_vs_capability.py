@@ -41,7 +41,6 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from posttrain.lab.base import (
-    CONFIG_DIR,
     Criterion,
     Lab,
     at_least,
@@ -356,16 +355,9 @@ def prepare(lab: Lab, seed: int, raw: dict, template: dict, s: Settings, device:
 
 def run(lab: Lab) -> dict:
     started = time.perf_counter()
-    from posttrain.config import validate
     from posttrain.models.load import resolve_device
-    from posttrain.settings import ConfigError
 
-    raw = lab.config(NAME)
-    s = validate(Settings, raw.get("lab"), str(CONFIG_DIR / f"{NAME}.yaml"), "lab")
-    if not isinstance(raw.get(TEMPLATE), dict):
-        raise ConfigError(f"{CONFIG_DIR / f'{NAME}.yaml'}: config key {TEMPLATE!r} is missing "
-                          "(the style stage's sft section)")  # fmt: skip
-    template = raw.pop(TEMPLATE)
+    raw, s, template = lab.settings(NAME, Settings, TEMPLATE, "the style stage's sft section")
     variants, device = list(s.styles), resolve_device(raw.get("device", "auto"))
     arrays, Cs, info, sd = {}, {}, {}, None
     for seed in lab.seeds:

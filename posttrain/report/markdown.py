@@ -42,22 +42,28 @@ def _cell_text(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def header_lines(report: dict) -> list[str]:
+def header_rows(report: dict, code=lambda x: f"`{x}`", esc=lambda x: x) -> list[tuple[str, str]]:
+    """(label, value) rows of the report's header, code spans through `code` and text through
+    `esc` (Markdown by default; report.html passes its own), [] without a header."""
     h = report.get("header")
     if not h:
         return []
-    cfg = f"`{h['config']}`"
+    cfg = code(h["config"])
     if h.get("config_sha256"):
-        cfg += f" (sha256 `{h['config_sha256'][:12]}`)"
+        cfg += f" (sha256 {code(h['config_sha256'][:12])})"
     if h.get("resolved_sha256"):
-        cfg += f"; resolved `pipeline.yaml` sha256 `{h['resolved_sha256'][:12]}`"
-    times = ", ".join(f"{k} {seconds(v)}" for k, v in h["seconds"].items())
-    rows = [["run", f"{h['run']} (`{h['run_dir']}`)"], ["config", cfg],
-            ["commit", f"`{h['commit']}`" if h.get("commit") else "not a git checkout"],
-            ["versions", ", ".join(f"{k} {v}" for k, v in h["versions"].items())],
-            ["device", h["device"]], ["date", h["date"]],
-            ["wall time", f"{seconds(h['wall_seconds'])} in all: {times}"]]  # fmt: skip
-    return md_table(["", ""], rows) + [""]
+        cfg += f"; resolved {code('pipeline.yaml')} sha256 {code(h['resolved_sha256'][:12])}"
+    times = ", ".join(f"{esc(k)} {seconds(v)}" for k, v in h["seconds"].items())
+    return [("run", f"{esc(h['run'])} ({code(h['run_dir'])})"), ("config", cfg),
+            ("commit", code(h["commit"]) if h.get("commit") else "not a git checkout"),
+            ("versions", esc(", ".join(f"{k} {v}" for k, v in h["versions"].items()))),
+            ("device", esc(h["device"])), ("date", esc(h["date"])),
+            ("wall time", f"{seconds(h['wall_seconds'])} in all: {times}")]  # fmt: skip
+
+
+def header_lines(report: dict) -> list[str]:
+    rows = header_rows(report)
+    return md_table(["", ""], [list(r) for r in rows]) + [""] if rows else []
 
 
 def toc_lines(report: dict) -> list[str]:

@@ -24,7 +24,7 @@ from posttrain.report.glossary import (
     fmt_signed,
     no_interval,
 )
-from posttrain.report.markdown import LEGEND, seconds
+from posttrain.report.markdown import LEGEND, header_rows, seconds
 from posttrain.report.plots import Plot
 
 e = html.escape
@@ -62,20 +62,9 @@ border-radius:3px;padding:0 .3em;margin-top:.2em}
 
 
 def _header(report: dict) -> list[str]:
-    h = report.get("header")
-    if not h:
+    rows = header_rows(report, lambda x: f"<code>{e(x)}</code>", e)
+    if not rows:
         return []
-    cfg = f"<code>{e(h['config'])}</code>"
-    if h.get("config_sha256"):
-        cfg += f" sha256 <code>{e(h['config_sha256'][:12])}</code>"
-    if h.get("resolved_sha256"):
-        cfg += f"; resolved <code>pipeline.yaml</code> <code>{e(h['resolved_sha256'][:12])}</code>"
-    times = ", ".join(f"{e(k)} {seconds(v)}" for k, v in h["seconds"].items())
-    rows = [("run", f"{e(h['run'])} (<code>{e(h['run_dir'])}</code>)"), ("config", cfg),
-            ("commit", f"<code>{e(h['commit'])}</code>" if h.get("commit") else "not a git checkout"),
-            ("versions", e(", ".join(f"{k} {v}" for k, v in h["versions"].items()))),
-            ("device", e(h["device"])), ("date", e(h["date"])),
-            ("wall time", f"{seconds(h['wall_seconds'])} in all: {times}")]  # fmt: skip
     return ["<table class='meta' id='header'>"] + [
         f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows
     ] + ["</table>"]  # fmt: skip

@@ -37,6 +37,7 @@ from pydantic import Field, PositiveInt
 
 from posttrain.lab.base import CONFIG_DIR, Criterion, Lab, save_figure, write_outputs
 from posttrain.lab.frontier import joint_bootstrap
+from posttrain.lab.stats import error_bars
 from posttrain.settings import ConfigError, StrictModel
 
 NAME = "annotator_groups"
@@ -243,10 +244,6 @@ def _rank_table(rank: dict[int, dict]) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def _err(ests: list) -> np.ndarray:
-    return np.nan_to_num(np.array([[e.value - e.lo for e in ests], [e.hi - e.value for e in ests]]))
-
-
 def _plot(lab: Lab, figures: dict, s: Settings) -> dict[str, str]:
     import matplotlib
 
@@ -261,7 +258,7 @@ def _plot(lab: Lab, figures: dict, s: Settings) -> dict[str, str]:
                              ("refusal rate on borderline requests",
                               "gold on the other families"), strict=True):  # fmt: skip
         ests = [P[f"{lb}/{key}"] for lb in labels]
-        ax.bar(range(len(labels)), [e.value for e in ests], yerr=_err(ests), capsize=3,
+        ax.bar(range(len(labels)), [e.value for e in ests], yerr=error_bars(ests), capsize=3,
                color=colors)  # fmt: skip
         ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
         ax.set(ylabel=name, ylim=(0, 1.05), title=name)
@@ -273,7 +270,7 @@ def _plot(lab: Lab, figures: dict, s: Settings) -> dict[str, str]:
     for i, m in enumerate(METHODS):
         ests = [P[f"{m}/{k}"] for k in keys]
         x = np.arange(len(keys)) + (i - (len(METHODS) - 1) / 2) * width
-        ax.bar(x, [e.value for e in ests], width, yerr=_err(ests), capsize=2,
+        ax.bar(x, [e.value for e in ests], width, yerr=error_bars(ests), capsize=2,
                label={"bon": "best-of-n (reward model)", "dpo": "DPO"}[m])  # fmt: skip
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(keys)), names, fontsize=8)

@@ -12,6 +12,7 @@ import numpy as np
 from posttrain.data.probe import CATEGORIES
 from posttrain.lab.base import Criterion, at_least, at_most, save_figure
 from posttrain.lab.frontier import joint_bootstrap
+from posttrain.lab.stats import error_bars
 
 FIT_RATIO, R2_MIN, HALVED, RELABEL_COST = 2.0, 0.8, 0.5, 0.05  # the thresholds
 SENSITIVITY = (0.05, 0.1, 0.2, 0.3)  # other fit thresholds whose ratio the report states
@@ -193,11 +194,6 @@ def criteria(fig: dict, s) -> list[Criterion]:
     return [fit, fall, r2, halves, lower, cost]
 
 
-def _err(e) -> list[float]:
-    return [max(0.0, e.value - e.lo) if np.isfinite(e.lo) else 0.0,
-            max(0.0, e.hi - e.value) if np.isfinite(e.hi) else 0.0]  # fmt: skip
-
-
 def plot(folder: Path, fig: dict, s) -> dict[str, str]:
     import matplotlib
 
@@ -218,7 +214,7 @@ def plot(folder: Path, fig: dict, s) -> dict[str, str]:
     f, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, lab, m in (("acc", "end of training", "o"), ("acc_es", "early stop (dev)", "s")):
         e = [P[f"{key}[{u:g}]"] for u in x]
-        axes[0].errorbar(x, [v.value for v in e], yerr=np.array([_err(v) for v in e]).T, fmt=m,
+        axes[0].errorbar(x, [v.value for v in e], yerr=error_bars(e), fmt=m,
                          capsize=2, label=lab)  # fmt: skip
         b = P["slope" if key == "acc" else "slope_es"].value
         a = np.mean([v.value for v in e]) - b * np.mean(x)
@@ -227,10 +223,10 @@ def plot(folder: Path, fig: dict, s) -> dict[str, str]:
                 title="known facts after SFT")  # fmt: skip
     axes[0].legend(fontsize=8)
     h = [P[f"hal[{u:g}]"] for u in x]
-    axes[1].errorbar(x, [v.value for v in h], yerr=np.array([_err(v) for v in h]).T, fmt="o-",
+    axes[1].errorbar(x, [v.value for v in h], yerr=error_bars(h), fmt="o-",
                      capsize=2, label="Unknown answers kept")  # fmt: skip
     r = P["hal_relabel"]
-    axes[1].errorbar([s.relabel_share], [r.value], yerr=np.array([_err(r)]).T, fmt="D",
+    axes[1].errorbar([s.relabel_share], [r.value], yerr=error_bars([r]), fmt="D",
                      capsize=2, label="relabelled 'I don't know.'")  # fmt: skip
     axes[1].set(xlabel="share of Unknown examples in SFT", ylabel="hallucination rate",
                 title="unknown entities (end of training)", ylim=(-0.02, 1.02))  # fmt: skip

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from posttrain.lab.base import Criterion, Lab, save_figure, write_outputs
-from posttrain.lab.stats import Estimate, bootstrap
+from posttrain.lab.stats import Estimate, bootstrap, error_bars
 
 NAME = "midtraining"
 TITLE = "Mid-training: instruction data in the decay phase, spread, or absent"
@@ -228,9 +228,7 @@ def _plot(lab: Lab, figures: dict) -> dict[str, str]:
             xs = np.arange(len(ARMS)) + (k - 0.5) * 0.35
             ests = [figures["per_label"][f"base_{a}" if stage == "base" else a][m] for a in ARMS]
             vals = [e.value for e in ests]
-            err = [[max(0.0, e.value - e.lo) if np.isfinite(e.lo) else 0 for e in ests],
-                   [max(0.0, e.hi - e.value) if np.isfinite(e.hi) else 0 for e in ests]]  # fmt: skip
-            ax.bar(xs, vals, 0.35, yerr=err, label=stage, capsize=3)
+            ax.bar(xs, vals, 0.35, yerr=error_bars(ests), label=stage, capsize=3)
         ax.set_xticks(range(len(ARMS)), ARMS)
         ax.set_title(m, fontsize=9)
     axes[0].legend(fontsize=8)

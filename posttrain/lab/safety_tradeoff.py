@@ -47,6 +47,7 @@ from posttrain.lab.base import (
     write_outputs,
 )
 from posttrain.lab.frontier import joint_bootstrap
+from posttrain.lab.stats import error_bars
 from posttrain.settings import ConfigError, StrictModel
 
 NAME = "safety_tradeoff"
@@ -307,10 +308,6 @@ def _table(figures: dict) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def _err(ests: list) -> np.ndarray:
-    return np.nan_to_num(np.array([[e.value - e.lo for e in ests], [e.hi - e.value for e in ests]]))
-
-
 def _plot(lab: Lab, figures: dict, s: Settings) -> dict[str, str]:
     import matplotlib
 
@@ -330,10 +327,10 @@ def _plot(lab: Lab, figures: dict, s: Settings) -> dict[str, str]:
         for cond, (col, mk, lab_) in style.items():
             lbs = [lb for lb, p in pts.items() if p["condition"] == cond]
             ests = [P[f"{lb}/{what}"] for lb in lbs]
-            ax.errorbar([pts[lb]["r"] for lb in lbs], [e.value for e in ests], yerr=_err(ests),
+            ax.errorbar([pts[lb]["r"] for lb in lbs], [e.value for e in ests], yerr=error_bars(ests),
                         color=col, marker=mk, capsize=2, label=lab_)  # fmt: skip
         toy = P[f"{TOY}/{what}"]
-        ax.errorbar([toy_r], [toy.value], yerr=_err([toy]), color="k", marker="*", ms=10,
+        ax.errorbar([toy_r], [toy.value], yerr=error_bars([toy]), color="k", marker="*", ms=10,
                     ls="none", capsize=2, label=toy_label)  # fmt: skip
         ax.set(xlabel="refusal share r of the SFT conversations", ylabel=name, ylim=(-0.03, 1.03),
                title=f"{name} on the fixed eval set")  # fmt: skip
@@ -344,13 +341,13 @@ def _plot(lab: Lab, figures: dict, s: Settings) -> dict[str, str]:
         lbs = [lb for lb, p in pts.items() if p["condition"] == cond]
         v, fr = [P[f"{lb}/violation"] for lb in lbs], [P[f"{lb}/false_refusal"] for lb in lbs]
         area = P[f"{cond}/area"]
-        ax.errorbar([e.value for e in v], [e.value for e in fr], xerr=_err(v), yerr=_err(fr),
+        ax.errorbar([e.value for e in v], [e.value for e in fr], xerr=error_bars(v), yerr=error_bars(fr),
                     color=col, marker=mk, capsize=2,
                     label=f"{lab_}: area {area.value:.3f} [{area.lo:.3f}, {area.hi:.3f}]")  # fmt: skip
         ax.plot([1, v[0].value], [0, fr[0].value], color=col, ls=":", lw=1)
         ax.plot([v[-1].value, 0], [fr[-1].value, 1], color=col, ls=":", lw=1)
     v, fr = P[f"{TOY}/violation"], P[f"{TOY}/false_refusal"]
-    ax.errorbar([v.value], [fr.value], xerr=_err([v]), yerr=_err([fr]), color="k", marker="*",
+    ax.errorbar([v.value], [fr.value], xerr=error_bars([v]), yerr=error_bars([fr]), color="k", marker="*",
                 ms=10, capsize=2, label=toy_label)  # fmt: skip
     ax.plot([1, 0], [0, 1], color="0.7", lw=0.8)
     ax.set(xlabel="violation rate", ylabel="false-refusal rate", xlim=(-0.03, 1.03),

@@ -106,3 +106,10 @@ def bon_peak(fit: Fit) -> float:
 def rl_peak(fit: Fit) -> float:
     """d* where d (alpha - beta log d) is highest: alpha - beta (log d + 1) = 0."""
     return float(np.exp(fit.alpha / fit.beta - 1)) if fit.beta > 0 else float("inf")
+
+
+def error_bars(ests: Sequence[Estimate]) -> np.ndarray:
+    """(2, n) matplotlib error bars (below, above) of estimates; a missing interval draws none."""
+    below = [e.value - e.lo for e in ests]
+    above = [e.hi - e.value for e in ests]
+    return np.nan_to_num(np.array([below, above], float)).clip(min=0)

@@ -31,6 +31,14 @@ def test_pipeline_with_sft_and_evaluate_writes_report_card(tmp_path, run_tiny):
             for x in (tmp_path / f"run/evaluate/{label}.jsonl").read_text().splitlines()
         ]
         assert len(records) == 20  # 4 eval prompts x 5 families
+        # the diversity samples' per-prompt figures, and the intervals bootstrapped from them
+        div = (tmp_path / f"run/evaluate/{label}.diversity.jsonl").read_text().splitlines()
+        assert len(div) == 3
+        for key in ("diversity/distinct_2", "diversity/ead", "diversity/self_bleu",
+                    "policy/entropy"):  # fmt: skip
+            lo, hi = ev["ci95"][key]
+            assert lo - 1e-9 <= ev[key] <= hi + 1e-9, (label, key)
+        assert not any(k.startswith("diversity/across_") for k in ev["ci95"])
     md = (tmp_path / "run/report.md").read_text()
     assert "| metric | base | sft |" in md and "## Sample responses" in md
     assert (tmp_path / "run/plots/sft_loss.png").is_file()

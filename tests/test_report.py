@@ -65,7 +65,7 @@ def test_markdown_and_html_carry_the_same_card():
         "| `gold/mean` | 0.540 [0.510, 0.570] ▼ | **0.836** [0.810, 0.860] | 0.834 [0.800, 0.860] ≈ |"
         in md
     )
-    assert "no interval: measured on extra samples" in md  # self-BLEU has none, and says why
+    assert "no interval: evaluated before per-prompt diversity" in md  # says why there is none
     page = render_html(report, {})
     assert "0.834" in page and "[0.800, 0.860]" in page and "≈ sft" in page
     assert "<details><summary>Diversity (1 metric)</summary>" in page

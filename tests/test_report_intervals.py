@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from posttrain.eval import intervals as I
-from posttrain.eval.metrics import summarize
+from posttrain.eval.metrics import (
+    _scored,
+    expected_calibration_error,
+    in_fit_split,
+    scaled_confidence,
+    summarize,
+)
 
 
 def rec(pid, family, score, n_tokens=3, truncated=False, logprob=None, **components):
@@ -88,11 +94,24 @@ def test_fixed_rng_resamples_recomputed_with_summarize():
     idx = np.random.default_rng(3).integers(0, len(records), (50, len(records)))
     assert (counts == np.array([np.bincount(r, minlength=len(records)) for r in idx])).all()
     draws = I.draws(records, counts)
+    values_t = draws["calibration/temperature"]
+    assert {"calibration/temperature", "calibration/ece_test", "calibration/ece_scaled"} <= set(
+        draws
+    )
     for b in range(50):
         drawn = [records[i] for i in idx[b]]
         want = summarize(drawn) | {"reward/mean": sum(r["reward"] for r in drawn) / len(drawn)}
         for k, values in draws.items():
-            if k in want:
+            if k == "calibration/temperature":  # refitted on a grid: within its step of the search
+                assert values[b] == pytest.approx(want[k], rel=2e-3), b
+            elif k == "calibration/ece_scaled":  # exactly the ECE at the resample's own T
+                test = [r for r in _scored(drawn) if not in_fit_split(r["prompt_id"])]
+                conf = [scaled_confidence(r["logprob"], values_t[b]) for r in test]
+                right = [bool(r["components"]["correct"]) for r in test]
+                assert values[b] == pytest.approx(
+                    expected_calibration_error(conf, right), abs=1e-12
+                )
+            elif k in want:
                 assert values[b] == pytest.approx(want[k], abs=1e-12), (k, b)
             else:
                 assert np.isnan(values[b]), (k, b)  # summarize has no value where nothing counts
@@ -117,3 +136,59 @@ def test_add_intervals_puts_them_next_to_the_values(tmp_path):
     d, lo, hi = evals["base"]["vs_sft"]["gold/mean"]
     assert d == pytest.approx(evals["base"]["gold/mean"] - evals["sft"]["gold/mean"])
     assert hi < 0  # 0.1 against 0.5 on 60 prompts: beyond noise
+
+
+def test_temperature_refit_per_resample_by_hand():
+    # Two answerable prompts per half of the fixed split. A resample whose fit half holds only
+    # right answers (or no test prompt) has no temperature: left out, as temperature_scaling
+    # gives no figure there. On the data itself the grid's T is the golden-section T.
+    from posttrain.eval.metrics import temperature_scaling
+
+    fit_ids = [f"q{i}" for i in range(40) if in_fit_split(f"q{i}")][:2]
+    test_ids = [f"q{i}" for i in range(40) if not in_fit_split(f"q{i}")][:2]
+    records = [rec(fit_ids[0], "arithmetic", 1.0, logprob=-0.1, correct=True),
+               rec(fit_ids[1], "arithmetic", 0.0, logprob=-0.2, correct=False),
+               rec(test_ids[0], "arithmetic", 1.0, logprob=-0.3, correct=True),
+               rec(test_ids[1], "arithmetic", 0.0, logprob=-0.05, correct=False)]  # fmt: skip
+    counts = every_resample(4)
+    d = I.draws(records, counts)
+    whole = I.draws(records, np.ones((1, 4)))
+    exact = temperature_scaling(records)
+    assert whole["calibration/temperature"][0] == pytest.approx(exact["calibration/temperature"],
+                                                                rel=2e-3)  # fmt: skip
+    assert whole["calibration/ece_test"][0] == pytest.approx(exact["calibration/ece_test"])
+    for row, t in zip(counts, d["calibration/temperature"], strict=True):
+        has_fit = row[0] > 0 and row[1] > 0  # both outcomes in the fit half
+        assert np.isnan(t) == (not (has_fit and row[2] + row[3] > 0))
+
+
+def test_diversity_columns_by_hand(tmp_path):
+    # Per-prompt figures of two prompts; the entropy column weighs each prompt by its responses
+    # with a token (3 and 1): on the data (3 x 0.2 + 1 x 1.0) / 4 = 0.4, the mean over responses.
+    div = [{"prompt_id": "a", "distinct_2": 0.5, "ead": 0.8, "self_bleu": 0.1, "entropy": 0.2,
+            "n_entropy": 3},
+           {"prompt_id": "b", "distinct_2": 1.0, "ead": None, "self_bleu": 0.3, "entropy": 1.0,
+            "n_entropy": 1}]  # fmt: skip
+    one = I.draws(div, np.ones((1, 2)), I.diversity_columns(div))
+    assert one["policy/entropy"][0] == pytest.approx(0.4)
+    assert one["diversity/distinct_2"][0] == pytest.approx(0.75)
+    assert one["diversity/ead"][0] == pytest.approx(0.8)  # b has no EAD: left out
+    # Every resample of 2: (2,0), (1,1) twice, (0,2): entropy 0.2, 0.4, 0.4, 1.0.
+    ci = I.intervals(div, every_resample(2), I.diversity_columns(div))
+    assert ci["policy/entropy"] == pytest.approx(list(np.quantile([0.2, 0.4, 0.4, 1.0],
+                                                                  [0.025, 0.975])))  # fmt: skip
+    # add_intervals reads "<label>.diversity" files next to the toy records
+    evals, files = {}, {}
+    for label, shift in (("sft", 0.0), ("ppo", -0.1)):
+        rs = [rec(f"p{i}", "arithmetic", 1.0) for i in range(4)]
+        ds = [{"prompt_id": f"p{i}", "distinct_2": 0.5 + shift + 0.01 * i, "ead": 0.5,
+               "self_bleu": 0.2, "entropy": 0.3 + shift, "n_entropy": 2} for i in range(4)]  # fmt: skip
+        for key, rows in ((label, rs), (f"{label}.diversity", ds)):
+            files[key] = tmp_path / f"{key}.jsonl"
+            files[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        evals[label] = summarize(rs) | {"diversity/distinct_2": 0.515 + shift,
+                                         "policy/entropy": 0.3 + shift}  # fmt: skip
+    I.add_intervals(evals, files)
+    assert {"diversity/distinct_2", "policy/entropy"} <= set(evals["ppo"]["ci95"])
+    d, lo, hi = evals["ppo"]["vs_sft"]["policy/entropy"]
+    assert (d, lo, hi) == pytest.approx((-0.1, -0.1, -0.1))  # the same shift on every prompt

@@ -14,6 +14,20 @@ interpolated quantile; the lab's convention). A resample in which no prompt coun
 prompt drawn) has no value and is left out; if more than a tenth have none, the metric gets no
 interval rather than a narrowed one.
 
+Per-input diversity (distinct-2, EAD, self-BLEU within each prompt's k samples) and
+policy/entropy are means over the sampled prompts of per-prompt figures (evaluate's
+`<label>.diversity.jsonl`), bootstrapped as above; policy/entropy weighs each prompt by its
+responses that have a token, which makes it the mean over responses the card reports.
+calibration/temperature, ece_test and ece_scaled are refitted on every resample: the fit and
+test halves are the resample's prompts on each side of the fixed split, T the minimiser of the
+fit half's NLL over a grid of 4,096 log-spaced values in T_RANGE (a step of 0.2% in T; the card's
+own value comes from a golden-section search, so a resample's T differs from it by at most that).
+
+No interval, by design: the across-input diversity figures (one sample of every prompt scored as
+one corpus). A resample with replacement repeats some prompts' texts, and a repeated text adds
+no new n-gram, so distinct-2 and EAD fall, and self-BLEU rises, by construction, not by chance;
+such an interval would sit beside the value rather than around it.
+
 A difference between two models evaluated on the same prompts is bootstrapped *paired*: the same
 counts resample both models' records, so the prompts' shared difficulty cancels. An interval of
 the difference that holds 0 says the two models are within noise of each other on this sample.
@@ -31,6 +45,8 @@ N_BOOT = 1000
 LEVEL = 0.95
 SEED = 0
 BINS = 10  # calibration/ece's bins (metrics.expected_calibration_error's default)
+T_GRID = 4096  # temperatures tried per resample when the temperature is refitted
+DIVERSITY = "diversity"  # evaluate's "<label>.diversity" records: per-prompt diversity figures
 REFERENCE = "sft"  # differences are measured from this model, when it was evaluated
 
 
@@ -119,6 +135,21 @@ def _overopt_columns(records: list[dict]) -> dict:
     return out
 
 
+def diversity_columns(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The per-input diversity means and policy/entropy as (x, w) columns over evaluate's
+    per-prompt diversity records; a prompt without a figure (EAD of empty answers) counts 0."""
+
+    def col(key: str, weight: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        x = np.array([r[key] if r.get(key) is not None else 0.0 for r in records], float)
+        if weight is not None:
+            return x, np.array([r[weight] if r.get(key) is not None else 0 for r in records], float)
+        return x, np.array([float(r.get(key) is not None) for r in records])
+
+    return {"diversity/distinct_2": col("distinct_2"), "diversity/ead": col("ead"),
+            "diversity/self_bleu": col("self_bleu"),
+            "policy/entropy": col("entropy", "n_entropy")}  # fmt: skip
+
+
 def _ratio(counts: np.ndarray, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """(B,) sum c w x / sum c w per resample; nan where nothing counts."""
     den = counts @ w  # (B,)
@@ -136,12 +167,50 @@ def _ece(records: list[dict], counts: np.ndarray) -> np.ndarray | None:
     where = {id(r): i for i, r in enumerate(records)}
     idx = np.array([where[id(r)] for r in rs])  # the answerable records' columns
     conf = np.array([math.exp(r["logprob"]) for r in rs])
-    gap = np.array([_flag(r, "correct") for r in rs]) - conf  # (M,)
-    bins = np.minimum(BINS - 1, (conf * BINS).astype(int))  # metrics._bin_members over [0, 1]
-    onehot = np.eye(BINS)[bins]  # (M, BINS)
-    c = counts[:, idx]  # (B, M)
+    correct = np.array([_flag(r, "correct") for r in rs])
+    return _ece_rows(conf, correct, counts[:, idx])
+
+
+def _ece_rows(conf: np.ndarray, correct: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(B,) ECE per resample; conf (M,) or (B, M), c (B, M) the counts of the M records."""
+    conf = np.broadcast_to(conf, c.shape)
+    bins = np.minimum(BINS - 1, (conf * BINS).astype(int))  # (B, M)
+    gap = (correct - conf) * c  # (B, M)
+    total = np.zeros(len(c))
+    for k in range(BINS):
+        total += np.abs(np.where(bins == k, gap, 0.0).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.abs(c @ (onehot * gap[:, None])).sum(1) / c.sum(1)
+        return np.where(c.sum(1) > 0, total / c.sum(1), np.nan)
+
+
+def _scaling(records: list[dict], counts: np.ndarray) -> dict:
+    """calibration/temperature, ece_test and ece_scaled per resample (metrics.temperature_scaling
+    on the drawn records): T refitted on each resample's fit half over a log-spaced grid; nan
+    where the test half is empty or the fit half lacks either outcome."""
+    from posttrain.eval.metrics import T_RANGE, _scored, in_fit_split, log_odds
+
+    rs = _scored(records)
+    if not rs:
+        return {}
+    where = {id(r): i for i, r in enumerate(records)}
+    col = np.array([where[id(r)] for r in rs])
+    fit = np.array([in_fit_split(r.get("prompt_id", i)) for i, r in enumerate(rs)])
+    z = np.array([log_odds(r["logprob"]) for r in rs])
+    right = np.array([_flag(r, "correct") for r in rs])
+    c = counts[:, col]  # (B, M)
+    cf, ct = c[:, fit], c[:, ~fit]
+    u = np.linspace(np.log(T_RANGE[0]), np.log(T_RANGE[1]), T_GRID)
+    s = z[fit, None] / np.exp(u)[None, :]  # (M_fit, G): scaled log-odds
+    y = right[fit, None]
+    nll = np.logaddexp(0, np.where(y > 0, -s, s))  # softplus(-s) if right else softplus(s)
+    temp = np.exp(u[np.argmin(cf @ nll, axis=1)])  # (B,)
+    ok = ((cf * right[fit]).sum(1) > 0) & ((cf * (1 - right[fit])).sum(1) > 0) & (ct.sum(1) > 0)
+    conf = np.exp(np.array([r["logprob"] for r in rs]))[~fit]
+    scaled = np.exp(-np.logaddexp(0, -z[~fit][None, :] / temp[:, None]))  # (B, M_test) sigmoid
+    out = {"calibration/temperature": temp,
+           "calibration/ece_test": _ece_rows(conf, right[~fit], ct),
+           "calibration/ece_scaled": _ece_rows(scaled, right[~fit], ct)}  # fmt: skip
+    return {k: np.where(ok, v, np.nan) for k, v in out.items()}
 
 
 def draws(records: list[dict], counts: np.ndarray, cols: dict | None = None) -> dict:
@@ -158,6 +227,8 @@ def draws(records: list[dict], counts: np.ndarray, cols: dict | None = None) -> 
     ece = _ece(records, counts) if toy else None
     if ece is not None:
         out["calibration/ece"] = ece
+    if toy:
+        out |= _scaling(records, counts)
     return out
 
 
@@ -263,8 +334,8 @@ def add_intervals(evals: dict[str, dict], record_files: dict[str, Path]) -> dict
     {metric: [lo, hi]}, and for every model but the reference evals[label]["vs_sft"] =
     {metric: [difference, lo, hi]} (paired over the prompts). Only metrics the summary holds.
 
-    record_files: evaluate's artifacts, "<label>" (toy-world records) or "<label>.<benchmark>"
-    -> the per-prompt records file."""
+    record_files: evaluate's artifacts, "<label>" (toy-world records), "<label>.<benchmark>" or
+    "<label>.diversity" -> the per-prompt records file."""
     from posttrain.eval.benchmarks import DEFAULT_PATHS
 
     sets: dict[str, dict[str, list]] = {}  # label -> {"": toy records, benchmark: records}
@@ -272,17 +343,18 @@ def add_intervals(evals: dict[str, dict], record_files: dict[str, Path]) -> dict
         label, bench = key, ""
         if key not in evals and "." in key:
             label, bench = key.rsplit(".", 1)
-        if label in evals and (bench == "" or bench in DEFAULT_PATHS) and Path(path).is_file():
+        known = bench in ("", DIVERSITY) or bench in DEFAULT_PATHS
+        if label in evals and known and Path(path).is_file():
             sets.setdefault(label, {})[bench] = _read(Path(path))
     ref = sets.get(REFERENCE, {})
     for label, found in sets.items():
         ev, ci, diff = evals[label], {}, {}
         for bench, rs in found.items():
             try:  # cols None: the toy world's records
-                cols = None if bench == "" else bench_columns(bench, rs)
+                cols = None if bench == "" else _columns_of(bench, rs)
                 ci |= intervals(rs, cols=cols)
                 if label != REFERENCE and bench in ref:
-                    ref_cols = None if bench == "" else bench_columns(bench, ref[bench])
+                    ref_cols = None if bench == "" else _columns_of(bench, ref[bench])
                     diff |= paired(rs, ref[bench], cols=cols, ref_cols=ref_cols)
             except (KeyError, TypeError):  # records of another version: no interval, no failure
                 continue
@@ -290,6 +362,10 @@ def add_intervals(evals: dict[str, dict], record_files: dict[str, Path]) -> dict
         if label != REFERENCE and ref:
             ev[f"vs_{REFERENCE}"] = {k: v for k, v in sorted(diff.items()) if k in ev}
     return evals
+
+
+def _columns_of(name: str, records: list[dict]) -> dict:
+    return diversity_columns(records) if name == DIVERSITY else bench_columns(name, records)
 
 
 def _read(path: Path) -> list[dict]:

@@ -169,10 +169,13 @@ def fmt_ci(ci) -> str:
 def no_interval(key: str) -> str:
     """Why a metric has no bootstrap interval on the card."""
     head, _, tail = key.partition("/")
-    if head == "diversity" or key == "policy/entropy":
-        return "measured on extra samples of a few prompts, whose per-prompt values are not kept"
-    if key in ("calibration/temperature", "calibration/ece_test", "calibration/ece_scaled"):
-        return "fitted on one half of the prompts and tested on the other"
+    if key.startswith("diversity/across_"):
+        return (
+            "one corpus of one sample per prompt: a resample repeats texts, which lowers "
+            "diversity by construction, so a bootstrap would not bracket the value"
+        )
+    if head == "diversity" or key == "policy/entropy" or key.startswith("calibration/"):
+        return "evaluated before per-prompt diversity and refitted calibration intervals existed"
     if key in ("bon/n", "kl/best_of_n_bound") or key.startswith("overopt/kl@"):
         return "set by n, exact"
     if tail in ("n", "skipped_overlong", "reference_mean_chars"):

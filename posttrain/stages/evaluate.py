@@ -226,19 +226,22 @@ def _answer_ids(gen, mode: str, tok) -> list[int]:
     return list(gen.token_ids)
 
 
-def diversity(model, tok, prompts: list, mode: str, cfg: Config, seed: int) -> dict:
+def diversity(model, tok, prompts: list, mode: str, cfg: Config, seed: int,
+              ids: list | None = None) -> tuple[dict, list[dict]]:  # fmt: skip
     """Sample k responses to n_prompts of the prompts: distinct-2 (words), EAD and self-BLEU
     (tokens), per input and across inputs (eval/diversity.py); and policy/entropy, the mean
     per-token entropy of the model's temperature-1 distribution over those samples' answer
-    tokens (eval/entropy.py)."""
-    from posttrain.eval.diversity import diversity_metrics
-    from posttrain.eval.entropy import policy_entropy
+    tokens (eval/entropy.py). Also the per-prompt figures behind the per-input means (one record
+    per sampled prompt, `ids` naming them), from which eval/intervals.py bootstraps them."""
+    from posttrain.eval.diversity import diversity_metrics, mean_ead, self_bleu
+    from posttrain.eval.entropy import token_entropies
     from posttrain.eval.metrics import distinct_n
     from posttrain.generate import SamplingParams, sample_n
 
     d = cfg.diversity
     step = max(1, len(prompts) // d.n_prompts)
-    chosen = prompts[::step][: d.n_prompts]
+    picked = list(range(len(prompts)))[::step][: d.n_prompts]
+    chosen = [prompts[i] for i in picked]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=d.temperature,
                             batch_size=cfg.batch_size, seed=seed)  # fmt: skip
     groups = sample_n(model, tok, chosen, d.n_samples, params)
@@ -247,19 +250,40 @@ def diversity(model, tok, prompts: list, mode: str, cfg: Config, seed: int) -> d
         "diversity/distinct_2": sum(distinct_n(t, 2) for t in texts) / len(texts),
         "diversity/across_distinct_2": distinct_n([t[0] for t in texts], 2),
     }
-    ids = [[tok(x, add_special_tokens=False)["input_ids"] for x in t] for t in texts]
-    m |= diversity_metrics(ids, len(tok))
+    toks = [[tok(x, add_special_tokens=False)["input_ids"] for x in t] for t in texts]
+    m |= diversity_metrics(toks, len(tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     pairs = [(list(g.prompt_ids), _answer_ids(g, mode, tok)) for group in groups for g in group]
-    entropy = policy_entropy(model, pairs, pad, cfg.batch_size)
-    return m | ({"policy/entropy": entropy} if entropy is not None else {})
+    per_response = [sum(e) / len(e) if e else None
+                    for e, _ in token_entropies(model, pairs, pad, cfg.batch_size)]  # fmt: skip
+    records, at = [], 0
+    for i, (t, g) in enumerate(zip(texts, toks, strict=True)):
+        ents = [e for e in per_response[at : at + len(t)] if e is not None]
+        at += len(t)
+        records.append({"prompt_id": ids[picked[i]] if ids is not None else picked[i],
+                        "distinct_2": distinct_n(t, 2), "ead": mean_ead(g, len(tok)),
+                        "self_bleu": self_bleu(g), "n_entropy": len(ents),
+                        "entropy": sum(ents) / len(ents) if ents else None})  # fmt: skip
+    every = [e for e in per_response if e is not None]
+    if every:  # the mean over responses of their mean per-token entropy
+        m["policy/entropy"] = sum(every) / len(every)
+    return m, records
 
 
 def evaluate_model(
-    model, tok, tasks, world, mode: str, cfg: Config, seed: int, bon: tuple | None = None
+    model,
+    tok,
+    tasks,
+    world,
+    mode: str,
+    cfg: Config,
+    seed: int,
+    bon: tuple | None = None,
+    diversity_records: list | None = None,
 ) -> tuple[dict, list[dict]]:
     """Greedy responses scored by gold; with `bon` = (reward model, its tokenizer, EvalModel),
-    the best of n samples under the reward model instead."""
+    the best of n samples under the reward model instead. `diversity_records`, a list: extended
+    with the diversity samples' per-prompt figures (when diversity is measured)."""
     from posttrain.eval.metrics import summarize
     from posttrain.generate import SamplingParams, generate
     from posttrain.world import check
@@ -301,7 +325,11 @@ def evaluate_model(
         metrics["bon/reward_samples"] = sum(per_prompt) / len(per_prompt)
         metrics |= over_optimisation(extra, bon[2].n)
     if cfg.diversity.n_prompts:
-        metrics |= diversity(model, tok, prompts, mode, cfg, seed)
+        div, per_prompt = diversity(model, tok, prompts, mode, cfg, seed,
+                                    [t.prompt_id for t in tasks])  # fmt: skip
+        metrics |= div
+        if diversity_records is not None:
+            diversity_records.extend(per_prompt)
     return metrics, records
 
 
@@ -369,8 +397,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 rm_path = paths[f"reward_model:{label}"]
                 rm_tok = load_tokenizer(rm_path)
                 bon = (reward_model_from(rm_path, rm_tok, ctx.device), rm_tok, spec)
+            div_records: list[dict] = []
             summary, records = evaluate_model(
-                model, tok, tasks, world, spec.prompt, cfg, ctx.seed, bon
+                model, tok, tasks, world, spec.prompt, cfg, ctx.seed, bon, div_records
             )
             if dist.is_main():
                 if scorer is not None:  # the learned reward of each response (prompt in chat form)
@@ -381,6 +410,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     summary["reward/mean"] = sum(sc["reward"] for sc in scored) / len(scored)
                 atomic_write_jsonl(ctx.stage_dir / f"{label}.jsonl", records)
                 artifacts[label] = f"{ctx.name}/{label}.jsonl"
+                if div_records:  # per-prompt diversity: its intervals (eval/intervals.py)
+                    atomic_write_jsonl(ctx.stage_dir / f"{label}.diversity.jsonl", div_records)
+                    artifacts[f"{label}.diversity"] = f"{ctx.name}/{label}.diversity.jsonl"
                 samples[label] = _samples(records, cfg.samples_per_family)
         rewards = []  # the reward model's score of every benchmark response
         for name, items in benches.items():

@@ -387,7 +387,8 @@ def load_chat_data(
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
     """Prompt records {"prompt_id", "messages"} from {"messages"} or {"prompt": str} records (the
-    sample and RL stages' `prompts`), in any format `tables.py` reads; "family" and "gold" are
+    sample and RL stages' `prompts`; a {"prompt": str} record also keeps its "text", which the
+    RL stages' rollout.prompt_format: plain gives the policy as it is), in any format `tables.py` reads; "family" and "gold" are
     kept when both are given (the toy world's tasks). prompt_id defaults to "<stem>/<record>"
     (record numbered from 1). Errors name the file and the line or row."""
     path = check_data_path(path, "prompts")
@@ -402,6 +403,8 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
                 raise DataError(f"{where}: 'prompt' must be a non-empty string")
             msgs = [{"role": "user", "content": rec["prompt"]}]
         prompt = {"prompt_id": str(rec.get("prompt_id", f"{stem}/{i}")), "messages": msgs}
+        if "messages" not in rec:  # the text as given, for completion-style (plain) prompts
+            prompt["text"] = rec["prompt"]
         if "gold" in rec and "family" in rec:
             prompt |= {"family": rec["family"], "gold": rec["gold"]}
         out.append(prompt)

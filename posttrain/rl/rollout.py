@@ -53,12 +53,29 @@ class Rollout:
         return self.mask.sum(-1).tolist()
 
 
-def sample_rollout(policy, tok, prompts: list[dict], k: int, params) -> Rollout:
+def prompt_texts(tok, prompts: list[dict], prompt_format: str = "chat") -> list[str]:
+    """What the policy is given: chat, the messages through the chat template with the assistant
+    header; plain, a {"prompt": text} record's text as it is (data.readers.load_prompts keeps it
+    as "text")."""
+    if prompt_format == "chat":
+        return [tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
+                for p in prompts]  # fmt: skip
+    out = []
+    for p in prompts:
+        if "text" not in p:
+            raise ValueError(f"rollout.prompt_format is plain, but prompt {p.get('prompt_id')} "
+                             "has messages, not a {\"prompt\": text} record: use chat, or give "
+                             "plain prompts")  # fmt: skip
+        out.append(p["text"])
+    return out
+
+
+def sample_rollout(policy, tok, prompts: list[dict], k: int, params,
+                   prompt_format: str = "chat") -> Rollout:  # fmt: skip
     """k responses to each prompt record ({"messages", ...}), as a Rollout (no scores yet)."""
     from posttrain.generate import sample_n
 
-    texts = [tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
-             for p in prompts]  # fmt: skip
+    texts = prompt_texts(tok, prompts, prompt_format)
     groups = sample_n(policy, tok, texts, k, params)
     seqs, out_texts, finished, recs, group = [], [], [], [], []
     for g, (p, gens) in enumerate(zip(prompts, groups, strict=True)):

@@ -167,6 +167,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 batch.append(prompts[order[at]])
                 at += 1
             batch = batch[rank::W]  # whole prompts, so GRPO/RLOO groups stay on one rank
+            trainer.set_step(step - 1)  # lr_schedule
             with autocast(cfg.train.precision, ctx.device):
                 ro, m, kl = trainer.rollout(batch, seed=ctx.seed * 1000 + step + 7919 * rank)
             t1 = time.perf_counter()

@@ -101,6 +101,13 @@ class RolloutSettings(StrictModel):
     temperature: float = Field(1.0, gt=0, description="Sampling (and log-prob) temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(48, ge=1, description="Most tokens per response.")
+    prompt_format: Literal["chat", "plain"] = Field(
+        "chat",
+        exclude_if=lambda v: v == "chat",  # cached stages from before stay cached
+        description="chat: each prompt's messages through the chat template (with the assistant "
+        'header); plain: a {"prompt": text} record\'s text tokenised as it is (a base model '
+        "without a template, or completion-style prompts such as 'Question: ... Answer:').",
+    )
 
 
 class Config(StrictModel):
@@ -126,7 +133,18 @@ class Config(StrictModel):
     micro_batch_size: int = Field(
         16, ge=1, description="Sequences per forward/backward (gradient accumulation)."
     )
-    lr: float = Field(1e-5, gt=0, description="Policy learning rate (AdamW, constant).")
+    lr: float = Field(1e-5, gt=0, description="Policy learning rate (AdamW).")
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant",
+        exclude_if=lambda v: v == "constant",
+        description="constant, or linear from lr down to 0 over the steps without warm-up "
+        "(TRL's default, lr x (steps - s) / steps at step s from 0); the value model's too.",
+    )
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95),
+        exclude_if=lambda v: tuple(v) == (0.9, 0.95),
+        description="AdamW betas of the policy (and value model); TRL's are (0.9, 0.999).",
+    )
     value_lr: float = Field(1e-4, gt=0, description="PPO: value model learning rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip epsilon.")
@@ -270,6 +288,13 @@ class Config(StrictModel):
                 raise SettingError(given[0], "applies to the toy world's prompts, and {at}prompts "
                                    "names a file (no world split, no held-out eval prompts): "
                                    "drop it")  # fmt: skip
+        if self.rollout.prompt_format == "plain" and (
+            self.prompts is None or self.reward.kind == "gsm8k"
+        ):
+            raise SettingError("rollout.prompt_format", "plain gives the policy each "
+                               "{\"prompt\": text} record's text as it is, and these prompts "
+                               "are conversations (the toy world's or GSM8K's): use chat, or "
+                               "set {at}prompts to a file of {\"prompt\": text} records")  # fmt: skip
         if self.reward.kind == "gsm8k" and self.families is not None:
             raise SettingError("families", "GSM8K prompts have no families, so nothing is "
                                "filtered: drop it")  # fmt: skip

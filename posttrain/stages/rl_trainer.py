@@ -65,7 +65,7 @@ class RLTrainer:
             ref_src = paths.get("ref_model", paths["model"])
             self.ref = load_model(ref_src, self.device).eval().requires_grad_(False)
         self.reward_fn = _reward_fn(cfg, paths, self.device)
-        opt = TrainSettings(lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        opt = TrainSettings(lr=cfg.lr, weight_decay=0.0, betas=tuple(cfg.betas))
         self.opt = make_optimizer(self.policy, opt)
         self.value = None
         if cfg.algo == "ppo":
@@ -76,6 +76,27 @@ class RLTrainer:
                 self.value = apply_lora(self.value, cfg.lora, task="scalar").eval()
             self.value_opt = make_optimizer(self.value, opt.model_copy(update={"lr": cfg.value_lr}))
         self.kl_coef = cfg.kl.coef
+        # On-policy in one step (one epoch, one minibatch per rollout): the policy that sampled
+        # is the one being updated, so its log-probs are the update's own forward, detached
+        # (TRL's num_iterations = 1), not a second forward at rollout time. Not when a per-token
+        # KL reward or an adaptive coefficient needs them before the update.
+        self.reuse_update_logps = (
+            cfg.algo in ("ppo", "grpo", "rloo") and cfg.epochs == 1
+            and cfg.minibatch_size >= cfg.rollout.prompts_per_step * cfg.rollout.k
+            and cfg.kl.target is None and not (cfg.kl.coef > 0 and cfg.kl.where == "reward")
+        )  # fmt: skip
+
+    def set_step(self, step: int) -> None:
+        """The learning rates of optimiser step `step` (from 0) under cfg.lr_schedule."""
+        from posttrain.train.schedule import lr_multiplier
+
+        cfg = self.cfg
+        mult = lr_multiplier(step, cfg.steps, schedule=cfg.lr_schedule, warmup_steps=0,
+                             min_lr_ratio=0.0)  # fmt: skip
+        pairs = [(self.opt, cfg.lr)] + ([(self.value_opt, cfg.value_lr)] if self.value else [])
+        for opt, lr in pairs:
+            for group in opt.param_groups:
+                group["lr"] = lr * mult
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -94,7 +115,7 @@ class RLTrainer:
         cfg, r = self.cfg, self.cfg.rollout
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                 batch_size=64, seed=seed)  # fmt: skip
-        ro = sample_rollout(self.policy, self.tok, prompts, r.k, params)
+        ro = sample_rollout(self.policy, self.tok, prompts, r.k, params, r.prompt_format)
         comps = self.reward_fn(ro.prompts, ro.texts)
         ro.components = comps
         scores = torch.tensor([c["reward"] for c in comps], dtype=torch.float)
@@ -102,17 +123,28 @@ class RLTrainer:
         scores = scores - cfg.no_eos_penalty * (~ro.finished).float()
         length_penalty = cfg.reward.length_penalty * ro.mask.sum(-1).float()  # (S,)
         scores = scores - length_penalty
+        reuse = self.reuse_update_logps
+        need_ref = not reuse or self.kl_coef > 0  # reused: the reference only for a KL loss
         old, ref, vals = [], [], []
         for s in range(0, len(ro.seqs), cfg.micro_batch_size):
+            if reuse and not need_ref and self.value is None:
+                break  # nothing to compute before the update
             b = batch_of(ro.seqs[s : s + cfg.micro_batch_size], self.pad, self.device)
-            old.append(token_logps(self.policy, b, r.temperature)[0])
-            ref.append(token_logps(self.ref, b, r.temperature)[0])
+            if not reuse:
+                old.append(token_logps(self.policy, b, r.temperature)[0])
+            if need_ref:
+                ref.append(token_logps(self.ref, b, r.temperature)[0])
             if self.value is not None:
                 vals.append(token_values(self.value, b))
         mask = ro.mask.to(self.device)
         ro.mask = mask
-        ro.old_logp, ro.ref_logp = from_flat(torch.cat(old), mask), from_flat(torch.cat(ref), mask)
-        kl_tok = ops.kl_estimate(ro.old_logp, ro.ref_logp, cfg.kl.estimator, mask=mask)
+        if need_ref:
+            ro.ref_logp = from_flat(torch.cat(ref), mask)
+        if not reuse:  # else the update's own forward, detached, gives them (and the KL)
+            ro.old_logp = from_flat(torch.cat(old), mask)
+            kl_tok = ops.kl_estimate(ro.old_logp, ro.ref_logp, cfg.kl.estimator, mask=mask)
+        else:
+            kl_tok = torch.zeros(mask.shape, device=self.device)  # no per-token KL reward here
         kl_seq = (kl_tok * mask).sum(-1)
         scores = scores.to(self.device)
         if cfg.algo == "ppo":
@@ -122,7 +154,7 @@ class RLTrainer:
                 if cfg.whiten_rewards
                 else scores
             )
-            rewards = torch.zeros_like(ro.old_logp)
+            rewards = torch.zeros(mask.shape, device=self.device)
             if cfg.kl.where == "reward":
                 rewards = rewards - self.kl_coef * kl_tok
             last = mask.sum(-1) - 1
@@ -142,7 +174,7 @@ class RLTrainer:
                 adv = ops.rloo_advantages(grid).view(-1)
             else:  # online DPO: no advantages; each group's best and worst make a pair
                 adv = torch.zeros_like(seq_reward)
-            ro.advantages = adv[:, None].expand_as(ro.old_logp) * mask
+            ro.advantages = adv[:, None].expand(mask.shape) * mask
         ro.scores = scores
         # The tokens the policy loss counts: all valid ones, less the groups and responses the
         # config leaves out (the value loss and the metrics of the rollout keep every one).
@@ -159,9 +191,10 @@ class RLTrainer:
             "reward/score_mean": float(scores.mean()),
             "rollout/mean_length": float(mask.sum(-1).float().mean()),
             "rollout/no_eos_frac": float((~ro.finished).float().mean()),
-            "kl/ref": float(kl_seq.mean()),
             "kl/coef": self.kl_coef,
         }
+        if not reuse:  # reused log-probs: the update reports kl/ref (when there is a reference)
+            m["kl/ref"] = float(kl_seq.mean())
         if cfg.algo != "ppo":
             m["reward/frac_zero_std"] = float(ops.frac_zero_std(scores.view(len(prompts), r.k)))
         m["rollout/loss_frac"] = float(keep.float().mean())  # responses in the policy loss
@@ -174,7 +207,7 @@ class RLTrainer:
             m["value/explained_variance"] = float(
                 ops.explained_variance(ro.values, ro.returns, mask)
             )
-        return ro, m, float(kl_seq.mean())
+        return ro, m, float(kl_seq.mean()) if not reuse else math.nan
 
     # ------------------------------------------------------------------ update
     def _denominator(self, mask: torch.Tensor) -> float:
@@ -206,7 +239,7 @@ class RLTrainer:
         # Under torchrun each rank holds 1/W of the rollout and of every minibatch.
         mb_size = cfg.minibatch_size // dist.world()
         sums: dict[str, list[float]] = {}
-        rng = random.Random(self.ctx.seed + int(ro.old_logp.numel()))
+        rng = random.Random(self.ctx.seed + int(ro.mask.numel()))
         for _ in range(cfg.epochs):
             order = list(range(S))
             rng.shuffle(order)
@@ -223,9 +256,15 @@ class RLTrainer:
                         self.policy, b, cfg.rollout.temperature, with_entropy=True
                     )
                     logp, ent = from_flat(logp_flat, mask), from_flat(ent_flat.detach(), mask)
-                    pl, pm = ops.ppo_policy_loss(logp, ro.old_logp[idx], ro.advantages[idx], mask,
+                    old = logp.detach() if ro.old_logp is None else ro.old_logp[idx]
+                    pl, pm = ops.ppo_policy_loss(logp, old, ro.advantages[idx], mask,
                                                  cfg.clip_eps, cfg.dual_clip, cfg.clip_eps_high)  # fmt: skip
-                    if cfg.kl.where == "loss":
+                    if ro.old_logp is None and ro.ref_logp is not None:  # the rollout's KL
+                        kl = ops.kl_estimate(old, ro.ref_logp[idx], cfg.kl.estimator, mask=mask)
+                        sums.setdefault("kl/ref", []).append(
+                            float((kl * mask).sum()) / max(1, len(idx_mb))
+                        )
+                    if cfg.kl.where == "loss" and ro.ref_logp is not None:  # (none: coef 0)
                         pl = pl + self.kl_coef * ops.kl_estimate(
                             logp, ro.ref_logp[idx], cfg.kl.estimator, mask=mask
                         )
@@ -306,7 +345,7 @@ class RLTrainer:
         by_group = {c // k: (c, r) for c, r in pairs}
         n_groups, mb_groups = len(grid), max(1, cfg.minibatch_size // k // dist.world())
         mb_pairs_per_micro = max(1, cfg.micro_batch_size // 2)
-        rng = random.Random(self.ctx.seed + int(ro.old_logp.numel()))
+        rng = random.Random(self.ctx.seed + int(ro.mask.numel()))
         sums: dict[str, float] = {}
         n_mb = 0
         for _ in range(cfg.epochs):
@@ -380,7 +419,8 @@ class RLTrainer:
             max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True, batch_size=64
         )
         with autocast(self.cfg.train.precision, self.device):
-            ro = sample_rollout(self.policy, self.tok, prompts, 1, params)
+            ro = sample_rollout(self.policy, self.tok, prompts, 1, params,
+                                self.cfg.rollout.prompt_format)  # fmt: skip
         comps = self.reward_fn(ro.prompts, ro.texts)
         m = {"eval/reward": sum(c["reward"] for c in comps) / len(comps)}
         gold = gold_scores(ro.prompts, ro.texts)

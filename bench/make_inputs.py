@@ -7,7 +7,8 @@ The model is a Llama-architecture model with an 8,192-token BPE vocabulary train
 LM head), random-init: a small model on which the LM head matters, as on real small models.
 The data is GSM8K train as {"prompt": question, "completion": answer}.
 
-It also writes hh_pairs.jsonl, preference pairs for bench/dpo.py: HH-RLHF harmless-base test
+prompts.jsonl holds the same questions as {"prompt": "Question: ...\nAnswer: "}, for the RL
+benches (bench/grpo.py, bench/ppo.py). It also writes hh_pairs.jsonl, preference pairs for bench/dpo.py: HH-RLHF harmless-base test
 (`--hh`; skipped when the file is absent) read with `posttrain.data.preferences.read_hh_pairs`,
 as text {"prompt": "Human: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:", "chosen": " " +
 chosen reply, "rejected": " " + rejected reply}. The model and tokenizer do not depend on it.
@@ -64,9 +65,13 @@ def main() -> None:
     with open(out / "gsm8k_pc.jsonl", "w") as f:
         for p in pairs:
             f.write(json.dumps(p) + "\n")
+    with open(out / "prompts.jsonl", "w") as f:  # the RL benches' prompts: the questions
+        for p in pairs:
+            f.write(json.dumps({"prompt": p["prompt"]}) + "\n")
     made = {
         "model": str(out / "model"),
         "data": str(out / "gsm8k_pc.jsonl"),
+        "prompts": str(out / "prompts.jsonl"),
         "examples": len(pairs),
     }
     if Path(args.hh).is_file():

@@ -140,9 +140,9 @@ def test_load_prompts_forms_and_errors(tmp_path):
     )
     got = load_prompts(f)
     assert got == [
-        {"prompt_id": "p/1", "messages": [{"role": "user", "content": "hi"}]},
+        {"prompt_id": "p/1", "messages": [{"role": "user", "content": "hi"}], "text": "hi"},
         {"prompt_id": "b", "messages": [{"role": "user", "content": "yo"}]},
-    ]
+    ]  # a {"prompt": text} record keeps its text (rollout.prompt_format: plain)
     f.write_text(
         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
     )

@@ -194,7 +194,9 @@ def test_rollout_logps_are_the_sampling_distributions(
         return out
 
     monkeypatch.setattr(RLTrainer, "rollout", spy)
-    section = _merge(ONLINE, {"steps": 1, "epochs": 1, "minibatch_size": 256, "micro_batch_size": 64,
+    # Two epochs: the rollout computes old_logp (with one, the update's own forward supplies it;
+    # test_rl_onpolicy checks that the two are the same).
+    section = _merge(ONLINE, {"steps": 1, "epochs": 2, "minibatch_size": 256, "micro_batch_size": 64,
                               "rollout": {"prompts_per_step": 8, "k": 32, "temperature": temperature}})  # fmt: skip
     run_stage(tmp_path, "grpo", section | {"model": str(policy_dir), "prompts": str(prompts_file)})
     (ro,) = rollouts

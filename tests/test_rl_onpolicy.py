@@ -25,7 +25,7 @@ def policy_dir(small_tokenizer, tmp_path_factory):
     return save_model(model.eval(), small_tokenizer, tmp_path_factory.mktemp("p") / "model")
 
 
-def trainer_for(policy_dir, tmp_path, algo: str = "grpo", **over):
+def trainer_for(policy_dir, tmp_path, algo: str = "grpo", paths=None, **over):
     from posttrain.config import Pipeline, PipelineConfig
     from posttrain.log import Logger
     from posttrain.stages.base import StageContext
@@ -45,7 +45,7 @@ def trainer_for(policy_dir, tmp_path, algo: str = "grpo", **over):
     pipe = Pipeline(PipelineConfig(name="t", device="cpu", stages=["rl"]), [], "t")
     ctx = StageContext("rl", algo, tmp_path / "run", pipe, Logger(stream=io.StringIO()))
     torch.manual_seed(0)  # the PPO value model's fresh head
-    return RLTrainer(cfg, ctx, {"model": policy_dir}), cfg
+    return RLTrainer(cfg, ctx, {"model": policy_dir} | (paths or {})), cfg
 
 
 def word_count(prompt: dict, response: str) -> float:
@@ -122,3 +122,25 @@ def test_plain_prompts_need_a_file_of_text_prompts():
 
     with pytest.raises((SettingError, ValueError), match="rollout.prompt_format"):
         GRPOConfig(rollout={"prompt_format": "plain"})
+
+
+def test_plain_prompts_are_scored_as_the_policy_sampled_them(policy_dir, tmp_path,
+                                                             small_tokenizer):  # fmt: skip
+    """With plain prompts a reward model scores the policy's own tokens (prompt text + response
+    as sampled), not the response re-framed by a chat template."""
+    from posttrain.models.reward import reward_model_from, score, score_head, score_sequences
+
+    rm = reward_model_from(policy_dir, small_tokenizer)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(score_head(rm).weight, std=0.5)
+    rm_dir = tmp_path / "rm"
+    rm.save_pretrained(rm_dir)
+    small_tokenizer.save_pretrained(rm_dir)
+    t, _ = trainer_for(policy_dir, tmp_path, "ppo", paths={"reward_model": rm_dir},
+                       reward={"kind": "reward_model", "model": str(rm_dir)})  # fmt: skip
+    ro, _, _ = t.rollout(records() * 2, seed=0)
+    got = [c["reward"] for c in ro.components]
+    pad = small_tokenizer.pad_token_id
+    assert got == pytest.approx(score_sequences(rm.eval(), ro.seqs, pad), abs=1e-6)
+    chat = score(rm, small_tokenizer, [p["messages"] for p in ro.prompts], ro.texts)
+    assert max(abs(a - b) for a, b in zip(got, chat, strict=True)) > 1e-3  # not the chat form

@@ -131,6 +131,24 @@ def _decode_batch(
     generator: torch.Generator,
 ) -> list[tuple[list[int], list[float]]]:
     """Decode one batch; returns, per prompt, (generated ids incl. stop, their raw logps)."""
+    from posttrain.generate import static
+
+    total = max(len(p) for p in prompts) + params.max_new_tokens
+    if params.engine == "auto" and static.supports(model, total):
+        return static.decode_batch(model, prompts, params, stop_ids, pad_id, device, generator)
+    return _decode_batch_hf(model, prompts, params, stop_ids, pad_id, device, generator)
+
+
+def _decode_batch_hf(
+    model,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stop_ids: list[int],
+    pad_id: int,
+    device: torch.device,
+    generator: torch.Generator,
+) -> list[tuple[list[int], list[float]]]:
+    """_decode_batch through the model's own forward and a DynamicCache (any architecture)."""
     from transformers import DynamicCache
 
     B, T, N = len(prompts), max(len(p) for p in prompts), params.max_new_tokens

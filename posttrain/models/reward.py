@@ -87,11 +87,10 @@ def sequence_rewards(model, sb) -> torch.Tensor:
 def score(model, tokenizer, conversations: list[list[dict]], replies: list[str],
           batch_size: int = 32, max_length: int | None = None) -> list[float]:  # fmt: skip
     """Rewards of replies to conversations (prompt messages, ending with a user turn)."""
-    from posttrain.data.pairs import SeqBatch, sequence_batch, tokenize_reply
+    from posttrain.data.pairs import tokenize_reply
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     limit = max_length or getattr(model.config, "max_position_embeddings", None)
     out: list[float] = []
@@ -104,8 +103,22 @@ def score(model, tokenizer, conversations: list[list[dict]], replies: list[str],
             if limit and len(ex) > limit:  # keep the prompt start and the reply's beginning
                 ex = type(ex)(ex.input_ids[:limit], ex.loss_mask[:limit], truncated=True)
             seqs.append(ex)
-        batch, target_seq, last = sequence_batch(seqs, pad)
-        sb = SeqBatch(batch, target_seq, last, len(seqs), torch.arange(len(seqs))).to(device)
-        out += sequence_rewards(model, sb).tolist()
+        out += score_sequences(model, seqs, pad)
     model.train(was_training)
+    return out
+
+
+def score_sequences(model, seqs: list, pad_id: int, batch_size: int = 32) -> list[float]:
+    """Rewards of tokenised sequences as they are (TokenizedExample: the score is read at each
+    one's last token), in batches of batch_size, right-padded; the model in eval mode."""
+    from posttrain.data.pairs import SeqBatch, sequence_batch
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with torch.no_grad():
+        for s in range(0, len(seqs), batch_size):
+            part = seqs[s : s + batch_size]
+            batch, target_seq, last = sequence_batch(part, pad_id)
+            sb = SeqBatch(batch, target_seq, last, len(part), torch.arange(len(part))).to(device)
+            out += sequence_rewards(model, sb).tolist()
     return out

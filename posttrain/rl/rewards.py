@@ -147,6 +147,16 @@ class ModelReward:
         )
         return [{"reward": s, "rm_score": s} for s in scores]
 
+    def score_tokens(self, seqs: list) -> list[dict]:
+        """Scores of the policy's own token sequences (prompt + response as sampled, stop token
+        included), for plain prompts, where no chat template frames the text; the tokenizers
+        must be the same (checked by the caller)."""
+        from posttrain.models.reward import score_sequences
+
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        scores = score_sequences(self.model, seqs, pad, self.batch_size)
+        return [{"reward": s, "rm_score": s} for s in scores]
+
 
 def gold_scores(prompts: list[dict], responses: list[str]) -> list[float] | None:
     """Toy-world gold of each response, for diagnostics (None unless every prompt has gold)."""

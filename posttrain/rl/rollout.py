@@ -112,12 +112,11 @@ def token_logps(model, batch, temperature: float = 1.0, with_entropy: bool = Fal
     logits, targets = target_logits(
         model, batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids
     )
-    logits = logits.float() / temperature
-    logp = -F.cross_entropy(logits, targets, reduction="none")
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if not with_entropy:
-        return logp, None
-    lsm = torch.log_softmax(logits, -1)
-    return logp, -(lsm.exp() * lsm).sum(-1)
+        return -F.cross_entropy(logits, targets, reduction="none"), None
+    lsm = torch.log_softmax(logits, -1)  # (N, V), once for both
+    return lsm.gather(-1, targets[:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
 
 
 def token_values(value_model, batch) -> torch.Tensor:

@@ -65,6 +65,13 @@ class RLTrainer:
             ref_src = paths.get("ref_model", paths["model"])
             self.ref = load_model(ref_src, self.device).eval().requires_grad_(False)
         self.reward_fn = _reward_fn(cfg, paths, self.device)
+        self.score_tokens = cfg.rollout.prompt_format == "plain" and hasattr(
+            self.reward_fn, "score_tokens"
+        )  # a reward model scores the policy's plain sequences as sampled
+        if self.score_tokens and self.reward_fn.tok.get_vocab() != self.tok.get_vocab():
+            raise ValueError(f"{ctx.name}: rollout.prompt_format plain scores the policy's own "
+                             "tokens with the reward model, and their tokenizers differ: use "
+                             "a reward model with the policy's tokenizer, or chat prompts")  # fmt: skip
         opt = TrainSettings(lr=cfg.lr, weight_decay=0.0, betas=tuple(cfg.betas))
         self.opt = make_optimizer(self.policy, opt)
         self.value = None
@@ -116,7 +123,10 @@ class RLTrainer:
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                 batch_size=64, seed=seed)  # fmt: skip
         ro = sample_rollout(self.policy, self.tok, prompts, r.k, params, r.prompt_format)
-        comps = self.reward_fn(ro.prompts, ro.texts)
+        if self.score_tokens:
+            comps = self.reward_fn.score_tokens(ro.seqs)
+        else:
+            comps = self.reward_fn(ro.prompts, ro.texts)
         ro.components = comps
         scores = torch.tensor([c["reward"] for c in comps], dtype=torch.float)
         raw_scores = scores.clone()

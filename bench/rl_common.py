@@ -1,0 +1,53 @@
+"""What bench/grpo.py and bench/ppo.py share, on both sides (posttrain's environment and the
+TRL one of bench/trl_env.sh): imports nothing of posttrain."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+
+def read_prompts(path: str) -> list[str]:
+    """The "prompt" texts of a JSONL file, in order; a bad line stops with its file and line."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+                raise SystemExit(f"{path}:{n}: each line needs a non-empty 'prompt' string")
+            out.append(rec["prompt"])
+    if not out:
+        raise SystemExit(f"{path}: no prompts")
+    return out
+
+
+class Tally:
+    """What both sides count the same way: rewards, generated and trained tokens."""
+
+    def __init__(self):
+        self.rewards: list[float] = []
+        self.generated = self.trained = 0
+
+    def add(self, prompt_len: int, completion_len: int, r: float) -> None:
+        self.rewards.append(r)
+        self.generated += completion_len
+        self.trained += prompt_len + completion_len
+
+
+def report(impl: str, seconds: float, tally: Tally) -> dict:
+    """The benches' JSON line (printed) as a dict."""
+    tokens = tally.generated + tally.trained
+    out = {
+        "impl": impl,
+        "tokens_per_s": round(tokens / seconds, 1),
+        "seconds": round(seconds, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "generated_tokens": tally.generated,
+        "trained_tokens": tally.trained,
+        "tokens": tokens,
+        "mean_reward": round(sum(tally.rewards) / len(tally.rewards), 5),
+    }
+    print(json.dumps(out))
+    return out

@@ -47,6 +47,8 @@ class Rollout:
     returns: torch.Tensor | None = None
     components: list[dict] = field(default_factory=list)
     loss_mask: torch.Tensor | None = None  # (S, L) the tokens the policy loss counts
+    # (batch, log-probs, entropies, values) of a forward run with its graph for the update
+    graph: tuple | None = None
 
     @property
     def lengths(self) -> list[int]:

@@ -93,6 +93,17 @@ class RLTrainer:
             and cfg.kl.target is None and not (cfg.kl.coef > 0 and cfg.kl.where == "reward")
         )  # fmt: skip
 
+        # Fused: when also the whole rollout is one micro-batch, the rollout runs that forward
+        # (policy log-probs and entropies, values) with its graph and the update backpropagates
+        # through it: the old log-probs and values are that forward's, detached, so a KL
+        # reward and GAE can use them before the update, and no pass is run twice. Not with
+        # gradient checkpointing (the graph would be built outside it).
+        self.fused_ok = (
+            cfg.algo in ("ppo", "grpo", "rloo") and cfg.epochs == 1
+            and cfg.minibatch_size >= cfg.rollout.prompts_per_step * cfg.rollout.k
+            and not cfg.train.gradient_checkpointing
+        )  # fmt: skip
+
     def set_step(self, step: int) -> None:
         """The learning rates of optimiser step `step` (from 0) under cfg.lr_schedule."""
         from posttrain.train.schedule import lr_multiplier
@@ -133,18 +144,32 @@ class RLTrainer:
         scores = scores - cfg.no_eos_penalty * (~ro.finished).float()
         length_penalty = cfg.reward.length_penalty * ro.mask.sum(-1).float()  # (S,)
         scores = scores - length_penalty
-        reuse = self.reuse_update_logps
+        fused = self.fused_ok and len(ro.seqs) <= min(
+            cfg.micro_batch_size, cfg.minibatch_size // dist.world()
+        )  # one update of one micro-batch: its forward is the rollout's (see __init__)
+        reuse = self.reuse_update_logps and not fused
         need_ref = not reuse or self.kl_coef > 0  # reused: the reference only for a KL loss
+        if fused and self.kl_coef == 0 and cfg.kl.target is None:
+            need_ref = False  # no KL anywhere: no reference forward
         old, ref, vals = [], [], []
+        if fused:  # the update's forward, with its graph, kept for the update
+            b = batch_of(ro.seqs, self.pad, self.device)
+            with torch.enable_grad():
+                logp_flat, ent_flat = token_logps(self.policy, b, r.temperature, with_entropy=True)
+                v_flat = token_values(self.value, b) if self.value is not None else None
+            ro.graph = (b, logp_flat, ent_flat, v_flat)
+            old.append(logp_flat.detach())
+            if v_flat is not None:
+                vals.append(v_flat.detach())
         for s in range(0, len(ro.seqs), cfg.micro_batch_size):
-            if reuse and not need_ref and self.value is None:
+            if (reuse or fused) and not need_ref and (self.value is None or fused):
                 break  # nothing to compute before the update
             b = batch_of(ro.seqs[s : s + cfg.micro_batch_size], self.pad, self.device)
-            if not reuse:
+            if not reuse and not fused:
                 old.append(token_logps(self.policy, b, r.temperature)[0])
             if need_ref:
                 ref.append(token_logps(self.ref, b, r.temperature)[0])
-            if self.value is not None:
+            if self.value is not None and not fused:
                 vals.append(token_values(self.value, b))
         mask = ro.mask.to(self.device)
         ro.mask = mask
@@ -152,6 +177,7 @@ class RLTrainer:
             ro.ref_logp = from_flat(torch.cat(ref), mask)
         if not reuse:  # else the update's own forward, detached, gives them (and the KL)
             ro.old_logp = from_flat(torch.cat(old), mask)
+        if ro.old_logp is not None and ro.ref_logp is not None:
             kl_tok = ops.kl_estimate(ro.old_logp, ro.ref_logp, cfg.kl.estimator, mask=mask)
         else:
             kl_tok = torch.zeros(mask.shape, device=self.device)  # no per-token KL reward here
@@ -203,7 +229,7 @@ class RLTrainer:
             "rollout/no_eos_frac": float((~ro.finished).float().mean()),
             "kl/coef": self.kl_coef,
         }
-        if not reuse:  # reused log-probs: the update reports kl/ref (when there is a reference)
+        if ro.old_logp is not None and ro.ref_logp is not None:  # else the update reports it
             m["kl/ref"] = float(kl_seq.mean())
         if cfg.algo != "ppo":
             m["reward/frac_zero_std"] = float(ops.frac_zero_std(scores.view(len(prompts), r.k)))
@@ -217,7 +243,7 @@ class RLTrainer:
             m["value/explained_variance"] = float(
                 ops.explained_variance(ro.values, ro.returns, mask)
             )
-        return ro, m, float(kl_seq.mean()) if not reuse else math.nan
+        return ro, m, float(kl_seq.mean()) if "kl/ref" in m else math.nan
 
     # ------------------------------------------------------------------ update
     def _denominator(self, mask: torch.Tensor) -> float:
@@ -250,9 +276,11 @@ class RLTrainer:
         mb_size = cfg.minibatch_size // dist.world()
         sums: dict[str, list[float]] = {}
         rng = random.Random(self.ctx.seed + int(ro.mask.numel()))
+        graph, ro.graph = ro.graph, None  # the rollout's forward of this one micro-batch
         for _ in range(cfg.epochs):
             order = list(range(S))
-            rng.shuffle(order)
+            if graph is None:  # (a sum over the batch's tokens: its order does not matter)
+                rng.shuffle(order)
             for mb in range(0, S, mb_size):
                 idx_mb = order[mb : mb + mb_size]
                 denom = self._denominator(ro.loss_mask[idx_mb])
@@ -261,10 +289,13 @@ class RLTrainer:
                 for mi in range(0, len(idx_mb), cfg.micro_batch_size):
                     idx = idx_mb[mi : mi + cfg.micro_batch_size]
                     mask, lmask = ro.mask[idx], ro.loss_mask[idx]
-                    b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
-                    logp_flat, ent_flat = token_logps(
-                        self.policy, b, cfg.rollout.temperature, with_entropy=True
-                    )
+                    if graph is not None:
+                        b, logp_flat, ent_flat, v_flat = graph
+                    else:
+                        b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
+                        logp_flat, ent_flat = token_logps(
+                            self.policy, b, cfg.rollout.temperature, with_entropy=True
+                        )
                     logp, ent = from_flat(logp_flat, mask), from_flat(ent_flat.detach(), mask)
                     old = logp.detach() if ro.old_logp is None else ro.old_logp[idx]
                     pl, pm = ops.ppo_policy_loss(logp, old, ro.advantages[idx], mask,
@@ -289,7 +320,8 @@ class RLTrainer:
                     )
                     sums.setdefault("policy/loss", []).append(loss.item())
                     if self.value is not None:
-                        v = from_flat(token_values(self.value, b), mask)
+                        v = from_flat(v_flat if graph is not None else token_values(self.value, b),
+                                      mask)  # fmt: skip
                         vl, vm = ops.value_loss(
                             v, ro.values[idx], ro.returns[idx], mask, cfg.value_clip
                         )

@@ -11,7 +11,7 @@ reply, is kept) and the reply loses its end, with one prompt budget for all repl
 so chosen and rejected keep the same context and the start of their reply.
 
 `SeqBatch.target_seq` maps every target position (row-major over labels != IGNORE_INDEX, the
-order `models.forward.target_logits` returns) to its sequence, so per-sequence sums are one
+order `models.forward.target_logps` returns) to its sequence, so per-sequence sums are one
 `index_add`, whatever the layout; `last` holds (row, column) of each sequence's final token,
 where a reward head reads.
 
@@ -312,13 +312,10 @@ class PairBatches:
 def sequence_logps(model, sb: SeqBatch, mean: bool = False) -> torch.Tensor:
     """Summed (or mean) log-prob of each sequence's trained tokens: (S,). Only target positions
     go through the LM head, and padding never enters any sum."""
-    import torch.nn.functional as F
-
-    from posttrain.models.forward import target_logits
+    from posttrain.models.forward import target_logps
 
     b = sb.batch
-    logits, targets = target_logits(model, b.input_ids, b.labels, b.attention_mask, b.position_ids)
-    lp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    lp, _, _ = target_logps(model, b.input_ids, b.labels, b.attention_mask, b.position_ids)  # (N,)
     sums = torch.zeros(sb.n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, sb.target_seq, lp)
     if not mean:
         return sums

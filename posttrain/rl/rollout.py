@@ -3,7 +3,7 @@
 A rollout of S sequences keeps every per-token quantity (log-probs, reference log-probs, values,
 rewards, advantages) as an (S, L) matrix over response tokens with a mask: row i holds sequence
 i's response tokens left-aligned, so `matrix[mask]` is the flat, row-major order in which
-`models.forward.target_logits` returns target positions of a right-padded batch, and
+`models.forward.target_logps` returns target positions of a right-padded batch, and
 `from_flat` is its inverse. Only response tokens ever pass through the LM head or value head.
 """
 
@@ -106,19 +106,15 @@ def batch_of(seqs: list[TokenizedExample], pad_id: int, device):
 
 
 def token_logps(model, batch, temperature: float = 1.0, with_entropy: bool = False):
-    """Flat (N,) log-probs of the response tokens at `temperature` (and entropies)."""
-    import torch.nn.functional as F
+    """Flat (N,) log-probs of the response tokens at `temperature`, and their entropies (N,)
+    without gradient (a metric), or None. The LM head runs a chunk of rows at a time
+    (`models.forward.target_logps`)."""
+    from posttrain.models.forward import target_logps
 
-    from posttrain.models.forward import target_logits
-
-    logits, targets = target_logits(
-        model, batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids
-    )
-    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    if not with_entropy:
-        return -F.cross_entropy(logits, targets, reduction="none"), None
-    lsm = torch.log_softmax(logits, -1)  # (N, V), once for both
-    return lsm.gather(-1, targets[:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    b = batch
+    logp, entropy, _ = target_logps(model, b.input_ids, b.labels, b.attention_mask,
+                                    b.position_ids, temperature, with_entropy)  # fmt: skip
+    return logp, entropy
 
 
 def token_values(value_model, batch) -> torch.Tensor:

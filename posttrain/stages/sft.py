@@ -210,15 +210,16 @@ class SFTObjective(MicroBatchObjective):
 
     def loss(self, model, batch):
         import torch
-        import torch.nn.functional as F
 
-        from posttrain.models.forward import target_logits
+        from posttrain.models.forward import target_logits, target_logps
         from posttrain.ops.lm import distill_loss_sum
 
         args = (batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids)
+        if self.teacher is None:  # the LM head a chunk at a time: no (N, V) logits
+            logp, _, _ = target_logps(model, *args)
+            return -logp.sum(), {}
+        # Distillation compares the two full distributions: it keeps the (N, V) logits path.
         logits, targets = target_logits(model, *args)
-        if self.teacher is None:
-            return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
         with torch.no_grad():
             teacher_logits, _ = target_logits(self.teacher, *args)
         d = self.distill

@@ -33,14 +33,13 @@ not loading the model), mean_reward the mean of every completion's reward.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_common import Tally, read_prompts, report  # noqa: E402  (bench/ is not a package)
+from rl_common import Tally, parser, read_prompts, report  # noqa: E402  (bench/ is not a package)
 
 WORDS = ("alpha", "beta", "gamma", "delta")
 
@@ -137,16 +136,8 @@ def run_trl(args, prompts: list[str], tally: Tally) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--prompts", required=True)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=8, help="completions per step (B)")
+    ap = parser(__doc__, "completions per step (B)")
     ap.add_argument("--num-generations", type=int, default=4, help="completions per prompt (G)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--impl", choices=["posttrain", "trl"], default="posttrain")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.batch % args.num_generations:
         ap.error(f"--batch {args.batch} must be a multiple of --num-generations")

@@ -79,7 +79,6 @@ of every completion's reward-model score.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -88,7 +87,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_common import Tally, read_prompts, report  # noqa: E402  (bench/ is not a package)
+from rl_common import Tally, parser, read_prompts, report  # noqa: E402  (bench/ is not a package)
 
 
 def scalar_head_dir(model_dir: str) -> Path:
@@ -238,15 +237,7 @@ def run_trl(args, prompts: list[str], tally: Tally) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--prompts", required=True)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=8, help="prompts = completions per step (B)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--impl", choices=["posttrain", "trl"], default="posttrain")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = parser(__doc__, "prompts = completions per step (B)")
     args = ap.parse_args(argv)
     prompts = read_prompts(args.prompts)
     tally = Tally()

@@ -3,8 +3,23 @@ TRL one of bench/trl_env.sh): imports nothing of posttrain."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
+
+
+def parser(doc: str, batch_help: str) -> argparse.ArgumentParser:
+    """The arguments both benches take (bench/grpo.py adds --num-generations)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=8, help=batch_help)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--impl", choices=["posttrain", "trl"], default="posttrain")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
 
 
 def read_prompts(path: str) -> list[str]:

@@ -84,13 +84,11 @@ def test_one_step_update_equals_the_two_forward_update(algo, kl, micro, policy_d
         if kl["coef"] > 0:
             assert m_f["kl/ref"] == pytest.approx(m_s["kl/ref"], abs=1e-6)
             assert kl_f == pytest.approx(kl_s, abs=1e-6)  # the adaptive coefficient's input
+    for t in (fast, slow):  # plain SGD: AdamW's normalised first step would blow rounding
+        t.opt = torch.optim.SGD(t.policy.parameters(), lr=1.0)  # (up to lr) out of near-0 grads
     u_f, u_s = fast.update(ro_f), slow.update(ro_s)
-    # PPO's whitened advantages sum to ~0 over the batch, so its policy gradient is mostly
-    # rounding, which the two paths sum in different orders (the fused one does not shuffle):
-    # after AdamW's normalised first step (lr 1e-2) they differ by up to ~1e-5, not by 1e-2.
-    tol = 1e-4 if algo == "ppo" else 1e-6
     for (name, a), b in zip(fast.policy.named_parameters(), slow.policy.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=tol, rtol=1e-5), name
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
     assert u_f["policy/loss"] == pytest.approx(u_s["policy/loss"], abs=1e-6)
     if kl["coef"] > 0 and not fused:  # the KL the rollout reported, from the update's forward
         assert u_f["kl/ref"] == pytest.approx(m_s["kl/ref"], abs=1e-6)
@@ -162,3 +160,29 @@ def test_plain_prompts_are_scored_as_the_policy_sampled_them(policy_dir, tmp_pat
     assert got == pytest.approx(score_sequences(rm.eval(), ro.seqs, pad), abs=1e-6)
     chat = score(rm, small_tokenizer, [p["messages"] for p in ro.prompts], ro.texts)
     assert max(abs(a - b) for a, b in zip(got, chat, strict=True)) > 1e-3  # not the chat form
+
+
+@pytest.mark.parametrize(("algo", "fused"), [("grpo", False), ("ppo", False), ("ppo", True)])
+def test_packed_passes_equal_padded_ones(algo, fused, policy_dir, tmp_path):
+    """packing: the sequences end to end in rows (positions restarting); every log-prob, value
+    and the update are those of the padded batches. Responses of different lengths, so rows
+    hold several sequences and the padded batch has padding."""
+    from posttrain.rl.rollout import batch_of
+
+    kw = {"micro_batch_size": 8 if fused else 4, "epochs": 1 if fused else 2}
+    pk, _ = trainer_for(policy_dir, tmp_path / "p", algo, packing=True, **kw)
+    pd, _ = trainer_for(policy_dir, tmp_path / "d", algo, **kw)
+    batch = records() if algo == "grpo" else records() * 2
+    ro_p, m_p, _ = pk.rollout(batch, seed=4)
+    ro_d, m_d, _ = pd.rollout(batch, seed=4)
+    assert pk.packing_checked and ro_p.texts == ro_d.texts
+    packed = batch_of(ro_p.seqs, pk.pad, "cpu", packed=True)
+    assert packed.input_ids.shape[0] < len(ro_p.seqs)  # rows hold several sequences
+    assert torch.allclose(ro_p.old_logp, ro_d.old_logp, atol=1e-5)
+    if algo == "ppo":
+        assert torch.allclose(ro_p.values, ro_d.values, atol=1e-5)
+    for t in (pk, pd):  # plain SGD: AdamW's normalised step would blow rounding up to lr
+        t.opt = torch.optim.SGD(t.policy.parameters(), lr=1.0)
+    pk.update(ro_p), pd.update(ro_d)
+    for (name, a), b in zip(pk.policy.named_parameters(), pd.policy.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name

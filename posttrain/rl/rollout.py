@@ -100,9 +100,26 @@ def sample_rollout(policy, tok, prompts: list[dict], k: int, params,
     )
 
 
-def batch_of(seqs: list[TokenizedExample], pad_id: int, device):
-    """Right-padded batch (one sequence per row) whose labels are the response tokens."""
-    return pad_batch(seqs, pad_id).to(device)
+def batch_of(seqs: list[TokenizedExample], pad_id: int, device, packed: bool = False):
+    """Right-padded batch (one sequence per row) whose labels are the response tokens; packed:
+    the sequences laid end to end, in order, in rows twice as long as the longest one (so a row
+    holds at least two whole sequences; the padding left is at most a row's tail), positions
+    restarting at each (the model keeps them apart by those resets, as in SFT's packing). In
+    order, so a packed batch's target positions come out in the same row-major sequence order
+    as a padded one's, and `from_flat` reads both the same way."""
+    if not packed:
+        return pad_batch(seqs, pad_id).to(device)
+    from posttrain.data.collate import packed_batch
+
+    row_len = 2 * max(len(s) for s in seqs)
+    rows, used = [[]], 0
+    for s in seqs:
+        if rows[-1] and used + len(s) > row_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(s)
+        used += len(s)
+    return packed_batch(rows, pad_id, row_len).to(device)
 
 
 def token_logps(model, batch, temperature: float = 1.0, with_entropy: bool = False):

@@ -134,6 +134,13 @@ class Config(StrictModel):
         16, ge=1, description="Sequences per forward/backward (gradient accumulation)."
     )
     lr: float = Field(1e-5, gt=0, description="Policy learning rate (AdamW).")
+    packing: bool = Field(
+        False,
+        exclude_if=lambda v: not v,
+        description="Lay each forward's sequences end to end in rows twice as long as the longest, "
+        "positions restarting at each (padding-free, per-sequence attention), in the rollout's "
+        "log-prob and value passes and the update; checked once against unpacked logits.",
+    )
     lr_schedule: Literal["constant", "linear"] = Field(
         "constant",
         exclude_if=lambda v: v == "constant",

@@ -83,6 +83,7 @@ class RLTrainer:
                 self.value = apply_lora(self.value, cfg.lora, task="scalar").eval()
             self.value_opt = make_optimizer(self.value, opt.model_copy(update={"lr": cfg.value_lr}))
         self.kl_coef = cfg.kl.coef
+        self.packing_checked = False
         # On-policy in one step (one epoch, one minibatch per rollout): the policy that sampled
         # is the one being updated, so its log-probs are the update's own forward, detached
         # (TRL's num_iterations = 1), not a second forward at rollout time. Not when a per-token
@@ -134,6 +135,11 @@ class RLTrainer:
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                 batch_size=64, seed=seed)  # fmt: skip
         ro = sample_rollout(self.policy, self.tok, prompts, r.k, params, r.prompt_format)
+        if cfg.packing and not self.packing_checked:  # once: the policy keeps packed rows apart
+            from posttrain.data.collate import check_packing_isolation
+
+            check_packing_isolation(self.policy, ro.seqs[:2], self.pad)
+            self.packing_checked = True
         if self.score_tokens:
             comps = self.reward_fn.score_tokens(ro.seqs)
         else:
@@ -153,7 +159,7 @@ class RLTrainer:
             need_ref = False  # no KL anywhere: no reference forward
         old, ref, vals = [], [], []
         if fused:  # the update's forward, with its graph, kept for the update
-            b = batch_of(ro.seqs, self.pad, self.device)
+            b = batch_of(ro.seqs, self.pad, self.device, cfg.packing)
             with torch.enable_grad():
                 logp_flat, ent_flat = token_logps(self.policy, b, r.temperature, with_entropy=True)
                 v_flat = token_values(self.value, b) if self.value is not None else None
@@ -164,7 +170,7 @@ class RLTrainer:
         for s in range(0, len(ro.seqs), cfg.micro_batch_size):
             if (reuse or fused) and not need_ref and (self.value is None or fused):
                 break  # nothing to compute before the update
-            b = batch_of(ro.seqs[s : s + cfg.micro_batch_size], self.pad, self.device)
+            b = batch_of(ro.seqs[s : s + cfg.micro_batch_size], self.pad, self.device, cfg.packing)
             if not reuse and not fused:
                 old.append(token_logps(self.policy, b, r.temperature)[0])
             if need_ref:
@@ -292,7 +298,7 @@ class RLTrainer:
                     if graph is not None:
                         b, logp_flat, ent_flat, v_flat = graph
                     else:
-                        b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
+                        b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device, cfg.packing)
                         logp_flat, ent_flat = token_logps(
                             self.policy, b, cfg.rollout.temperature, with_entropy=True
                         )
@@ -404,7 +410,7 @@ class RLTrainer:
                     chunk = mb_pairs[mi : mi + mb_pairs_per_micro]
                     idx = [c for c, _ in chunk] + [r for _, r in chunk]
                     mask = ro.mask[idx]
-                    b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device)
+                    b = batch_of([ro.seqs[i] for i in idx], self.pad, self.device, cfg.packing)
                     logp = from_flat(token_logps(self.policy, b, cfg.rollout.temperature)[0], mask)
                     pi = (logp * mask).sum(-1)
                     ref = (ro.ref_logp[idx] * mask).sum(-1)

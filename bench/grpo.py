@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_common import Tally, parser, read_prompts, report  # noqa: E402  (bench/ is not a package)
+from rl_common import Tally, parser, run  # noqa: E402  (bench/ is not a package)
 
 WORDS = ("alpha", "beta", "gamma", "delta")
 
@@ -141,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.batch % args.num_generations:
         ap.error(f"--batch {args.batch} must be a multiple of --num-generations")
-    prompts = read_prompts(args.prompts)
-    tally = Tally()
-    seconds = (run_trl if args.impl == "trl" else run_posttrain)(args, prompts, tally)
-    return report(args.impl, seconds, tally)
+    return run(args, run_posttrain, run_trl)
 
 
 if __name__ == "__main__":

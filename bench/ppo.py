@@ -87,7 +87,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_common import Tally, parser, read_prompts, report  # noqa: E402  (bench/ is not a package)
+from rl_common import Tally, parser, run  # noqa: E402  (bench/ is not a package)
 
 
 def scalar_head_dir(model_dir: str) -> Path:
@@ -239,10 +239,7 @@ def run_trl(args, prompts: list[str], tally: Tally) -> float:
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, "prompts = completions per step (B)")
     args = ap.parse_args(argv)
-    prompts = read_prompts(args.prompts)
-    tally = Tally()
-    seconds = (run_trl if args.impl == "trl" else run_posttrain)(args, prompts, tally)
-    return report(args.impl, seconds, tally)
+    return run(args, run_posttrain, run_trl)
 
 
 if __name__ == "__main__":

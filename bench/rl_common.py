@@ -51,6 +51,15 @@ class Tally:
         self.trained += prompt_len + completion_len
 
 
+def run(args, run_posttrain, run_trl) -> dict:
+    """Read the prompts, run the chosen side (each returns the seconds of its S steps and fills
+    the Tally), print and return the JSON line."""
+    tally = Tally()
+    side = run_trl if args.impl == "trl" else run_posttrain
+    seconds = side(args, read_prompts(args.prompts), tally)
+    return report(args.impl, seconds, tally)
+
+
 def report(impl: str, seconds: float, tally: Tally) -> dict:
     """The benches' JSON line (printed) as a dict."""
     tokens = tally.generated + tally.trained

@@ -18,6 +18,10 @@
 #      checkpointing), shortened, on a random-init Qwen2-0.5B-shaped model (8,192-token vocab),
 #      each stage's time and peak GPU memory, and DPO with a live reference, LoRA vs full;
 #   3. (--sft-bench) the SFT step benchmark of 2026-11-27 (bench/sft.py, see bench/RESULTS.md).
+#   4. (--rl-bench) rollouts on a ~340M-parameter Llama (hidden 1024, 24 layers, 8,192-token
+#      vocab, random init): bench/rollout.py static vs hf vs generate at batch 8 and 64, and
+#      bench/grpo.py (posttrain side; TRL's needs its wheels in .gpu/whl, not prepared yet).
+#      Written 2026-12-06 without a GPU to try it on: run it once and fix what it trips on.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -55,6 +59,24 @@ if [ "${1:-}" = "--sft-bench" ]; then
             done
         done
     done
+fi
+
+if [ "${1:-}" = "--rl-bench" ] || [ "${2:-}" = "--rl-bench" ]; then
+    echo "== 4. rollouts and GRPO"
+    R=/tmp/bench_rl
+    timeout 120 python3 bench/make_inputs.py --out $R --data .gpu/data/gsm8k/train.jsonl --hh none \
+        --hidden 1024 --layers 24 --heads 16 --intermediate 2816 2>/dev/null | tee "$OUT/inputs_rl.json"
+    : >"$OUT/bench_rollout.jsonl"
+    for batch in 8 64; do
+        for impl in generate hf static; do
+            timeout 90 python3 bench/rollout.py --model $R/model --prompts $R/prompts.jsonl \
+                --batch $batch --max-new-tokens 128 --repeats 3 --impl $impl --device cuda \
+                2>>"$OUT/bench_rollout.err" | tee -a "$OUT/bench_rollout.jsonl"
+        done
+    done
+    timeout 120 python3 bench/grpo.py --model $R/model --prompts $R/prompts.jsonl --steps 10 \
+        --batch 32 --num-generations 8 --max-new-tokens 128 --lr 1e-6 --device cuda \
+        2>"$OUT/bench_grpo.err" | tee "$OUT/bench_grpo.jsonl"
 fi
 
 echo "== summary"

@@ -1,7 +1,7 @@
 """GRPO throughput, like for like: posttrain's RL trainer against TRL's GRPOTrainer, same work.
 
     python bench/grpo.py --model DIR --prompts FILE --steps S --batch B --num-generations G
-        --max-new-tokens L --lr LR [--impl posttrain|trl] [--seed 0]
+        --max-new-tokens L --lr LR [--impl posttrain|trl] [--seed 0] [--device cpu|cuda]
 
 FILE: JSONL of {"prompt": text}, tokenised as plain text (no chat template, no special tokens).
 Each step takes the next B/G prompts in file order (wrapping around), samples G completions of
@@ -70,7 +70,7 @@ def run_posttrain(args, prompts: list[str], tally: Tally) -> float:
                      rollout={"prompts_per_step": per_step, "k": args.num_generations,
                               "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
                               "top_p": 1.0, "prompt_format": "plain"})  # fmt: skip
-    pipe = Pipeline(PipelineConfig(name="bench", device="cpu", stages=["grpo"]), [], "bench")
+    pipe = Pipeline(PipelineConfig(name="bench", device=args.device, stages=["grpo"]), [], "bench")
     with tempfile.TemporaryDirectory() as tmp:
         ctx = StageContext("grpo", "grpo", Path(tmp), pipe, Logger(stream=io.StringIO()))
         torch.manual_seed(args.seed)
@@ -122,7 +122,7 @@ def run_trl(args, prompts: list[str], tally: Tally) -> float:
             beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group",
             learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0,
             adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
-            max_grad_norm=1.0, shuffle_dataset=False, use_cpu=True, bf16=False, fp16=False,
+            max_grad_norm=1.0, shuffle_dataset=False, use_cpu=args.device == "cpu", bf16=False, fp16=False,
             seed=args.seed, logging_steps=1, report_to="none", save_strategy="no",
             use_vllm=False, disable_dropout=True, log_completions=False,
             dataloader_num_workers=0,
@@ -138,6 +138,7 @@ def run_trl(args, prompts: list[str], tally: Tally) -> float:
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, "completions per step (B)")
     ap.add_argument("--num-generations", type=int, default=4, help="completions per prompt (G)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 on both)")
     args = ap.parse_args(argv)
     if args.batch % args.num_generations:
         ap.error(f"--batch {args.batch} must be a multiple of --num-generations")

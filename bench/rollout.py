@@ -1,7 +1,7 @@
 """Rollout decoding: posttrain's decoders against transformers' `generate` on the same batch.
 
     python bench/rollout.py --model DIR --prompts FILE [--batch 8] [--max-new-tokens 64]
-        [--repeats 5] --impl static|hf|generate [--profile OUT.txt]
+        [--repeats 5] --impl static|hf|generate [--profile OUT.txt] [--device cpu|cuda]
 
 Decodes the first --batch prompts of FILE ({"prompt": text} JSONL, plain text) --repeats times,
 sampling at temperature 1.0 (top-p 1, no top-k) up to --max-new-tokens new tokens, never
@@ -14,7 +14,8 @@ stopping early (no stop token), so every implementation decodes exactly batch x 
   posttrain keeps come from those scores, so both sides return them).
 One process per implementation, so peak RSS is each one's own. The first repeat is a warm-up and
 is not timed. The bound: every decoding step reads every parameter once, so a step takes at least
-params x bytes / bandwidth, the bandwidth measured here by copying a 256 MB array (best of 5);
+params x bytes / bandwidth, the bandwidth measured here by copying a 256 MB array (best of 5;
+on the GPU with --device cuda);
 bound_tokens_per_s = batch / that time.
 
 Prints one JSON line: {"impl", "tokens_per_s", "seconds_per_batch", "peak_rss_mb", "tokens",
@@ -34,17 +35,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def bandwidth_gb_s(mb: int = 256, tries: int = 5) -> float:
-    import numpy as np
+def bandwidth_gb_s(device: str = "cpu", mb: int = 256, tries: int = 5) -> float:
+    """Copy bandwidth (read + write) of a 256 MB array, best of `tries`: the host's memory, or the
+    GPU's on cuda."""
+    import torch
 
-    a = np.ones(mb * 2**20 // 8)
-    b = np.empty_like(a)
+    a = torch.ones(mb * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
     best = float("inf")
     for _ in range(tries):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        np.copyto(b, a)
+        b.copy_(a)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return 2 * a.nbytes / best / 1e9  # read + write
+    return 2 * a.numel() * 4 / best / 1e9
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,9 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--impl", choices=["static", "hf", "generate"], required=True)
     ap.add_argument("--profile")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
-    model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
+    model, tok = load_model(args.model, args.device).eval(), load_tokenizer(args.model)
     with open(args.prompts) as f:
         texts = [json.loads(line)["prompt"] for line in f if line.strip()][: args.batch]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             att = torch.zeros((len(ids), T), dtype=torch.long)
             for b, x in enumerate(ids):
                 inp[b, T - len(x) :], att[b, T - len(x) :] = torch.tensor(x), 1
+            inp, att = inp.to(args.device), att.to(args.device)
             torch.manual_seed(seed)
             with torch.inference_mode():
                 out = model.generate(input_ids=inp, attention_mask=att, do_sample=True,
@@ -93,11 +102,17 @@ def main(argv: list[str] | None = None) -> dict:
         gens = generate(model, tok, ids, params)
         return sum(len(g.token_ids) for g in gens)
 
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     run_once(0)  # warm-up
     times, tokens = [], 0
     for r in range(1, args.repeats + 1):
+        sync()
         t0 = time.perf_counter()
         tokens += run_once(r)
+        sync()
         times.append(time.perf_counter() - t0)
     if args.profile:
         from torch.profiler import profile
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     n_params = sum(p.numel() for p in model.parameters())
     bytes_per = next(model.parameters()).element_size()
-    bw = bandwidth_gb_s()
+    bw = bandwidth_gb_s(args.device)
     bound = len(ids) / (n_params * bytes_per / (bw * 1e9))
     tps = tokens / sum(times)
     out = {
@@ -117,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": round(tps, 1),
         "seconds_per_batch": round(sum(times) / len(times), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if args.device.startswith("cuda")
+        else None,
         "tokens": tokens,
         "params": n_params,
         "bandwidth_gb_s": round(bw, 2),

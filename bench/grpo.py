@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_common import Tally, parser, run  # noqa: E402  (bench/ is not a package)
+from rl_common import Tally, parser, posttrain_steps, run  # noqa: E402  (bench/ is not a package)
 
 WORDS = ("alpha", "beta", "gamma", "delta")
 
@@ -77,19 +77,7 @@ def run_posttrain(args, prompts: list[str], tally: Tally) -> float:
         trainer = RLTrainer(cfg, ctx, {"model": Path(args.model)})
         assert trainer.reuse_update_logps  # one forward per sequence in the update, as TRL's
         trainer.reward_fn = lambda ps, texts: [{"reward": reward(t)} for t in texts]
-        records = [{"prompt_id": str(i), "messages": [{"role": "user", "content": p}], "text": p}
-                   for i, p in enumerate(prompts)]  # fmt: skip
-        at, t0 = 0, time.perf_counter()
-        for step in range(args.steps):
-            batch = [records[(at + i) % len(records)] for i in range(per_step)]
-            at += per_step
-            trainer.set_step(step)
-            ro, _, _ = trainer.rollout(batch, seed=args.seed * 1000 + step)
-            trainer.update(ro)
-            for seq, c in zip(ro.seqs, ro.components, strict=True):
-                n_resp = sum(seq.loss_mask)
-                tally.add(len(seq.input_ids) - n_resp, n_resp, c["reward"])
-        return time.perf_counter() - t0
+        return posttrain_steps(trainer, prompts, per_step, args, tally)
 
 
 def run_trl(args, prompts: list[str], tally: Tally) -> float:

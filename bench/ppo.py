@@ -87,7 +87,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_common import Tally, parser, run  # noqa: E402  (bench/ is not a package)
+from rl_common import Tally, parser, posttrain_steps, run  # noqa: E402  (bench/ is not a package)
 
 
 def scalar_head_dir(model_dir: str) -> Path:
@@ -155,19 +155,7 @@ def run_posttrain(args, prompts: list[str], tally: Tally) -> float:
         ctx = StageContext("ppo", "ppo", Path(tmp), pipe, Logger(stream=io.StringIO()))
         torch.manual_seed(args.seed)
         trainer = RLTrainer(cfg, ctx, paths)
-        records = [{"prompt_id": str(i), "messages": [{"role": "user", "content": p}], "text": p}
-                   for i, p in enumerate(prompts)]  # fmt: skip
-        at, t0 = 0, time.perf_counter()
-        for step in range(args.steps):
-            batch = [records[(at + i) % len(records)] for i in range(args.batch)]
-            at += args.batch
-            trainer.set_step(step)
-            ro, _, _ = trainer.rollout(batch, seed=args.seed * 1000 + step)
-            trainer.update(ro)
-            for seq, c in zip(ro.seqs, ro.components, strict=True):
-                n_resp = sum(seq.loss_mask)
-                tally.add(len(seq.input_ids) - n_resp, n_resp, c["reward"])
-        return time.perf_counter() - t0
+        return posttrain_steps(trainer, prompts, args.batch, args, tally)
 
 
 def _count_trl_scores(ppo_mod, reward_model, pad: int, tally: Tally) -> None:

@@ -51,6 +51,27 @@ class Tally:
         self.trained += prompt_len + completion_len
 
 
+def posttrain_steps(trainer, prompts: list[str], per_step: int, args, tally: Tally) -> float:
+    """posttrain's side of a bench: S steps of rollout and update by a posttrain RLTrainer over
+    the plain prompts in file order (wrapping around), counted in the Tally; returns the
+    seconds of the S steps."""
+    import time
+
+    records = [{"prompt_id": str(i), "messages": [{"role": "user", "content": p}], "text": p}
+               for i, p in enumerate(prompts)]  # fmt: skip
+    at, t0 = 0, time.perf_counter()
+    for step in range(args.steps):
+        batch = [records[(at + i) % len(records)] for i in range(per_step)]
+        at += per_step
+        trainer.set_step(step)
+        ro, _, _ = trainer.rollout(batch, seed=args.seed * 1000 + step)
+        trainer.update(ro)
+        for seq, c in zip(ro.seqs, ro.components, strict=True):
+            n_resp = sum(seq.loss_mask)
+            tally.add(len(seq.input_ids) - n_resp, n_resp, c["reward"])
+    return time.perf_counter() - t0
+
+
 def run(args, run_posttrain, run_trl) -> dict:
     """Read the prompts, run the chosen side (each returns the seconds of its S steps and fills
     the Tally), print and return the JSON line."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -20,10 +20,38 @@ from pydantic import BaseModel, Field, ValidationError
 from posttrain.settings import ConfigError, SettingError, StrictModel
 
 
+class WandbConfig(StrictModel):
+    project: str = Field(min_length=1, description="W&B project the stages' runs go to.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online",
+        description="online: sync as it runs; offline: write runs to disk only (`wandb sync` "
+        "uploads them later); disabled: log nothing.",
+    )
+    entity: str | None = Field(None, description="W&B team or user (default: your default).")
+    group: str | None = Field(
+        None, description="Group of the stages' runs (default: the pipeline's run name)."
+    )
+    tags: list[str] = Field(default_factory=list, description="Tags on every stage's run.")
+    dir: str | None = Field(
+        None,
+        description="Folder that holds W&B's local files, in <dir>/wandb/ (default: the run "
+        "directory, so runs/<name>/wandb/).",
+    )
+
+
 class LogConfig(StrictModel):
     every: int = Field(10, ge=1, description="Print a plain progress line every N steps (non-TTY).")
     tensorboard: bool = Field(
         False, description="Also write TensorBoard event files to <stage>/tb/."
+    )
+    # Left out of the resolved config while off: pipeline.yaml (and its hash in the report) of
+    # runs that don't set it stay as they were.
+    wandb: WandbConfig | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="Also log each stage's metrics, final results and resolved config to "
+        "Weights & Biases, one run per stage named <run name>/<stage> (needs `pip install "
+        "'posttrain[wandb]'`); null: off.",
     )
 
 

@@ -1,14 +1,21 @@
-"""One shared logger: human messages, a live progress line per step, metrics.jsonl, TensorBoard.
+"""One shared logger: human messages, a live progress line per step, metrics.jsonl, TensorBoard,
+Weights & Biases.
 
 On a terminal the progress is a rich progress bar; elsewhere (CI, pipes) it is one dense plain
 line every `every` steps, nanochat style:
     pretrain step 40/200 | loss 1.234 | lr 3.00e-04 | tok/s 12,345 | eta 2:10
 Each field's label is unique in its line: the training loss is `loss`, the held-out one `val
 loss`; an RL step shows `gen tok/s` (sampling) and `train tok/s` (the update).
+
+Besides metrics.jsonl a step's metrics go to sinks (`log(step, metrics)`, `close()`): a
+progress's own (TensorBoard, <stage>/tb/) and the logger's `sinks`, which outlive a progress:
+the running stage's W&B run (`wandb_run`, one per stage, opened and finished by the pipeline).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
 import os
 import sys
@@ -16,6 +23,7 @@ import time
 from pathlib import Path
 
 from posttrain.io import append_jsonl, atomic_write_jsonl, read_jsonl
+from posttrain.settings import ConfigError
 
 _SHOWN = ("loss", "lr", "tokens_per_s")
 # How a metric's namespace reads in the progress line (the training loop's own, "train", reads
@@ -62,6 +70,89 @@ def is_interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
+def numeric(metrics: dict) -> dict:
+    """The metrics a plotting sink takes: numbers (a string or None stays in metrics.jsonl)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+class TensorBoardSink:
+    """TensorBoard event files of one progress (<stage>/tb/)."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        for k, v in numeric(metrics).items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """One stage's Weights & Biases run: its steps' metrics as history, its final metrics as the
+    summary. `settings` is the pipeline's `log.wandb` (posttrain.config.WandbConfig)."""
+
+    def __init__(self, settings, *, name: str, group: str, job_type: str, config: dict, run_dir):
+        import wandb
+
+        where = Path(settings.dir or run_dir)
+        where.mkdir(parents=True, exist_ok=True)  # W&B writes to <dir>/wandb/
+        self.run = wandb.init(project=settings.project, entity=settings.entity,
+                              mode=settings.mode, name=name, group=settings.group or group,
+                              job_type=job_type, tags=settings.tags, config=config,
+                              dir=str(where), reinit="create_new")  # fmt: skip
+
+    def log(self, step: int, metrics: dict) -> None:
+        if values := numeric(metrics):
+            self.run.log(values, step=step)
+
+    def summarize(self, metrics: dict) -> None:
+        self.run.summary.update(numeric(metrics))
+
+    def close(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+def _wandb_on(settings) -> bool:
+    return settings is not None and settings.mode != "disabled"
+
+
+def check_wandb(settings) -> None:
+    """Before any stage runs: `log.wandb` needs the wandb package (an optional extra)."""
+    if _wandb_on(settings) and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "config key 'log.wandb': logging to Weights & Biases needs the wandb package, which "
+            "is not installed: pip install 'posttrain[wandb]' (or remove log.wandb)"
+        )
+
+
+@contextlib.contextmanager
+def wandb_run(logger: Logger, settings, **run):
+    """One stage's W&B run (WandbSink's keyword arguments), in `logger.sinks` while the stage
+    runs, so that every progress of the stage logs to it; finished with exit code 1 if the stage
+    raises. Yields None where nothing is logged: `settings` None or disabled, or a rank other
+    than 0 under torchrun."""
+    from posttrain.train import dist
+
+    if not _wandb_on(settings) or not dist.is_main():
+        yield None
+        return
+    sink = WandbSink(settings, **run)
+    logger.sinks.append(sink)
+    try:
+        yield sink
+    except BaseException:
+        sink.close(exit_code=1)
+        raise
+    else:
+        sink.close()
+    finally:
+        logger.sinks.remove(sink)
+
+
 class Logger:
     """Writes messages to stderr; `progress()` makes a StepLogger for one stage's steps."""
 
@@ -69,6 +160,7 @@ class Logger:
         self.every = every
         self.tensorboard = tensorboard
         self.stream = stream or sys.stderr
+        self.sinks: list = []  # the running stage's (its W&B run), beside each progress's own
 
     def info(self, msg: str) -> None:
         from posttrain.train import dist
@@ -92,11 +184,7 @@ class StepLogger:
         self.parent, self.stage, self.total, self.start = parent, stage, total, start
         self.metrics_path = stage_dir / "metrics.jsonl"
         self.t0 = time.perf_counter()
-        self.tb = None
-        if parent.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(stage_dir / "tb"))
+        self.sinks = [TensorBoardSink(stage_dir / "tb")] if parent.tensorboard else []
         self.bar = None
         if is_interactive():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -129,10 +217,8 @@ class StepLogger:
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: v for k, v in metrics.items()}}
         append_jsonl(self.metrics_path, record)
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, int | float):
-                    self.tb.add_scalar(k, v, step)
+        for sink in [*self.sinks, *self.parent.sinks]:
+            sink.log(step, metrics)
         shown = " | ".join(f"{label} {value}" for label, value in shown_fields(metrics))
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=shown)
@@ -145,5 +231,5 @@ class StepLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()

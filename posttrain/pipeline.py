@@ -22,7 +22,7 @@ import yaml
 from posttrain import runlock
 from posttrain.config import Pipeline, StageSpec
 from posttrain.io import atomic_write_json, atomic_write_yaml, clean_stale_temps, hash_path
-from posttrain.log import Logger
+from posttrain.log import Logger, check_wandb, wandb_run
 from posttrain.models.load import resolve_device
 from posttrain.stages.base import StageContext, StageResult
 from posttrain.train import dist
@@ -214,6 +214,15 @@ def _check_settings(spec: StageSpec, ctx: StageContext) -> None:
                            f"pays on a GPU. Set {spec.name}.train.precision: fp32 for CPU runs")  # fmt: skip
 
 
+def _wandb_run(spec: StageSpec, ctx: StageContext):
+    """The stage's W&B run under `log.wandb` (see posttrain.log.wandb_run): named
+    <run name>/<stage>, its config the stage's resolved settings and the pipeline's own."""
+    cfg = ctx.pipeline.config
+    config = spec.config.model_dump(mode="json") | {"pipeline": cfg.model_dump(mode="json")}
+    return wandb_run(ctx.logger, cfg.log.wandb, name=f"{cfg.name}/{spec.name}", group=cfg.name,
+                     job_type=spec.kind, config=config, run_dir=ctx.run_dir)  # fmt: skip
+
+
 def _run_stage(spec: StageSpec, ctx: StageContext, force: set[str], resume: bool,
                seen: set[str] | None = None) -> None:  # fmt: skip
     """One stage on every rank: skipped if cached, else run (data-parallel, or on rank 0 while
@@ -254,18 +263,21 @@ def _run_stage(spec: StageSpec, ctx: StageContext, force: set[str], resume: bool
     else:
         logger.info(f"{spec.name}: running")
     t0 = time.perf_counter()
-    if parallel:
-        result: StageResult = module.run(spec.config, ctx)
-    elif main:
-        with dist.alone():
-            result = module.run(spec.config, ctx)
-    seconds = time.perf_counter() - t0
-    if main:
-        record = {"stage": spec.name, "kind": spec.kind, "seconds": round(seconds, 2),
-                  "metrics": result.metrics, "artifacts": result.artifacts}  # fmt: skip
-        if result.evals:
-            record |= {"evals": result.evals, "samples": result.samples}
-        atomic_write_json(ctx.stage_dir / "result.json", record)
+    with _wandb_run(spec, ctx) as tracked:
+        if parallel:
+            result: StageResult = module.run(spec.config, ctx)
+        elif main:
+            with dist.alone():
+                result = module.run(spec.config, ctx)
+        seconds = time.perf_counter() - t0
+        if main:
+            record = {"stage": spec.name, "kind": spec.kind, "seconds": round(seconds, 2),
+                      "metrics": result.metrics, "artifacts": result.artifacts}  # fmt: skip
+            if result.evals:
+                record |= {"evals": result.evals, "samples": result.samples}
+            atomic_write_json(ctx.stage_dir / "result.json", record)
+            if tracked is not None:
+                tracked.summarize(result.metrics | {"seconds": record["seconds"]})
     dist.barrier()  # the next stage reads what this one wrote
     logger.info(f"{spec.name}: done in {seconds:.1f}s")
 
@@ -292,6 +304,7 @@ def run_pipeline(
         raise ValueError(f"--force: no stage named {sorted(unknown)}; stages: {names} (or all)")
     cfg = pipeline.config
     logger = logger or Logger(every=cfg.log.every, tensorboard=cfg.log.tensorboard)
+    check_wandb(cfg.log.wandb)
     dist.init(resolve_device(cfg.device))
     main = dist.is_main()
     run_dir = cfg.run_dir

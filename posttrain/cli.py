@@ -5,9 +5,10 @@ posttrain STAGE --config FILE [KEY=VALUE ...] [--out DIR] [--force STAGE|all] [-
     one stage alone from a file of its own settings; STAGE is any stage type:
     world pretrain sft sample rank reward dpo kto best_of_n ppo grpo rloo online_dpo evaluate
 posttrain config show CONFIG [KEY=VALUE ...] [--stage STAGE]
-posttrain data inspect|curate|probe|lc-winrate ...
+posttrain data inspect|curate|probe|lc-winrate|generate ...
 posttrain annotate serve|add-annotator|add-admin|export --run RUN ...
 posttrain lab list|run|diagnose ...
+posttrain serve MODEL_DIR [--host H] [--port P] [--name N] [--device D] [--dtype T] ...
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ STAGE_HELP = {
     "grpo": "GRPO: group-normalised advantages over k samples per prompt",
     "rloo": "RLOO: a leave-one-out baseline over k samples per prompt",
     "online_dpo": "online DPO: the best and worst of the policy's own samples as pairs",
+    "self_instruct": "a teacher model writes SFT data from seed tasks (Self-Instruct)",
     "evaluate": "evaluate models on toy-world prompts and public benchmarks (report card)",
 }
 
@@ -127,12 +129,18 @@ def _parser() -> argparse.ArgumentParser:
     from posttrain.eval.lc_winrate import add_parser as add_lc_winrate_parser
 
     add_lc_winrate_parser(data_sub)
+    from posttrain.synth.cli import add_parser as add_generate_parser
+
+    add_generate_parser(data_sub)
     from posttrain.annotate.cli import add_parser as add_annotate_parser
 
     add_annotate_parser(sub)
     from posttrain.lab.cli import add_parser as add_lab_parser
 
     add_lab_parser(sub)
+    from posttrain.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 
@@ -236,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
             from posttrain.lab.cli import main as lab_main
 
             return lab_main(args)
+        if args.command == "serve":
+            from posttrain.serve.cli import main as serve_main
+
+            return serve_main(args)
+        if args.command == "data" and args.action == "generate":
+            from posttrain.synth.cli import main as generate_main
+
+            return generate_main(args)
         if args.command == "data" and args.action == "curate":
             return _curate(args)
         if args.command == "data" and args.action == "probe":

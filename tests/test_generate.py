@@ -148,6 +148,21 @@ def test_greedy_with_stops_equals_naive_loop_when_rows_finish_at_different_steps
     assert len({len(g.token_ids) for g in gens if g.finished}) > 1
 
 
+@pytest.mark.parametrize("engine", ["auto", "hf"])
+def test_on_token_streams_every_rows_tokens_as_decoded(model, bias_im_end, small_tokenizer, engine):
+    im_end = bias_im_end(4.0)  # rows end at different steps; the finished get no more calls
+    streamed: dict[int, list[int]] = {}
+    params = SamplingParams(max_new_tokens=12, seed=3, batch_size=2, engine=engine)  # 3 batches
+    on_token = lambda i, t: streamed.setdefault(i, []).append(t)  # noqa: E731
+    gens = generate(model, small_tokenizer, PROMPTS, params, on_token=on_token)
+    assert [streamed.get(i) for i in range(len(PROMPTS))] == [g.token_ids for g in gens]
+    assert len({len(g.token_ids) for g in gens}) > 1 and any(
+        g.token_ids[-1] == im_end for g in gens
+    )
+    # Streaming changes nothing: the same outputs as without the callback.
+    assert gens == generate(model, small_tokenizer, PROMPTS, params)
+
+
 def test_max_new_tokens_without_a_stop_truncates(model, small_tokenizer):
     gens = generate(model, small_tokenizer, PROMPTS, SamplingParams(max_new_tokens=4, greedy=True))
     for g in gens:

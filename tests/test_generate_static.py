@@ -93,6 +93,20 @@ def test_finished_rows_leave_the_batch(small_tokenizer, monkeypatch):
     assert [g.token_ids for g in got] == [g.token_ids for g in ref]
 
 
+def test_on_token_follows_rows_that_leave_the_batch(small_tokenizer):
+    model = tiny("llama", small_tokenizer)
+    stops = frequent_tokens(model, small_tokenizer)
+    ids = [small_tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    for engine in ("auto", "hf"):
+        streamed: dict[int, list[int]] = {}
+        params = SamplingParams(engine=engine, batch_size=8, max_new_tokens=12, greedy=True,
+                                stop_token_ids=stops)  # fmt: skip
+        gens = generate(model, small_tokenizer, ids, params,
+                        on_token=lambda i, t, s=streamed: s.setdefault(i, []).append(t))  # fmt: skip
+        assert len({len(g.token_ids) for g in gens}) > 1  # rows finished at different steps
+        assert [streamed[i] for i in range(len(PROMPTS))] == [g.token_ids for g in gens]
+
+
 def test_lora_layers_decode_as_the_peft_models_forward(small_tokenizer):
     from posttrain.models.lora import LoraSettings, apply_lora
 

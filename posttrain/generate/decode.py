@@ -11,6 +11,7 @@ padded row decodes exactly as it would alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +36,22 @@ class Generation:
     prompt_ids: list[int]
 
 
-def generate(model, tokenizer, prompts, params: SamplingParams) -> list[Generation]:
+def generate(
+    model,
+    tokenizer,
+    prompts,
+    params: SamplingParams,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
     """Sample one response per prompt; results come back in the order of `prompts`.
 
     prompts: token-id lists, or strings (tokenised as-is, without special tokens added).
     Prompts are sorted by length into batches of params.batch_size to reduce padding; one
     generator seeded with params.seed drives all batches, so the same inputs and params give
     identical outputs (sampled outputs depend on the batching, greedy ones do not).
+    on_token(prompt index, token id), for streaming, is called for every token of every row as
+    it is decoded (the stop token included; a finished row gets no more calls). It costs one
+    host sync a step and changes nothing in the outputs.
     """
     from posttrain.models.tokenizer import end_of_turn_ids
     from posttrain.train import dist
@@ -72,7 +82,10 @@ def generate(model, tokenizer, prompts, params: SamplingParams) -> list[Generati
         with torch.inference_mode():
             for idx in batches:
                 batch = [prompt_ids[i] for i in idx]
-                outs = _decode_batch(model, batch, params, stop_ids, pad_id, device, generator)
+                emit = None if on_token is None else _row_to_prompt(on_token, idx)
+                outs = _decode_batch(
+                    model, batch, params, stop_ids, pad_id, device, generator, emit
+                )
                 for i, (ids, logps) in zip(idx, outs, strict=True):
                     results[i] = _to_generation(tokenizer, prompt_ids[i], ids, logps, stop_ids)
     finally:
@@ -109,6 +122,17 @@ def sample_n(model, tokenizer, prompts, n: int, params: SamplingParams) -> list[
     return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+def _row_to_prompt(on_token: Callable[[int, int], None], idx: list[int]):
+    """A batch's on_token(row, token id) calling the caller's on_token(prompt index, token id)."""
+    return lambda row, token_id: on_token(idx[row], token_id)
+
+
+def emit_tokens(on_token, rows: torch.Tensor, active: torch.Tensor, tokens: torch.Tensor) -> None:
+    """on_token(row, token id) for each active row: rows, active, tokens are (b,)."""
+    for row, token_id in zip(rows[active].tolist(), tokens[active].tolist(), strict=True):
+        on_token(row, token_id)
+
+
 def _check_lengths(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for i, ids in enumerate(prompt_ids):
@@ -129,14 +153,17 @@ def _decode_batch(
     pad_id: int,
     device: torch.device,
     generator: torch.Generator,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[tuple[list[int], list[float]]]:
-    """Decode one batch; returns, per prompt, (generated ids incl. stop, their raw logps)."""
+    """Decode one batch; returns, per prompt, (generated ids incl. stop, their raw logps).
+    on_token(row, token id) as each row's tokens are decoded (see generate)."""
     from posttrain.generate import static
 
     total = max(len(p) for p in prompts) + params.max_new_tokens
+    args = (model, prompts, params, stop_ids, pad_id, device, generator, on_token)
     if params.engine == "auto" and static.supports(model, total):
-        return static.decode_batch(model, prompts, params, stop_ids, pad_id, device, generator)
-    return _decode_batch_hf(model, prompts, params, stop_ids, pad_id, device, generator)
+        return static.decode_batch(*args)
+    return _decode_batch_hf(*args)
 
 
 def _decode_batch_hf(
@@ -147,6 +174,7 @@ def _decode_batch_hf(
     pad_id: int,
     device: torch.device,
     generator: torch.Generator,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[tuple[list[int], list[float]]]:
     """_decode_batch through the model's own forward and a DynamicCache (any architecture)."""
     from transformers import DynamicCache
@@ -184,6 +212,8 @@ def _decode_batch_hf(
         new_ids[:, t] = tokens
         new_logps[:, t] = logps
         n_new += active.long()
+        if on_token is not None:
+            emit_tokens(on_token, torch.arange(B, device=device), active, tokens)
         done |= active & torch.isin(tokens, stop)
         if bool(done.all()):  # one host sync per step, to stop the batch early
             break

@@ -172,7 +172,10 @@ def run_requests(
     """Answer every request; replies come back in the order of `requests`.
 
     Requests whose (temperature, top_p, max_tokens, seed) agree are decoded in one `generate`
-    call, their n copies side by side. on_token(request index, choice index, token id) is
+    call, their n copies side by side (greedy requests whatever their seed and top_p; unseeded
+    ones share one fresh seed). Requests with the same seed share one random generator, so a
+    seeded reply depends on what else shares its call: ask for it alone (as the server and the
+    client's cache do) to get the same reply every time. on_token(request index, choice index, token id) is
     called as tokens are decoded, where the decoder supports it (streaming).
     """
     prompts = [
@@ -181,10 +184,14 @@ def run_requests(
         else tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
         for r in requests
     ]
-    seeds = [r.seed if r.seed is not None else random.getrandbits(31) for r in requests]
+    fresh = random.getrandbits(31)  # unseeded requests: one fresh seed, so they batch together
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
-        groups.setdefault((r.temperature, r.top_p, r.max_tokens, seeds[i]), []).append(i)
+        if r.temperature == 0:  # greedy: neither seed nor top_p changes a token
+            key = (0.0, 1.0, r.max_tokens, 0)
+        else:
+            key = (r.temperature, r.top_p, r.max_tokens, fresh if r.seed is None else r.seed)
+        groups.setdefault(key, []).append(i)
     gens: dict[int, list] = {}
     for (temperature, top_p, max_tokens, seed), idx in groups.items():
         params = SamplingParams(

@@ -28,9 +28,12 @@ against the model's forward and the tokens against the other path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from posttrain.generate.decode import emit_tokens
 from posttrain.generate.sampling import SamplingParams, choose_next
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -142,8 +145,10 @@ def decode_batch(
     pad_id: int,
     device: torch.device,
     generator: torch.Generator,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[tuple[list[int], list[float]]]:
-    """decode._decode_batch's contract: per prompt, (generated ids incl. stop, their raw logps)."""
+    """decode._decode_batch's contract: per prompt, (generated ids incl. stop, their raw logps);
+    on_token(row, token id) as each row's tokens are decoded."""
     lm = causal_lm(model)
     body = lm.model
     B, T, N = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
@@ -188,6 +193,8 @@ def decode_batch(
         out_ids[rows, t] = tokens
         out_logps[rows, t] = logps
         n_new[rows] += active.long()
+        if on_token is not None:
+            emit_tokens(on_token, rows, active, tokens)
         finished_now = active & torch.isin(tokens, stop)
         done[rows] |= finished_now
         still = ~done[rows]

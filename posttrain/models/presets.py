@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 # Parameter counts with a 1,024-token vocabulary and tied embeddings:
-#   toy-xs ~ 0.9M, toy-s ~ 6.6M, toy-m ~ 25M.
+#   toy-xxs ~ 0.26M, toy-xs ~ 0.9M, toy-s ~ 6.6M, toy-m ~ 25M.
 PRESETS: dict[str, dict] = {
+    "toy-xxs": dict(  # the student of configs/toy_distill.yaml
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=176
+    ),
     "toy-xs": dict(
         hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352
     ),

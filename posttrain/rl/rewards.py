@@ -7,11 +7,13 @@ components worth logging (a verifier's `correct`, a reward model's raw score). F
 - `GSM8KVerifier`: exact match of the last number in a response against the number after
   `####` in a GSM8K reference answer;
 - `FunctionReward`: the user's own Python function, named `module:function` (TRL's
-  `reward_funcs`), called on each (prompt record, response).
+  `reward_funcs`), called on each (prompt record, response);
+- `JudgeReward`: an LLM judge's single-answer score, scaled to [0, 1] (RLAIF).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Protocol
@@ -109,8 +111,6 @@ class FunctionReward:
         self.path, self.fn = path, fn
 
     def __call__(self, prompts: list[dict], responses: list[str]) -> list[dict]:
-        import math
-
         out = []
         for p, r in zip(prompts, responses, strict=True):
             got = self.fn(p, r)
@@ -125,6 +125,29 @@ class FunctionReward:
                     f"under 'reward') for prompt {p.get('prompt_id')!r}, got {got!r}"
                 )
             out.append(comps | {"reward": reward})
+        return out
+
+
+class JudgeReward:
+    """An LLM judge (posttrain.eval.judge) scores each response on its scale; the reward is the
+    score scaled to [0, 1], and 0 where the judge's reply holds no readable score (counted in
+    the `judge_unreadable` component)."""
+
+    def __init__(self, cfg, cache_dir=None):
+        from posttrain.eval.judge import Judge
+
+        self.judge = Judge(cfg, cache_dir)
+        self.low, self.high = cfg.scale
+
+    def __call__(self, prompts: list[dict], responses: list[str]) -> list[dict]:
+        scores = self.judge.score(
+            [(p["messages"], r) for p, r in zip(prompts, responses, strict=True)]
+        )
+        out = []
+        for s in scores:
+            scaled = 0.0 if s is None else (s - self.low) / (self.high - self.low)
+            out.append({"reward": scaled, "judge_score": float(self.low if s is None else s),
+                        "judge_unreadable": float(s is None)})  # fmt: skip
         return out
 
 

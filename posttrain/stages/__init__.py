@@ -10,6 +10,7 @@ from posttrain.stages import (
     reward,
     rl,
     sample,
+    self_instruct,
     sft,
     world,
 )
@@ -29,4 +30,5 @@ STAGES = {
     "grpo": rl.GRPO,
     "rloo": rl.RLOO,
     "online_dpo": rl.ONLINE_DPO,
+    "self_instruct": self_instruct,
 }

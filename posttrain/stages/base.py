@@ -64,8 +64,17 @@ class StageContext:
 
 
 def resolve_input(value: str | None, ctx: StageContext, default_stage: str, *parts: str) -> Path:
-    """An explicit path if given, else a file of another stage of this run."""
-    return Path(value) if value else ctx.stage_path(default_stage, *parts)
+    """An explicit path if given, else a file of another stage of this run. A given path whose
+    first part names a stage of this pipeline (and that is not a path that exists from here),
+    e.g. `self_instruct/sft_train.jsonl`, is that file of that stage's folder in this run."""
+    if not value:
+        return ctx.stage_path(default_stage, *parts)
+    path = Path(value)
+    names = {s.name for s in [*ctx.pipeline.stages, *ctx.pipeline.unlisted]}
+    if not path.is_absolute() and len(path.parts) > 1 and path.parts[0] in names:
+        if not path.exists():
+            return ctx.stage_path(*path.parts)
+    return path
 
 
 def resolve_model(value: str, ctx: StageContext) -> Path:

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from posttrain.eval.judge import JudgeConfig
 from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
 from posttrain.train import dist
@@ -98,6 +99,11 @@ BENCH_NEW_TOKENS = {"xstest": 128, "simple_safety": 128, "gsm8k": 384, "math500"
                     "alpaca_eval": 512}  # fmt: skip
 
 
+class WinRateSettings(StrictModel):
+    baseline: str = Field(description="Label (under models) of the model compared against.")
+    judge: JudgeConfig = Field(description="The pairwise judge: {client: {path | url, ...}}.")
+
+
 class Config(StrictModel):
     models: dict[str, EvalModel] = Field(
         default_factory=lambda: {
@@ -132,6 +138,13 @@ class Config(StrictModel):
     samples_per_family: int = Field(
         2, ge=0, description="Sample responses per family shown in the report."
     )
+    win_rate: WinRateSettings | None = Field(
+        None,
+        description="An LLM judge compares every model's toy-world responses with a baseline "
+        "model's: judge/win_rate and the length-controlled judge/lc_win_rate (AlpacaEval 2's "
+        "GLM), with bootstrap intervals over prompts.",
+        exclude_if=lambda v: v is None,
+    )
 
     @model_validator(mode="after")
     def _benchmarks_need(self) -> Config:
@@ -145,6 +158,20 @@ class Config(StrictModel):
                                    "log-probs of its answer choices and generates nothing: drop it")  # fmt: skip
             if name in BENCH_NEW_TOKENS and spec.max_new_tokens is None:
                 spec.max_new_tokens = BENCH_NEW_TOKENS[name]
+        return self
+
+    @model_validator(mode="after")
+    def _win_rate_needs(self) -> Config:
+        if self.win_rate is None:
+            return self
+        if self.win_rate.baseline not in self.models:
+            raise SettingError("win_rate.baseline", f"{{at}}names no model of {{at}}models "
+                               f"({sorted(self.models)})")  # fmt: skip
+        if self.world_stage is None:
+            raise SettingError("win_rate", "{at}judges the toy-world responses, and "
+                               "{at}world_stage is null")  # fmt: skip
+        if len(self.models) < 2:
+            raise SettingError("win_rate", "{at}needs a model besides the baseline")
         return self
 
     @model_validator(mode="after")
@@ -381,6 +408,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         from posttrain.rl.rewards import ModelReward
 
         scorer = ModelReward(paths["reward_model"], ctx.device)
+    replies: dict[str, list[str]] = {}  # label -> toy-world responses, in task order
     for label, spec in cfg.models.items():
         if spec.policy == "best_of_n" and not dist.is_main():
             continue  # sampled: rank 0 alone (shared decoding is for greedy responses)
@@ -410,6 +438,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     summary["reward/mean"] = sum(sc["reward"] for sc in scored) / len(scored)
                 atomic_write_jsonl(ctx.stage_dir / f"{label}.jsonl", records)
                 artifacts[label] = f"{ctx.name}/{label}.jsonl"
+                replies[label] = [r["response"] for r in records]
                 if div_records:  # per-prompt diversity: its intervals (eval/intervals.py)
                     atomic_write_jsonl(ctx.stage_dir / f"{label}.diversity.jsonl", div_records)
                     artifacts[f"{label}.diversity"] = f"{ctx.name}/{label}.diversity.jsonl"
@@ -439,7 +468,44 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                            if k.startswith("gold/") or is_bench(k))  # fmt: skip
         ctx.logger.info(f"{ctx.name}: {label}: {logged}")
     add_intervals(evals, {k: ctx.run_dir / path for k, path in artifacts.items()})  # ci95, vs_sft
+    if cfg.win_rate is not None and dist.is_main():
+        wins = judge_win_rates(cfg.win_rate, ctx, tasks, replies)
+        for label, w in wins.items():
+            evals[label] |= {k: v[0] for k, v in w.items()}
+            evals[label].setdefault("ci95", {}).update({k: [v[1], v[2]] for k, v in w.items()})
+            metrics |= {f"{label}/{k}": v[0] for k, v in w.items()}
     return StageResult(metrics, artifacts, evals=evals, samples=samples)
+
+
+def judge_win_rates(settings: WinRateSettings, ctx: StageContext, tasks, replies) -> dict:
+    """label -> {"judge/win_rate": (value, lo, hi), "judge/lc_win_rate": (...)} against the
+    baseline, from an LLM judge's pairwise verdicts (both orders unless the judge says not);
+    the judgements are written to judge_<label>.jsonl."""
+    from posttrain.eval.judge import Judge
+    from posttrain.eval.lc_winrate import Judgements, length_controlled
+    from posttrain.io import atomic_write_jsonl
+
+    judge = Judge(settings.judge, cache_dir=ctx.stage_dir / "judge_cache")
+    base = replies[settings.baseline]
+    out = {}
+    for label, mine in replies.items():
+        if label == settings.baseline:
+            continue
+        items = [(t.messages(), a, b) for t, a, b in zip(tasks, mine, base, strict=True)]
+        verdicts = judge.compare(items)
+        pref = [{"1": 1.0, "2": 0.0, "tie": 0.5}[v.winner] for v in verdicts]
+        j = Judgements([t.prompt_id for t in tasks], [label] * len(tasks), pref,
+                       [len(a) - len(b) for _, a, b in items])  # fmt: skip
+        fit = length_controlled(j, difficulty=None, seed=ctx.seed)[label]
+        out[label] = {"judge/win_rate": fit["raw"], "judge/lc_win_rate": fit["lc"]}
+        atomic_write_jsonl(ctx.stage_dir / f"judge_{label}.jsonl", [
+            {"prompt_id": t.prompt_id, "model": a, "baseline": b, "winner": v.winner,
+             "votes": v.votes, "judge_replies": v.raw}
+            for t, (_, a, b), v in zip(tasks, items, verdicts, strict=True)])  # fmt: skip
+        ctx.logger.info(f"{ctx.name}: {label} vs {settings.baseline} by the judge "
+                        f"{judge.name}: win rate {fit['raw'][0]:.3f}, "
+                        f"length-controlled {fit['lc'][0]:.3f}")  # fmt: skip
+    return out
 
 
 BENCH_DETAILS = (

@@ -30,6 +30,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from posttrain.eval.judge import JudgeConfig
 from posttrain.settings import SettingError, StrictModel, is_set
 from posttrain.stages._annotator_groups import group_metrics
 from posttrain.stages.base import StageContext, StageResult, resolve_input
@@ -82,6 +83,12 @@ class Config(StrictModel):
         None, description="Human rankings.jsonl to use instead of the simulated pool."
     )
     pool: PoolConfig = Field(default_factory=default_pool, description="Simulated annotators.")
+    judge: JudgeConfig | None = Field(
+        None,
+        description="An LLM judge ranks the candidates instead of the simulated pool (RLAIF): "
+        "every pair compared (in both orders by default), ranked by wins + half the ties.",
+        exclude_if=lambda v: v is None,
+    )
     pairs: PairSettings = Field(default_factory=PairSettings, description="Pair building.")
 
     @model_validator(mode="after")
@@ -89,6 +96,12 @@ class Config(StrictModel):
         if self.labels is not None and is_set(self, "pool"):
             raise SettingError("pool", "{at}labels names human rankings, which are used instead "
                                "of the simulated pool: drop one")  # fmt: skip
+        if self.judge is not None and self.labels is not None:
+            raise SettingError("judge", "{at}and {at}labels both replace the simulated pool: "
+                               "give one")  # fmt: skip
+        if self.judge is not None and is_set(self, "pool"):
+            raise SettingError("pool", "{at}judge ranks the candidates instead of the simulated "
+                               "pool: drop one")  # fmt: skip
         return self
 
 
@@ -96,6 +109,8 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     found = {"candidates": resolve_input(cfg.candidates, ctx, cfg.sample_stage, "candidates.jsonl")}
     if cfg.labels:
         found["labels"] = Path(cfg.labels)
+    elif cfg.judge is not None:
+        pass  # the judge is part of the settings (a local judge's weights: its client's cache key)
     else:
         found["world"] = ctx.stage_path(cfg.world_stage, "config.yaml")
     return found
@@ -326,6 +341,46 @@ def simulate(cfg: Config, ctx: StageContext, cands: dict[str, dict]) -> list[dic
     return out
 
 
+def judge_rankings(judge_cfg, ctx: StageContext, cands: dict[str, dict]):
+    """Each prompt's candidates ranked by an LLM judge: every pair compared, a candidate's score
+    its wins plus half its ties; equal scores share a tier. Returns (rankings, metrics)."""
+    from posttrain.eval.judge import Judge
+
+    judge = Judge(judge_cfg, cache_dir=ctx.stage_dir / "judge_cache")
+    items, where = [], []
+    for pid, rec in cands.items():
+        texts = [r["text"].strip() for r in rec["responses"]]
+        for i, j in itertools.combinations(range(len(texts)), 2):
+            items.append((rec["messages"], texts[i], texts[j]))
+            where.append((pid, i, j))
+    verdicts = judge.compare(items)
+    score = {pid: [0.0] * len(rec["responses"]) for pid, rec in cands.items()}
+    for (pid, i, j), v in zip(where, verdicts, strict=True):
+        if v.winner == "tie":
+            score[pid][i] += 0.5
+            score[pid][j] += 0.5
+        else:
+            score[pid][i if v.winner == "1" else j] += 1.0
+    rankings = []
+    for pid, s in score.items():
+        tiers = sorted(set(s), reverse=True)
+        order = []
+        for t in tiers:
+            members = [k for k, x in enumerate(s) if x == t]
+            order.append(members[0] if len(members) == 1 else members)
+        rankings.append({"prompt_id": pid, "annotator": f"judge:{judge.name}", "group": "judge",
+                         "order": order})  # fmt: skip
+    n = max(len(verdicts), 1)
+    metrics = {
+        "name": judge.name,
+        "rank/judge/comparisons": len(verdicts),
+        "rank/judge/position_consistent": sum(v.consistent for v in verdicts) / n,
+        "rank/judge/ties": sum(v.winner == "tie" for v in verdicts) / n,
+        "rank/judge/unreadable": judge.unreadable,
+    }
+    return rankings, metrics
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.io import atomic_write_jsonl
 
@@ -335,6 +390,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         rankings = load_rankings(paths["labels"], cands)
         cands = {pid: c for pid, c in cands.items() if any(r["prompt_id"] == pid for r in rankings)}
         source = f"human labels {paths['labels']}"
+    elif cfg.judge is not None:
+        rankings, judge_metrics = judge_rankings(cfg.judge, ctx, cands)
+        source = f"the LLM judge {judge_metrics.pop('name')}"
     else:
         rankings = simulate(cfg, ctx, cands)
         source = f"a pool of {len(cfg.pool.annotators)} simulated annotators"
@@ -343,6 +401,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     if not pairs:
         raise ValueError(f"{ctx.name}: the rankings yield no preference pairs (all ties?)")
     metrics: dict = {"rank/rankings": len(rankings), "rank/prompts": len(cands)}
+    if cfg.judge is not None:
+        metrics |= judge_metrics
     metrics |= agreement_metrics(rankings, cands)
     metrics |= group_metrics(rankings, cands)
     pm, diffs = pair_metrics(pairs, cands)

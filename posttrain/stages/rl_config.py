@@ -8,15 +8,22 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from posttrain.eval.judge import JudgeConfig
 from posttrain.models.lora import LoraSettings, lora_field
 from posttrain.settings import SettingError, StrictModel, is_set
 
 
 class RewardSettings(StrictModel):
-    kind: Literal["reward_model", "verifier", "gsm8k", "function"] = Field(
+    kind: Literal["reward_model", "verifier", "gsm8k", "function", "judge"] = Field(
         "reward_model",
         description="A learned reward model, the toy world's gold checker, the GSM8K verifier, "
-        "or your own Python function.",
+        "your own Python function, or an LLM judge's single-answer score (RLAIF).",
+    )
+    judge: JudgeConfig | None = Field(
+        None,
+        description="judge: the LLM judge (a local model or an OpenAI-compatible endpoint); "
+        "reward = (score - low) / (high - low) on its scale, 0 when no score can be read.",
+        exclude_if=lambda v: v is None,
     )
     model: str = Field("reward", description="reward_model: stage or HF dir of the reward model.")
     function: str | None = Field(
@@ -41,6 +48,8 @@ class RewardSettings(StrictModel):
     def _check(self) -> RewardSettings:
         if (self.kind == "function") != (self.function is not None):
             raise ValueError("reward.function ('module:function') goes with kind: function")
+        if (self.kind == "judge") != (self.judge is not None):
+            raise SettingError("judge", "{at}(an LLM judge's settings) goes with {at}kind: judge")
         if self.kind != "reward_model" and is_set(self, "model"):
             raise SettingError("model", f"{{at}}kind is {self.kind}, which uses no reward model: "
                                "drop it, or set {at}kind: reward_model")  # fmt: skip

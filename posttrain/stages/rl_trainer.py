@@ -14,13 +14,15 @@ from posttrain.stages.rl_config import Config
 from posttrain.train import dist
 
 
-def _reward_fn(cfg: Config, paths, device):
+def _reward_fn(cfg: Config, paths, device, cache_dir=None):
     from posttrain.rl import rewards
 
     if cfg.reward.kind == "reward_model":
         return rewards.ModelReward(paths["reward_model"], device)
     if cfg.reward.kind == "function":
         return rewards.FunctionReward(cfg.reward.function)
+    if cfg.reward.kind == "judge":
+        return rewards.JudgeReward(cfg.reward.judge, cache_dir)
     return rewards.GSM8KVerifier() if cfg.reward.kind == "gsm8k" else rewards.WorldVerifier()
 
 
@@ -64,7 +66,7 @@ class RLTrainer:
         else:
             ref_src = paths.get("ref_model", paths["model"])
             self.ref = load_model(ref_src, self.device).eval().requires_grad_(False)
-        self.reward_fn = _reward_fn(cfg, paths, self.device)
+        self.reward_fn = _reward_fn(cfg, paths, self.device, ctx.stage_dir / "judge_cache")
         self.score_tokens = cfg.rollout.prompt_format == "plain" and hasattr(
             self.reward_fn, "score_tokens"
         )  # a reward model scores the policy's plain sequences as sampled

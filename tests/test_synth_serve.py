@@ -172,3 +172,50 @@ def test_judge_reward_scales_scores(small_tokenizer, tmp_path):
     got = JudgeReward(cfg)([{"messages": [{"role": "user", "content": "cat"}]}] * 2, ["a", "b"])
     assert [g["reward"] for g in got] == [pytest.approx(6 / 9)] * 2
     assert [g["judge_unreadable"] for g in got] == [0.0, 0.0]
+
+
+def test_win_rate_against_a_baseline(server_a, tmp_path):
+    """evaluate.win_rate's judgements: a judge that always picks reply A gives the model (shown
+    first) every win in one order, and only ties (win rate 0.5, LC 0.5) in both."""
+    from types import SimpleNamespace
+
+    from posttrain.stages.evaluate import WinRateSettings, judge_win_rates
+
+    tasks = [SimpleNamespace(prompt_id=f"t{i}", messages=lambda i=i: [
+        {"role": "user", "content": f"What is {i} plus 1?"}]) for i in range(6)]  # fmt: skip
+    replies = {
+        "base": [str(i) for i in range(6)],
+        "m": [str(i + 1) * (1 + i % 3) for i in range(6)],
+    }
+    logger = SimpleNamespace(info=lambda m: None)
+    ctx = SimpleNamespace(stage_dir=tmp_path, seed=0, logger=logger, name="evaluate")
+    for both, want in ((False, 1.0), (True, 0.5)):
+        settings = WinRateSettings.model_validate({"baseline": "base", "judge": {
+            "client": {"url": server_a, "model": "judge-a"}, "pairwise_template": SHORT_PAIR,
+            "both_orders": both}})  # fmt: skip
+        got = judge_win_rates(settings, ctx, tasks, replies)
+        assert set(got) == {"m"}
+        assert got["m"]["judge/win_rate"][0] == pytest.approx(want)
+        if both:
+            assert got["m"]["judge/lc_win_rate"][0] == pytest.approx(0.5, abs=1e-6)
+        rows = list(read_jsonl(tmp_path / "judge_m.jsonl"))
+        assert [r["winner"] for r in rows] == (["tie"] * 6 if both else ["1"] * 6)
+
+
+def test_data_generate_command(server_a, tmp_path, capsys):
+    """`posttrain data generate answers` end to end against the server; a rerun asks nothing."""
+    from posttrain.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 1 plus 2?"}) + "\n")
+    argv = ["data", "generate", "answers", "--teacher", server_a, "--teacher-model", "judge-a",
+            "--prompts", str(prompts), "--out", str(tmp_path / "out.jsonl"), "max_tokens=4",
+            "temperature=0"]  # fmt: skip
+    assert main(argv) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert counts["examples_written"] == 1
+    lineage = json.loads((tmp_path / "out.jsonl.lineage.json").read_text())
+    assert lineage["config"]["max_tokens"] == 4 and lineage["client"]["cache_hits"] == 0
+    assert main(argv) == 0
+    lineage = json.loads((tmp_path / "out.jsonl.lineage.json").read_text())
+    assert lineage["client"]["cache_hits"] == 1

@@ -133,3 +133,13 @@ def test_near_duplicates_agree_with_the_plain_scan():
             if not want:
                 index.add(text)
                 pool.append(rouge_tokens(text))
+
+
+def test_client_spec_from_the_command_line():
+    from posttrain.synth.cli import client_spec
+
+    assert client_spec("http://h:1/v1/", "m", "KEY") == {
+        "url": "http://h:1/v1", "model": "m", "api_key_env": "KEY"}  # fmt: skip
+    assert client_spec("runs/x/sft", None, None) == {"path": "runs/x/sft"}
+    with pytest.raises(ValueError, match="go with a URL"):
+        client_spec("runs/x/sft", "m", None)

@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/posttrain run $(CONFIG)
 
+# One pytest worker per core (pytest-xdist); the lab's --quick tests stay on one worker.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

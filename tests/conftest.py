@@ -6,6 +6,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    """Under `pytest -n N` (make test: one worker per core) each worker keeps to one thread:
+    N workers each spinning up all cores' threads would fight over them."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The lab's --quick tests share one folder of cached stages (the `quick_lab` fixture): under
+    `--dist loadgroup` they all go to one worker, so those stages are built once."""
+    for item in items:
+        if "quick_lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quick_lab"))
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer():
     """A toy tokenizer trained on generated text (fast; no toy world needed)."""

@@ -214,7 +214,8 @@ def test_requests_run_concurrently_and_keep_their_order(server_factory):
     t0 = time.perf_counter()
     out = client.chat([ask(f"q{i}") for i in range(8)])
     elapsed = time.perf_counter() - t0
-    assert elapsed < 8 * 0.3 / 2, elapsed  # two rounds of four: ~0.6 s, not 2.4 s
+    # two rounds of four: ~0.6 s; one at a time would take 2.4 s (room for a loaded machine)
+    assert elapsed < 8 * 0.3 * 0.75, elapsed
     assert [r.choices[0].text for r in out] == [f"q{i}|seed=0|0" for i in range(8)]
 
 

@@ -143,3 +143,24 @@ def test_client_spec_from_the_command_line():
     assert client_spec("runs/x/sft", None, None) == {"path": "runs/x/sft"}
     with pytest.raises(ValueError, match="go with a URL"):
         client_spec("runs/x/sft", "m", None)
+
+
+def test_a_dead_teacher_leaves_nothing_half_written(tmp_path):
+    """A refused connection: a clear error after bounded retries, and no output file."""
+    import json
+    import socket
+
+    from posttrain.generate.client import ModelClientError
+    from posttrain.synth.self_instruct import generate, lineage_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"instruction": "Name three kinds of tree."}) + "\n")
+    cfg = _si(teacher={"url": f"http://127.0.0.1:{port}/v1", "model": "t", "max_retries": 1,
+                       "backoff_s": 0.01}, seeds=str(seeds))  # fmt: skip
+    out = tmp_path / "si.jsonl"
+    with pytest.raises(ModelClientError, match="connection refused"):
+        generate(cfg, out, tmp_path / "cache", log=lambda m: None)
+    assert not out.exists() and not lineage_path(out).exists()

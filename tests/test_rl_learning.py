@@ -1,4 +1,5 @@
-"""Learning tests of PPO, GRPO, RLOO, online DPO and DPO: each, run as a pipeline stage on a tiny
+"""Learning tests of PPO, GRPO (and its GSPO and CISPO losses), RLOO, online DPO and DPO: each,
+run as a pipeline stage on a tiny
 policy, must turn a rare behaviour into the usual one within a fixed number of steps.
 
 The identity tests (test_rl_ops, test_rl_stage, test_reward_dpo) check each term of the maths;
@@ -62,6 +63,20 @@ METHODS = {  # 32 to 64 samples a step, at temperatures either side of 1
         "reward": {"function": "test_rl_learning:starts_with_target"},
     },
     "grpo": {"rollout": {"prompts_per_step": 8, "k": 4, "temperature": 0.7}, "minibatch_size": 16},
+    # GRPO's stage with GSPO's sequence-level loss (its own clip ranges and seq_mean) and with
+    # CISPO's clipped-weight REINFORCE (Zheng et al. 2507.18071; MiniMax-M1 2506.13585)
+    "gspo": {
+        "kind": "grpo",
+        "policy_loss": "gspo",
+        "minibatch_size": 16,
+        "rollout": {"prompts_per_step": 8, "k": 4, "temperature": 0.7},
+    },
+    "cispo": {
+        "kind": "grpo",
+        "policy_loss": "cispo",
+        "minibatch_size": 16,
+        "rollout": {"prompts_per_step": 8, "k": 4, "temperature": 0.7},
+    },
     "rloo": {"rollout": {"prompts_per_step": 8, "k": 4, "temperature": 1.3}, "minibatch_size": 16},
     "online_dpo": {"rollout": {"prompts_per_step": 16, "k": 4}, "minibatch_size": 32},
 }

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from posttrain.ops.rl import (
+    cispo_policy_loss,
     entropy_from_logits,
     explained_variance,
     frac_zero_std,
     gae,
     group_advantages,
+    gspo_policy_loss,
     kl_estimate,
     masked_mean,
     masked_whiten,
@@ -539,6 +541,32 @@ def test_ppo_policy_loss_padding_invariance(dual_clip):
     _, m = ppo_policy_loss(**inputs, mask=MASK, dual_clip=dual_clip)
     assert 0 < m["policy/clip_frac"].item() < 1
     assert (m["policy/dual_clip_frac"].item() > 0) == (dual_clip is not None)
+
+
+def test_gspo_policy_loss_padding_invariance():
+    # Per row (a sequence's ratio is the mean over its own valid tokens), each row's advantage
+    # on all of its tokens; small log-ratios so that rows fall either side of the clip range.
+    logps, delta, A = _rand((1.0, -2.0), (0.01, 0.0), (1.0, 0.0))
+    A = A[:, :1].expand(MASK.shape).clone()
+    inputs = {"logps": logps, "old_logps": logps + delta, "advantages": A}
+    _check_padding_invariance(
+        lambda mask, **kw: gspo_policy_loss(**kw, mask=mask, clip_eps=5e-3, clip_eps_high=5e-3),
+        inputs,
+        per_row=True,
+    )
+    _, m = gspo_policy_loss(**inputs, mask=MASK, clip_eps=5e-3, clip_eps_high=5e-3)
+    assert 0 < m["policy/clip_frac"].item() < 1
+
+
+def test_cispo_policy_loss_padding_invariance():
+    logps, delta, A = _rand((1.0, -2.0), (1.0, 0.0), (1.0, 0.0))
+    inputs = {"logps": logps, "old_logps": logps + delta, "advantages": A}
+    _check_padding_invariance(
+        lambda mask, **kw: cispo_policy_loss(**kw, mask=mask, clip_eps=0.2, clip_eps_high=0.28),
+        inputs,
+    )
+    _, m = cispo_policy_loss(**inputs, mask=MASK, clip_eps=0.2, clip_eps_high=0.28)
+    assert 0 < m["policy/clip_frac"].item() < 1
 
 
 @pytest.mark.parametrize("clip_eps", [None, 0.2])

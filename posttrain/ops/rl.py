@@ -1,4 +1,5 @@
-"""RL ops for policy-gradient post-training (PPO, GRPO, RLOO). Pure torch.
+"""RL ops for policy-gradient post-training (PPO, GRPO, RLOO, GSPO, CISPO, REINFORCE++, DAPO's
+overlong penalty). Pure torch.
 
 Conventions:
 - Token tensors are (B, T) over response tokens, with `mask` (B, T) (bool or 0/1) true on valid
@@ -23,18 +24,22 @@ import torch
 from posttrain.ops.reduce import masked_mean, masked_sum
 
 __all__ = [
+    "cispo_policy_loss",
     "entropy_from_logits",
     "explained_variance",
     "frac_zero_std",
     "gae",
     "group_advantages",
+    "gspo_policy_loss",
     "kl_estimate",
     "masked_mean",
     "masked_sum",
     "masked_whiten",
     "ppo_policy_loss",
     "reduce_loss",
+    "reinforce_pp_advantages",
     "rloo_advantages",
+    "soft_overlong_penalty",
     "value_loss",
 ]
 
@@ -179,6 +184,45 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(_constant_groups(rewards).unsqueeze(-1), torch.zeros_like(adv), adv)
 
 
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, whiten=masked_whiten
+) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, 2501.03262; OpenRLHF's `reinforce_baseline`):
+    each response's reward minus its group's mean, on every one of its tokens, then whitened
+    over all valid tokens of the batch:
+
+        a_i = r_i - mean_group(r),   A_it = (a_i - mean_tok(a)) / sqrt(var_tok(a) + 1e-8)
+
+    mean_tok and var_tok (population) run over the batch's valid tokens, as OpenRLHF's do, so a
+    long response weighs more in them, and a group whose rewards are all equal gets
+    -mean_tok(a) / std_tok(a), not 0. Unlike GRPO there is no per-group std (a group's scale is
+    the batch's). `whiten(x, mask)` does the last step (the stage passes one whose statistics
+    span every rank). rewards (G, K), mask (G*K, T), rows group by group -> (G*K, T), 0 where
+    masked. (The paper's per-token KL-to-go in the return is not included: use a KL loss.)
+    """
+    mask = mask.bool()
+    centred = group_advantages(rewards, std_normalize=False).reshape(-1)  # (G*K,)
+    return whiten(centred[:, None].expand(mask.shape), mask)
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, 2503.14476, eq. 13), added to the
+    reward of a response of L tokens, with L_max = max_length and L_cache = buffer:
+
+        0                               if L <= L_max - L_cache
+        ((L_max - L_cache) - L) / L_cache  if L_max - L_cache < L <= L_max   (0 down to -1)
+        -1                              if L > L_max
+
+    (B,) -> (B,) float. Needs 0 < buffer <= max_length."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"need 0 < buffer <= max_length, got {buffer} and {max_length}")
+    L = lengths.to(torch.float64)
+    start = max_length - buffer  # the expected length: no penalty up to it
+    ramp = (start - L) / buffer
+    out = torch.where(L <= start, torch.zeros_like(L), torch.where(L <= max_length, ramp, -1.0))
+    return out.to(torch.get_default_dtype())
+
+
 # --- losses ----------------------------------------------------------------------------------
 
 
@@ -229,20 +273,122 @@ def ppo_policy_loss(
         loss = torch.where(capped, cap, loss)
     loss = _clean(loss, mask)
 
-    r, lr = ratio.detach(), log_ratio.detach()
+    r = ratio.detach()
+    metrics = {
+        "policy/clip_frac": masked_mean((clipped.detach() > unclipped.detach()).to(r.dtype), mask),
+        "policy/dual_clip_frac": masked_mean(capped.to(r.dtype), mask),
+        "policy/approx_kl": _approx_kl(log_ratio, mask),
+    }
+    return loss, metrics | _ratio_stats(r, mask)
+
+
+def _approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid tokens of (ratio - 1) - log ratio (k3 estimate of KL(old || new)),
+    detached; log_ratio must be clean."""
+    lr = log_ratio.detach()
+    return masked_mean((torch.exp(lr) - 1.0) - lr, mask)
+
+
+def _ratio_stats(r: torch.Tensor, mask: torch.Tensor) -> Metrics:
+    """policy/ratio_mean, _max, _min of detached ratios r over `mask` (0 each if it is empty)."""
     neg_inf = torch.full((), float("-inf"), dtype=r.dtype, device=r.device)
     any_valid = mask.any()
     ratio_max = torch.where(mask, r, neg_inf).max()
     ratio_min = -torch.where(mask, -r, neg_inf).max()
-    metrics = {
-        "policy/clip_frac": masked_mean((clipped.detach() > unclipped.detach()).to(r.dtype), mask),
-        "policy/dual_clip_frac": masked_mean(capped.to(r.dtype), mask),
-        "policy/approx_kl": masked_mean((r - 1.0) - lr, mask),
+    return {
         "policy/ratio_mean": masked_mean(r, mask),
         "policy/ratio_max": torch.where(any_valid, ratio_max, 0.0),
         "policy/ratio_min": torch.where(any_valid, ratio_min, 0.0),
     }
-    return loss, metrics
+
+
+def gspo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 3e-4,
+    clip_eps_high: float = 4e-4,
+) -> tuple[torch.Tensor, Metrics]:
+    """GSPO, Group Sequence Policy Optimization (Zheng et al. 2025, 2507.18071), per token, to
+    minimise. The importance ratio is the sequence's, length-normalised (eq. 7):
+
+        s_i = exp((1 / |y_i|) * sum_t (logps_it - old_logps_it))
+
+    and clipping is of the whole sequence, with the paper's much smaller ranges (3e-4 / 4e-4).
+    Per token, in the GSPO-token form (eq. 13), s_it = sg(s_i) * exp(logps_it - sg(logps_it)),
+    whose value is s_i and whose gradient is s_i * grad logps_it:
+
+        loss_it = -min(s_it * A_it, clip(s_it, 1 - eps, 1 + eps_high) * A_it)
+
+    With one advantage per sequence (A_it = A_i, as GRPO, RLOO and REINFORCE++ give) and
+    reduce_loss "seq_mean" this is GSPO's objective -1/G sum_i min(s_i A_i, clip(s_i) A_i),
+    whose gradient where s_i is not clipped is -1/G sum_i A_i s_i mean_t(grad logps_it)
+    (eq. 10); a clipped sequence gives 0 on every token. (B, T) x3 -> ((B, T), metrics), 0
+    where masked.
+
+    Metrics: `policy/clip_frac` (valid tokens whose sequence takes the clip branch: the paper's
+    "fraction of clipped tokens"), `policy/approx_kl` (token-level, as PPO's), and
+    `policy/ratio_mean`, `_max`, `_min` of the sequence ratios s_i (rows with a valid token).
+    """
+    if not (clip_eps >= 0 and clip_eps_high >= 0):
+        raise ValueError(f"clip ranges must be >= 0, got {clip_eps} and {clip_eps_high}")
+    mask = mask.bool()
+    lp = _clean(logps, mask)
+    log_ratio = lp - _clean(old_logps, mask)  # (B, T), 0 where masked
+    A = _clean(advantages, mask)
+    seq_log_ratio = masked_mean(log_ratio, mask, dim=-1)  # (B,) log s_i; 0 for an empty row
+    # value log s_i on every token, gradient grad logps_it (lp - lp.detach() is exactly 0)
+    s = torch.exp(lp - lp.detach() + seq_log_ratio.detach().unsqueeze(-1))  # (B, T)
+    unclipped = -s * A
+    clipped = -torch.clamp(s, 1.0 - clip_eps, 1.0 + clip_eps_high) * A
+    loss = _clean(torch.maximum(unclipped, clipped), mask)
+    taken = (clipped.detach() > unclipped.detach()).to(s.dtype)
+    metrics = {
+        "policy/clip_frac": masked_mean(taken, mask),
+        "policy/approx_kl": _approx_kl(log_ratio, mask),
+    }
+    return loss, metrics | _ratio_stats(seq_log_ratio.detach().exp(), mask.any(dim=-1))
+
+
+def cispo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 1.0,
+    clip_eps_high: float = 0.28,
+) -> tuple[torch.Tensor, Metrics]:
+    """CISPO, clipped importance-sampling-weight REINFORCE (MiniMax-M1, 2506.13585, eq. 4),
+    per token, to minimise:
+
+        ratio = exp(logps - old_logps)
+        loss  = -sg(clip(ratio, 1 - eps, 1 + eps_high)) * A * logps
+
+    sg is stop-gradient: the weight carries no gradient, so the gradient is
+    -clip(ratio) * A * grad logps on *every* token. PPO's clip instead zeroes the gradient of a
+    token whose ratio left the range in the direction A favours; inside the range both have
+    gradient -ratio * A * grad logps. The paper puts no lower bound on the weight: eps = 1
+    (bound 0; weights are positive anyway); 0.28 above is the value Trinity-RFT defaults to
+    (the paper tunes only eps_high). (B, T) x3 -> ((B, T), metrics), 0 where masked.
+
+    Metrics: `policy/clip_frac` (valid tokens whose weight was clipped, on either side, whatever
+    the sign of A), `policy/approx_kl`, `policy/ratio_mean`, `_max`, `_min`, as PPO's.
+    """
+    if not (clip_eps >= 0 and clip_eps_high >= 0):
+        raise ValueError(f"clip ranges must be >= 0, got {clip_eps} and {clip_eps_high}")
+    mask = mask.bool()
+    lp = _clean(logps, mask)
+    log_ratio = lp - _clean(old_logps, mask)  # (B, T), 0 where masked
+    A = _clean(advantages, mask)
+    r = torch.exp(log_ratio).detach()
+    weight = torch.clamp(r, 1.0 - clip_eps, 1.0 + clip_eps_high)  # detached: no gradient
+    loss = _clean(-weight * A * lp, mask)
+    metrics = {
+        "policy/clip_frac": masked_mean((weight != r).to(r.dtype), mask),
+        "policy/approx_kl": _approx_kl(log_ratio, mask),
+    }
+    return loss, metrics | _ratio_stats(r, mask)
 
 
 def value_loss(

@@ -17,6 +17,11 @@ PPO, the values; then advantages, and `epochs` passes of minibatch updates.
 - grpo: k samples per prompt, group-normalised advantages (optionally without the std division
   and with a constant normaliser, Dr. GRPO), KL to the reference as a k3 loss term.
 - rloo: k samples per prompt, leave-one-out baseline on (score - beta * sequence KL).
+- In grpo and rloo, `advantage: reinforce_pp` (REINFORCE++-baseline: group mean subtracted,
+  whitened over the batch) replaces the algorithm's own estimator; `policy_loss` picks PPO's
+  clipped surrogate, GSPO's sequence-level one or CISPO's clipped-weight REINFORCE (ppo stages:
+  ppo or cispo); `dynamic_sampling` (DAPO) resamples prompts whose groups' scores are all
+  equal; `reward.overlong_penalty` is DAPO's soft length punishment.
 - online_dpo: k samples per prompt, the best and worst of each group as a preference pair, DPO's
   loss against the reference with beta = kl.coef (Guo et al. 2024): DPO on the policy's own,
   fresh samples, judged by the reward.
@@ -24,7 +29,9 @@ PPO, the values; then advantages, and `epochs` passes of minibatch updates.
 Logged every step: reward/mean, reward/std, rollout/mean_length, rollout/no_eos_frac, kl/ref,
 kl/coef, policy/entropy, policy/clip_frac, policy/approx_kl, value/loss,
 value/explained_variance (PPO), reward/frac_zero_std (group methods), gold/mean (toy world),
-reward/score_mean (the score after both penalties), reward/length_penalty (when set);
+reward/score_mean (the score after every penalty), reward/length_penalty and
+reward/overlong_penalty (when set), rollout/dynamic_rounds, rollout/dropped_groups,
+rollout/dynamic_bound_hit and rollout/filler_groups (dynamic sampling);
 KL and entropy over response tokens only. `--resume` continues from the last checkpoint (policy,
 value model, optimisers, KL coefficient, prompt order), giving the same result as an unbroken run.
 `snapshot_every: N` also keeps the policy of every N-th step (and the last) as a loadable HF
@@ -156,20 +163,29 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     if steplog is not None:
         steplog.begin(start)
     t_start, last = time.perf_counter(), {}
+
+    def draw() -> list[dict]:
+        """The next rollout.prompts_per_step prompts of the shuffled order: this rank's share."""
+        nonlocal at
+        batch = []
+        for _ in range(cfg.rollout.prompts_per_step):
+            if at == len(order):
+                rng.shuffle(order)
+                at = 0
+            batch.append(prompts[order[at]])
+            at += 1
+        return batch[rank::W]  # whole prompts, so GRPO/RLOO groups stay on one rank
+
+    # dynamic sampling (DAPO) draws further rounds of prompts while a step is short of signal
+    more = {"more": draw} if cfg.dynamic_sampling.enabled else {}
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            batch = []
-            for _ in range(cfg.rollout.prompts_per_step):
-                if at == len(order):
-                    rng.shuffle(order)
-                    at = 0
-                batch.append(prompts[order[at]])
-                at += 1
-            batch = batch[rank::W]  # whole prompts, so GRPO/RLOO groups stay on one rank
+            batch = draw()
             trainer.set_step(step - 1)  # lr_schedule
             with autocast(cfg.train.precision, ctx.device):
-                ro, m, kl = trainer.rollout(batch, seed=ctx.seed * 1000 + step + 7919 * rank)
+                seed = ctx.seed * 1000 + step + 7919 * rank
+                ro, m, kl = trainer.rollout(batch, seed=seed, **more)
             t1 = time.perf_counter()
             try:
                 with autocast(cfg.train.precision, ctx.device), trainer.checkpointing():

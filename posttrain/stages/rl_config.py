@@ -13,6 +13,37 @@ from posttrain.models.lora import LoraSettings, lora_field
 from posttrain.settings import SettingError, StrictModel, is_set
 
 
+class OverlongPenalty(StrictModel):
+    buffer: int = Field(
+        0,
+        ge=0,
+        description="L_cache of DAPO's soft overlong punishment (Yu et al. 2503.14476, eq. 13), "
+        "in response tokens: 0 up to max_length - buffer, then falling linearly to -factor at "
+        "max_length, -factor beyond. 0: off.",
+    )
+    max_length: int | None = Field(
+        None,
+        ge=1,
+        description="L_max in response tokens (the stop token included); null: "
+        "rollout.max_new_tokens, where a response is cut (DAPO's setting).",
+    )
+    factor: float = Field(
+        1.0, gt=0, description="Scale of the penalty: -factor at max_length (DAPO: 1)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OverlongPenalty:
+        if not self.buffer:
+            for key in ("max_length", "factor"):
+                if is_set(self, key):
+                    raise SettingError(key, "has no effect while {at}buffer is 0 (the penalty "
+                                       "is off): set {at}buffer, or drop it")  # fmt: skip
+        if self.max_length is not None and self.buffer > self.max_length:
+            raise SettingError("buffer", f"{self.buffer} is more than {{at}}max_length "
+                               f"({self.max_length}): set it to at most {self.max_length}")  # fmt: skip
+        return self
+
+
 class RewardSettings(StrictModel):
     kind: Literal["reward_model", "verifier", "gsm8k", "function", "judge"] = Field(
         "reward_model",
@@ -42,6 +73,12 @@ class RewardSettings(StrictModel):
         description="Subtracted from every response's score per response token (the stop token "
         "included), whatever the reward kind: a length penalty against length hacking "
         "(Singhal et al. 2310.03716). 0: off.",
+    )
+    overlong_penalty: OverlongPenalty = Field(
+        default_factory=OverlongPenalty,
+        exclude_if=lambda v: v == OverlongPenalty(),
+        description="DAPO's soft overlong punishment, added to every response's score whatever "
+        "the reward kind (before the no-EOS penalty and the advantages).",
     )
 
     @model_validator(mode="after")
@@ -119,6 +156,30 @@ class RolloutSettings(StrictModel):
     )
 
 
+class DynamicSampling(StrictModel):
+    enabled: bool = Field(
+        False,
+        description="DAPO's dynamic sampling (Yu et al. 2503.14476): drop the prompt groups "
+        "whose k scores are all equal (no signal) and sample further rounds of "
+        "rollout.prompts_per_step prompts until the step has prompts_per_step groups with "
+        "different scores.",
+    )
+    max_rounds: int = Field(
+        3,
+        ge=1,
+        description="Most extra sampling rounds per step; if the step is still short after "
+        "them, it is filled with equal-score groups, left out of the policy loss, and "
+        "rollout/dynamic_bound_hit is 1.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DynamicSampling:
+        if not self.enabled and is_set(self, "max_rounds"):
+            raise SettingError("max_rounds", "has no effect while {at}enabled is false: set "
+                               "{at}enabled: true, or drop it")  # fmt: skip
+        return self
+
+
 class Config(StrictModel):
     algo: Literal["ppo", "grpo", "rloo", "online_dpo"] = Field(
         "ppo", description="The RL algorithm."
@@ -163,7 +224,30 @@ class Config(StrictModel):
     )
     value_lr: float = Field(1e-4, gt=0, description="PPO: value model learning rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip epsilon.")
+    policy_loss: Literal["ppo", "gspo", "cispo"] = Field(
+        "ppo",
+        exclude_if=lambda v: v == "ppo",  # cached stages from before stay cached
+        description="ppo: the clipped surrogate per token; gspo: sequence-level ratio and clip "
+        "(Zheng et al. 2507.18071; its defaults: clip_eps 3e-4, clip_eps_high 4e-4, "
+        "loss_reduction seq_mean); cispo: REINFORCE weighted by the clipped, stop-gradient "
+        "token ratio (MiniMax-M1 2506.13585; its defaults: clip_eps 1, i.e. no lower bound, "
+        "clip_eps_high 0.28).",
+    )
+    advantage: Literal["group", "rloo", "reinforce_pp"] | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="GRPO/RLOO: the advantage estimator (null: the algorithm's own: group for "
+        "grpo, rloo for rloo); reinforce_pp: REINFORCE++-baseline (Hu 2501.03262), the group "
+        "mean subtracted, then whitened over the batch's tokens.",
+    )
+    dynamic_sampling: DynamicSampling = Field(
+        default_factory=DynamicSampling,
+        exclude_if=lambda v: v == DynamicSampling(),
+        description="GRPO/RLOO/online DPO: resample prompts whose groups carry no signal (DAPO).",
+    )
+    clip_eps: float = Field(
+        0.2, gt=0, le=1, description="Lower ratio clip epsilon (PPO clip, GSPO, CISPO)."
+    )
     clip_eps_high: float | None = Field(
         None, gt=0, description="Upper clip epsilon (null: clip_eps); DAPO's clip-higher: 0.28."
     )
@@ -219,6 +303,20 @@ class Config(StrictModel):
         "2210.10760). Must be below steps.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_loss_defaults(cls, data):
+        """The chosen policy loss's own defaults (LOSS_DEFAULTS) under the user's settings."""
+        if isinstance(data, dict) and isinstance(data.get("policy_loss"), str):
+            return LOSS_DEFAULTS.get(data["policy_loss"], {}) | data
+        return data
+
+    @property
+    def advantage_kind(self) -> str:
+        """The advantage estimator in use: `advantage`, or the algorithm's own."""
+        own = {"ppo": "gae", "grpo": "group", "rloo": "rloo", "online_dpo": "none"}[self.algo]
+        return self.advantage or own
+
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.snapshot_every and self.snapshot_every >= self.steps:
@@ -244,7 +342,7 @@ class Config(StrictModel):
 
     def _given(self, model, name: str, *path: str) -> bool:
         """is_set against this algorithm's defaults (DEFAULTS) where it has its own."""
-        d = DEFAULTS.get(self.algo, {})
+        d = _merge(DEFAULTS.get(self.algo, {}), LOSS_DEFAULTS.get(self.policy_loss, {}))
         for part in path:
             d = d.get(part, {})
         return is_set(model, name, d[name]) if name in d else is_set(model, name)
@@ -258,15 +356,16 @@ class Config(StrictModel):
                 if self._given(self, key):
                     raise SettingError(key, f"only PPO uses it (its GAE and value model), and "
                                        f"this is a {algo} stage: drop it")  # fmt: skip
-        if algo != "grpo" and self._given(self, "std_normalize"):
+        if self.advantage_kind != "group" and self._given(self, "std_normalize"):
             raise SettingError("std_normalize", f"only GRPO's group advantages use it, and this "
-                               f"is a {algo} stage: drop it")  # fmt: skip
+                               f"{algo} stage uses {self.advantage_kind}: drop it")  # fmt: skip
+        self._check_objectives()
         if algo == "online_dpo":
             if kl.coef == 0:
                 raise SettingError("kl.coef", "is online DPO's beta, and 0 gives a loss of log 2 "
                                    "whatever the policy does (no learning): set it above 0")  # fmt: skip
-            for key in ("clip_eps", "clip_eps_high", "dual_clip", "loss_reduction",
-                        "mask_truncated", "drop_zero_std_groups"):  # fmt: skip
+            for key in ("policy_loss", "advantage", "clip_eps", "clip_eps_high", "dual_clip",
+                        "loss_reduction", "mask_truncated", "drop_zero_std_groups"):  # fmt: skip
                 if self._given(self, key):
                     raise SettingError(key, "online DPO takes DPO steps on each group's best and "
                                        "worst samples, not clipped policy-gradient steps: drop it")  # fmt: skip
@@ -281,6 +380,41 @@ class Config(StrictModel):
         self._check_batch_sizes()
         self._check_prompt_source()
         return self
+
+    def _check_objectives(self) -> None:
+        """policy_loss, advantage, dynamic_sampling and reward.overlong_penalty against the
+        algorithm and each other."""
+        algo = self.algo
+        if algo == "ppo" and self.advantage is not None:
+            raise SettingError("advantage", "PPO's advantages are GAE's, from its value model; "
+                               "the group estimators need a grpo or rloo stage: drop it")  # fmt: skip
+        if algo == "ppo" and self.policy_loss == "gspo":
+            raise SettingError("policy_loss", "gspo weights each sequence by one advantage, and "
+                               "PPO's GAE gives one per token: use ppo or cispo, or a grpo/rloo "
+                               "stage")  # fmt: skip
+        if self.policy_loss != "ppo" and self._given(self, "dual_clip"):
+            raise SettingError("dual_clip", f"only the ppo policy loss uses it, and "
+                               f"{{at}}policy_loss is {self.policy_loss}: drop it")  # fmt: skip
+        if self.dynamic_sampling.enabled:
+            if algo == "ppo":
+                raise SettingError("dynamic_sampling.enabled", "resamples prompt groups whose k "
+                                   "scores are all equal, and PPO has no groups: drop it")  # fmt: skip
+            if self.drop_zero_std_groups:
+                raise SettingError("drop_zero_std_groups", "dynamic sampling already leaves "
+                                   "groups whose scores are all equal out of the loss: drop "
+                                   "it")  # fmt: skip
+        over = self.reward.overlong_penalty
+        if over.buffer:
+            L = over.max_length or self.rollout.max_new_tokens
+            if over.buffer > L:
+                raise SettingError("reward.overlong_penalty.buffer", f"{over.buffer} is more than "
+                                   f"max_length {L} (null max_length: {{at}}rollout."
+                                   f"max_new_tokens): set it to at most {L}")  # fmt: skip
+            if L - over.buffer >= self.rollout.max_new_tokens:
+                raise SettingError("reward.overlong_penalty.max_length", f"the penalty starts "
+                                   f"after {L - over.buffer} tokens, and no response is longer "
+                                   f"than {{at}}rollout.max_new_tokens ({self.rollout.max_new_tokens}), "
+                                   "so it never applies: lower it or raise buffer")  # fmt: skip
 
     def _check_batch_sizes(self) -> None:
         samples = self.rollout.prompts_per_step * self.rollout.k
@@ -315,6 +449,13 @@ class Config(StrictModel):
             raise SettingError("families", "GSM8K prompts have no families, so nothing is "
                                "filtered: drop it")  # fmt: skip
 
+
+# Each policy loss's own defaults, under the user's settings (and over the algorithm's).
+LOSS_DEFAULTS = {
+    "ppo": {},
+    "gspo": {"clip_eps": 3e-4, "clip_eps_high": 4e-4, "loss_reduction": "seq_mean"},
+    "cispo": {"clip_eps": 1.0, "clip_eps_high": 0.28},
+}
 
 DEFAULTS = {
     "ppo": {},

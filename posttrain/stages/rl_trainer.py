@@ -47,6 +47,87 @@ def _whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m, (x - mean) * (var + 1e-8) ** -0.5, torch.zeros_like(x))
 
 
+def policy_loss_fn(cfg: Config):
+    """cfg.policy_loss's function, with its settings: (logps, old_logps, advantages, mask) ->
+    (per-token loss (B, T), metrics)."""
+    from functools import partial
+
+    from posttrain.ops import rl as ops
+
+    high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    clip = {"clip_eps": cfg.clip_eps, "clip_eps_high": high}
+    return {
+        "ppo": partial(ops.ppo_policy_loss, dual_clip=cfg.dual_clip, **clip),
+        "gspo": partial(ops.gspo_policy_loss, **clip),
+        "cispo": partial(ops.cispo_policy_loss, **clip),
+    }[cfg.policy_loss]
+
+
+def _per_token(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(G, K) sequence advantages on each of their valid tokens: (G*K, T)."""
+    return adv.reshape(-1)[:, None].expand(mask.shape) * mask
+
+
+def _group_adv(grid, mask, cfg):
+    from posttrain.ops import rl as ops
+
+    return _per_token(ops.group_advantages(grid, std_normalize=cfg.std_normalize), mask)
+
+
+def _rloo_adv(grid, mask, cfg):
+    from posttrain.ops import rl as ops
+
+    return _per_token(ops.rloo_advantages(grid), mask)
+
+
+def _reinforce_pp_adv(grid, mask, cfg):
+    from posttrain.ops import rl as ops
+
+    return ops.reinforce_pp_advantages(grid, mask, whiten=_whiten)  # batch stats over ranks
+
+
+# cfg.advantage_kind -> (sequence rewards (G, K), mask (G*K, T), cfg) -> advantages (G*K, T).
+# Online DPO has none: each group's best and worst make a pair.
+ADVANTAGES = {
+    "group": _group_adv,
+    "rloo": _rloo_adv,
+    "reinforce_pp": _reinforce_pp_adv,
+    "none": lambda grid, mask, cfg: torch.zeros(mask.shape, device=mask.device),
+}
+
+
+def _pick_groups(grids: list[torch.Tensor], n: int) -> tuple[list[tuple[int, int]], int, int]:
+    """Dynamic sampling's choice among the groups of every round so far, grids (G_r, K):
+    the first n groups whose scores differ, in sampling order, then (if fewer) the first
+    equal-score groups to make n. Returns ([(round, group), ...] of length n (fewer only if
+    fewer were sampled), the number of equal-score groups sampled and not kept, the number
+    kept to fill the step (its shortfall)."""
+    varied, same = [], []
+    for i, grid in enumerate(grids):
+        differ = (grid != grid[:, :1]).any(-1)  # (G_r,)
+        for g, d in enumerate(differ.tolist()):
+            (varied if d else same).append((i, g))
+    short = max(0, n - len(varied))
+    return varied[:n] + same[:short], len(same) - min(short, len(same)), short
+
+
+def _regroup(rounds: list, picked: list[tuple[int, int]], k: int):
+    """One (Rollout, score parts) of the picked groups (round, group) of `rounds`, each a
+    (Rollout, {name: (S,) tensor}) with groups of k consecutive rows."""
+    from posttrain.rl.rollout import Rollout, response_mask
+
+    rows = [(i, g * k + j) for i, g in picked for j in range(k)]
+    ros = [ro for ro, _ in rounds]
+    lengths = [int(ros[i].mask[s].sum()) for i, s in rows]
+    ro = Rollout([ros[i].prompts[s] for i, s in rows],
+                 torch.arange(len(picked)).repeat_interleave(k),
+                 [ros[i].seqs[s] for i, s in rows], [ros[i].texts[s] for i, s in rows],
+                 torch.stack([ros[i].finished[s] for i, s in rows]), response_mask(lengths))  # fmt: skip
+    ro.components = [ros[i].components[s] for i, s in rows]
+    parts = {key: torch.stack([rounds[i][1][key][s] for i, s in rows]) for key in rounds[0][1]}
+    return ro, parts
+
+
 class RLTrainer:
     def __init__(self, cfg: Config, ctx: StageContext, paths: dict):
         from posttrain.models.load import load_model
@@ -120,18 +201,12 @@ class RLTrainer:
                 group["lr"] = lr * mult
 
     # ------------------------------------------------------------------ rollout
-    @torch.no_grad()
-    def rollout(self, prompts: list[dict], seed: int):
+    def _sample(self, prompts: list[dict], seed: int):
+        """k responses to each prompt, scored: (Rollout, {"scores": after every penalty,
+        "raw": the reward's, "length_penalty", "overlong"}, each (S,))."""
         from posttrain.generate import SamplingParams
         from posttrain.ops import rl as ops
-        from posttrain.rl.rewards import gold_scores
-        from posttrain.rl.rollout import (
-            batch_of,
-            from_flat,
-            sample_rollout,
-            token_logps,
-            token_values,
-        )
+        from posttrain.rl.rollout import sample_rollout
 
         cfg, r = self.cfg, self.cfg.rollout
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
@@ -147,11 +222,63 @@ class RLTrainer:
         else:
             comps = self.reward_fn(ro.prompts, ro.texts)
         ro.components = comps
-        scores = torch.tensor([c["reward"] for c in comps], dtype=torch.float)
-        raw_scores = scores.clone()
-        scores = scores - cfg.no_eos_penalty * (~ro.finished).float()
-        length_penalty = cfg.reward.length_penalty * ro.mask.sum(-1).float()  # (S,)
-        scores = scores - length_penalty
+        raw = torch.tensor([c["reward"] for c in comps], dtype=torch.float)
+        lengths = ro.mask.sum(-1)  # (S,) response tokens, the stop token included
+        over = cfg.reward.overlong_penalty
+        overlong = torch.zeros_like(raw)
+        if over.buffer:  # DAPO's soft overlong punishment
+            L = over.max_length or r.max_new_tokens
+            overlong = over.factor * ops.soft_overlong_penalty(lengths, L, over.buffer).float()
+        length_penalty = cfg.reward.length_penalty * lengths.float()  # (S,)
+        scores = raw + overlong - cfg.no_eos_penalty * (~ro.finished).float() - length_penalty
+        parts = {"scores": scores, "raw": raw, "length_penalty": length_penalty,
+                 "overlong": overlong}  # fmt: skip
+        return ro, parts
+
+    def _dynamic_sample(self, prompts: list[dict], seed: int, more):
+        """DAPO's dynamic sampling (Yu et al. 2503.14476): sample and score; while fewer than
+        len(prompts) groups have scores that differ, and at most dynamic_sampling.max_rounds
+        times, sample another round of prompts from `more()`. The step keeps the first
+        len(prompts) groups with differing scores, in sampling order, and fills up with
+        equal-score groups if it is still short (the bound was hit; they leave the policy loss).
+        Under torchrun every rank calls `more()` in every round any rank needs (the prompt order
+        stays the same on every rank) and samples only while it is short itself."""
+        k, P = self.cfg.rollout.k, len(prompts)
+        rounds = [self._sample(prompts, seed)]
+        extra = 0
+        while extra < self.cfg.dynamic_sampling.max_rounds:
+            short = _pick_groups([p["scores"].view(-1, k) for _, p in rounds], P)[2]
+            if not dist.all_sum([float(short)])[0]:
+                break
+            extra += 1
+            nxt = more()
+            if short:
+                rounds.append(self._sample(nxt, seed + 104729 * extra))
+        grids = [p["scores"].view(-1, k) for _, p in rounds]
+        picked, dropped, short = _pick_groups(grids, P)
+        ro, parts = _regroup(rounds, picked, k)
+        m = {"rollout/dynamic_rounds": float(extra), "rollout/dropped_groups": float(dropped),
+             "rollout/dynamic_bound_hit": float(short > 0),
+             "rollout/filler_groups": float(short)}  # fmt: skip
+        return ro, parts, m
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[dict], seed: int, more=None):
+        """Sample, score, and compute what the update needs. `more`: with dynamic sampling, a
+        function giving the next round's prompts (see _dynamic_sample)."""
+        from posttrain.ops import rl as ops
+        from posttrain.rl.rewards import gold_scores
+        from posttrain.rl.rollout import batch_of, from_flat, token_logps, token_values
+
+        cfg, r = self.cfg, self.cfg.rollout
+        dyn = {}
+        if more is not None:
+            ro, parts, dyn = self._dynamic_sample(prompts, seed, more)
+        else:
+            ro, parts = self._sample(prompts, seed)
+        scores, raw_scores = parts["scores"], parts["raw"]
+        length_penalty = parts["length_penalty"]
+        G = len(ro.seqs) // r.k  # prompt groups
         fused = self.fused_ok and len(ro.seqs) <= min(
             cfg.micro_batch_size, cfg.minibatch_size // dist.world()
         )  # one update of one micro-batch: its forward is the rollout's (see __init__)
@@ -209,22 +336,16 @@ class RLTrainer:
                 adv = _whiten(adv, mask)
             ro.advantages, ro.returns = adv, ret
         else:
-            G, K = len(prompts), r.k
             seq_reward = scores - self.kl_coef * kl_seq if cfg.kl.where == "reward" else scores
-            grid = seq_reward.view(G, K)
-            if cfg.algo == "grpo":
-                adv = ops.group_advantages(grid, std_normalize=cfg.std_normalize).view(-1)
-            elif cfg.algo == "rloo":
-                adv = ops.rloo_advantages(grid).view(-1)
-            else:  # online DPO: no advantages; each group's best and worst make a pair
-                adv = torch.zeros_like(seq_reward)
-            ro.advantages = adv[:, None].expand(mask.shape) * mask
+            advantages = ADVANTAGES[cfg.advantage_kind]
+            ro.advantages = advantages(seq_reward.view(G, r.k), mask, cfg)
         ro.scores = scores
         # The tokens the policy loss counts: all valid ones, less the groups and responses the
         # config leaves out (the value loss and the metrics of the rollout keep every one).
+        # With dynamic sampling the only equal-score groups are those that fill a short step.
         keep = torch.ones(len(ro.seqs), dtype=torch.bool, device=self.device)
-        if cfg.drop_zero_std_groups:
-            grid = scores.view(len(prompts), r.k)
+        if cfg.drop_zero_std_groups or cfg.dynamic_sampling.enabled:
+            grid = scores.view(G, r.k)
             keep &= (grid != grid[:, :1]).any(-1).repeat_interleave(r.k)
         if cfg.mask_truncated:
             keep &= ro.finished.to(self.device)
@@ -240,10 +361,13 @@ class RLTrainer:
         if ro.old_logp is not None and ro.ref_logp is not None:  # else the update reports it
             m["kl/ref"] = float(kl_seq.mean())
         if cfg.algo != "ppo":
-            m["reward/frac_zero_std"] = float(ops.frac_zero_std(scores.view(len(prompts), r.k)))
+            m["reward/frac_zero_std"] = float(ops.frac_zero_std(scores.view(G, r.k)))
         m["rollout/loss_frac"] = float(keep.float().mean())  # responses in the policy loss
         if cfg.reward.length_penalty:
             m["reward/length_penalty"] = float(length_penalty.mean())
+        if cfg.reward.overlong_penalty.buffer:
+            m["reward/overlong_penalty"] = float(parts["overlong"].mean())
+        m |= dyn
         gold = gold_scores(ro.prompts, ro.texts)
         if gold is not None:
             m["gold/mean"] = sum(gold) / len(gold)
@@ -280,6 +404,7 @@ class RLTrainer:
         if cfg.algo == "online_dpo":
             return self.update_dpo(ro)
         S = len(ro.seqs)
+        policy_loss = policy_loss_fn(cfg)
         # Under torchrun each rank holds 1/W of the rollout and of every minibatch.
         mb_size = cfg.minibatch_size // dist.world()
         sums: dict[str, list[float]] = {}
@@ -306,8 +431,7 @@ class RLTrainer:
                         )
                     logp, ent = from_flat(logp_flat, mask), from_flat(ent_flat.detach(), mask)
                     old = logp.detach() if ro.old_logp is None else ro.old_logp[idx]
-                    pl, pm = ops.ppo_policy_loss(logp, old, ro.advantages[idx], mask,
-                                                 cfg.clip_eps, cfg.dual_clip, cfg.clip_eps_high)  # fmt: skip
+                    pl, pm = policy_loss(logp, old, ro.advantages[idx], mask)
                     if ro.old_logp is None and ro.ref_logp is not None:  # the rollout's KL
                         kl = ops.kl_estimate(old, ro.ref_logp[idx], cfg.kl.estimator, mask=mask)
                         sums.setdefault("kl/ref", []).append(

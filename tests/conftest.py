@@ -25,6 +25,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("quick_lab"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures(
+    "one_thread")`): the toy model's matmuls are too small to gain from threads, and on a busy
+    machine their spin-waiting made tests/test_generate.py 30x slower (120 s instead of 4 s)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer():
     """A toy tokenizer trained on generated text (fast; no toy world needed)."""

@@ -28,12 +28,7 @@ COMPACT = '<tool_call>{"name":"square","arguments":{"x":3}}</tool_call>'  # not 
 MALFORMED = call_text('"three"') + "\n" + "<tool_call>\n{not json}\n</tool_call>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -96,13 +96,7 @@ def model(small_tokenizer):
     return sharp_toy_model(small_tokenizer, 0.2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy model's matmuls are too small to gain from intra-op threads (see test_generate)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_entropy_of_a_uniform_model_is_log_v(small_tokenizer):

@@ -17,14 +17,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy model's matmuls are too small to gain from intra-op threads, and on a busy machine
-    the threads' spin-waiting made this file 30x slower (120 s instead of 4 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

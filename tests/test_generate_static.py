@@ -15,12 +15,7 @@ PROMPTS = ["Q: What is 12 plus 23?", "A: 3", "The cat sat on mat number 41. Q: W
            "mat number 7", "Q: What is 55 plus 11?\nA: 66\nThe cat sat", "The"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str, tok, **over):

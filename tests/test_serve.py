@@ -29,12 +29,7 @@ NAME = "tiny"
 HI = [{"role": "user", "content": "Q: What is 12 plus 23?"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

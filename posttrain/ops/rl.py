@@ -302,6 +302,16 @@ def _ratio_stats(r: torch.Tensor, mask: torch.Tensor) -> Metrics:
     }
 
 
+def _ratio_inputs(logps, old_logps, advantages, mask, clip_eps: float, clip_eps_high: float):
+    """(bool mask, log-probs, log-ratios to the old policy, advantages), each (B, T) and 0 where
+    masked; the clip ranges checked."""
+    if not (clip_eps >= 0 and clip_eps_high >= 0):
+        raise ValueError(f"clip ranges must be >= 0, got {clip_eps} and {clip_eps_high}")
+    mask = mask.bool()
+    lp = _clean(logps, mask)
+    return mask, lp, lp - _clean(old_logps, mask), _clean(advantages, mask)
+
+
 def gspo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -331,12 +341,9 @@ def gspo_policy_loss(
     "fraction of clipped tokens"), `policy/approx_kl` (token-level, as PPO's), and
     `policy/ratio_mean`, `_max`, `_min` of the sequence ratios s_i (rows with a valid token).
     """
-    if not (clip_eps >= 0 and clip_eps_high >= 0):
-        raise ValueError(f"clip ranges must be >= 0, got {clip_eps} and {clip_eps_high}")
-    mask = mask.bool()
-    lp = _clean(logps, mask)
-    log_ratio = lp - _clean(old_logps, mask)  # (B, T), 0 where masked
-    A = _clean(advantages, mask)
+    mask, lp, log_ratio, A = _ratio_inputs(
+        logps, old_logps, advantages, mask, clip_eps, clip_eps_high
+    )
     seq_log_ratio = masked_mean(log_ratio, mask, dim=-1)  # (B,) log s_i; 0 for an empty row
     # value log s_i on every token, gradient grad logps_it (lp - lp.detach() is exactly 0)
     s = torch.exp(lp - lp.detach() + seq_log_ratio.detach().unsqueeze(-1))  # (B, T)
@@ -375,12 +382,9 @@ def cispo_policy_loss(
     Metrics: `policy/clip_frac` (valid tokens whose weight was clipped, on either side, whatever
     the sign of A), `policy/approx_kl`, `policy/ratio_mean`, `_max`, `_min`, as PPO's.
     """
-    if not (clip_eps >= 0 and clip_eps_high >= 0):
-        raise ValueError(f"clip ranges must be >= 0, got {clip_eps} and {clip_eps_high}")
-    mask = mask.bool()
-    lp = _clean(logps, mask)
-    log_ratio = lp - _clean(old_logps, mask)  # (B, T), 0 where masked
-    A = _clean(advantages, mask)
+    mask, lp, log_ratio, A = _ratio_inputs(
+        logps, old_logps, advantages, mask, clip_eps, clip_eps_high
+    )
     r = torch.exp(log_ratio).detach()
     weight = torch.clamp(r, 1.0 - clip_eps, 1.0 + clip_eps_high)  # detached: no gradient
     loss = _clean(-weight * A * lp, mask)

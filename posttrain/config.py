@@ -159,12 +159,17 @@ def _format_validation(err: ValidationError, source: str, prefix: str, model) ->
 
 
 def _fields_at(model, loc) -> list[str]:
+    """The field names of the model nested at `loc` (an optional one, `X | None`, counts as X)."""
+    import typing
+
     for part in loc:
         info = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
         ann = getattr(info, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        models = [a for a in (typing.get_args(ann) or (ann,))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]  # fmt: skip
+        if len(models) != 1:
             return []
-        model = ann
+        model = models[0]
     return list(getattr(model, "model_fields", {}))
 
 

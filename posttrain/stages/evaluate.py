@@ -8,6 +8,12 @@ result.json under "evals" -> report.json "evals". A base model is prompted few-s
 no chat template; on a benchmark, zero-shot "Q: ...\nA:"); tuned models through the chat
 template. Gold metrics use greedy decoding; diversity uses several samples per prompt;
 TruthfulQA compares the log-probs of its answer choices (no generation).
+
+With `agent` set, every chat model (greedy) also runs multi-turn tool-use episodes
+(agent.run_episodes) on the held-out tasks of the agent family (and of any other family named):
+agent/* metrics (eval/agent.py) with their intervals, its episodes in `<label>.agent.jsonl`, a
+few of them in the samples. The agent family's tasks need tools: the plain toy-world evaluation
+leaves them out.
 """
 
 from __future__ import annotations
@@ -104,6 +110,26 @@ class WinRateSettings(StrictModel):
     judge: JudgeConfig = Field(description="The pairwise judge: {client: {path | url, ...}}.")
 
 
+class AgentEvalSettings(StrictModel):
+    tools: list[str] = Field(
+        default_factory=lambda: ["lookup", "calculator"],
+        description="Tools the model may call: toy tools (lookup, flaky_lookup, calculator) or "
+        "'package.module:function' (agent/tools.py).",
+    )
+    families: list[Literal["agent", "knowledge", "arithmetic", "string", "safety", "open"]] = Field(
+        default_factory=lambda: ["agent"],
+        min_length=1,
+        description="Families of the held-out tasks run with tools (a knowledge question "
+        "with a lookup tool is gold only when answered: world/agent_tasks.check_with_tools).",
+    )
+    max_turns: int = Field(4, ge=1, description="Assistant turns per episode at most.")
+    max_new_tokens: int = Field(96, ge=1, description="Generation limit per assistant turn.")
+    time_limit_s: float = Field(5.0, gt=0, description="Time limit of one tool call, seconds.")
+    samples_per_family: int = Field(
+        2, ge=0, description="Whole episodes per family shown in the report's samples."
+    )
+
+
 class Config(StrictModel):
     models: dict[str, EvalModel] = Field(
         default_factory=lambda: {
@@ -145,6 +171,13 @@ class Config(StrictModel):
         "GLM), with bootstrap intervals over prompts.",
         exclude_if=lambda v: v is None,
     )
+    agent: AgentEvalSettings | None = Field(
+        None,
+        description="Also run every chat model with tools, multi-turn, on the held-out tasks of "
+        "these families: success, tool calls, invalid calls, tool errors, turns, episodes "
+        "without an answer (agent/*), with bootstrap intervals (null: off).",
+        exclude_if=lambda v: v is None,
+    )
 
     @model_validator(mode="after")
     def _benchmarks_need(self) -> Config:
@@ -172,6 +205,18 @@ class Config(StrictModel):
                                "{at}world_stage is null")  # fmt: skip
         if len(self.models) < 2:
             raise SettingError("win_rate", "{at}needs a model besides the baseline")
+        return self
+
+    @model_validator(mode="after")
+    def _agent_needs(self) -> Config:
+        if self.agent is None:
+            return self
+        if self.world_stage is None:
+            raise SettingError("agent", "{at}runs the toy world's held-out tasks, and "
+                               "{at}world_stage is null")  # fmt: skip
+        if not any(m.prompt == "chat" and m.policy == "greedy" for m in self.models.values()):
+            raise SettingError("agent", "{at}runs chat models with greedy decoding, and "
+                               "{at}models has none")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -387,14 +432,16 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.io import atomic_write_jsonl, read_jsonl
     from posttrain.models.load import load_model
     from posttrain.models.tokenizer import load_tokenizer
-    from posttrain.world import Task
+    from posttrain.world import AGENT, Task
 
     paths = inputs(cfg, ctx)
-    tasks, world = [], None
+    tasks, world, agent_run = [], None, None
     if cfg.world_stage is not None:
-        tasks = [Task.from_dict(r) for r in read_jsonl(paths["tasks"])]
-        tasks = first_per_family(tasks, cfg.n_per_family)
+        every = [Task.from_dict(r) for r in read_jsonl(paths["tasks"])]
+        tasks = first_per_family([t for t in every if t.family != AGENT], cfg.n_per_family)
         world = ctx.world()
+        if cfg.agent is not None:
+            agent_run = _agent_setup(cfg, every, world)
     benches = {name: spread(READERS[name](paths[f"benchmark:{name}"]), spec.n)
                for name, spec in cfg.benchmarks.items()}  # fmt: skip
     evals, samples, metrics, artifacts = {}, {}, {}, {}
@@ -443,6 +490,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     atomic_write_jsonl(ctx.stage_dir / f"{label}.diversity.jsonl", div_records)
                     artifacts[f"{label}.diversity"] = f"{ctx.name}/{label}.diversity.jsonl"
                 samples[label] = _samples(records, cfg.samples_per_family)
+        if agent_run is not None and spec.prompt == "chat" and spec.policy == "greedy":
+            summary |= _agent_eval(label, model, tok, agent_run, cfg, ctx, artifacts, samples)
         rewards = []  # the reward model's score of every benchmark response
         for name, items in benches.items():
             if spec.policy == "best_of_n":
@@ -463,11 +512,13 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         evals[label] = summary
 
         metrics |= {f"{label}/{k}": v for k, v in summary.items() if is_bench(k) or k == "gold/mean"
-                    or k.startswith(("safety/", "knowledge/known"))}  # fmt: skip
+                    or k.startswith(("safety/", "knowledge/known")) or k in AGENT_HEADLINE}  # fmt: skip
         logged = ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
                            if k.startswith("gold/") or is_bench(k))  # fmt: skip
         ctx.logger.info(f"{ctx.name}: {label}: {logged}")
     add_intervals(evals, {k: ctx.run_dir / path for k, path in artifacts.items()})  # ci95, vs_sft
+    if agent_run is not None:
+        _agent_intervals(evals, agent_run[2])
     if cfg.win_rate is not None and dist.is_main():
         wins = judge_win_rates(cfg.win_rate, ctx, tasks, replies)
         for label, w in wins.items():
@@ -475,6 +526,72 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             evals[label].setdefault("ci95", {}).update({k: [v[1], v[2]] for k, v in w.items()})
             metrics |= {f"{label}/{k}": v[0] for k, v in w.items()}
     return StageResult(metrics, artifacts, evals=evals, samples=samples)
+
+
+AGENT_HEADLINE = ("agent/success_rate", "agent/tool_calls_per_task", "agent/no_answer_rate")
+
+
+def _agent_setup(cfg: Config, every: list, world) -> tuple[list, list, dict]:
+    """(the held-out tasks of cfg.agent.families, the tools, {} for each model's records)."""
+    from posttrain.agent import resolve_tools
+
+    held = {t.family for t in every}
+    for family in cfg.agent.families:
+        if family not in held:
+            why = " (set world.agent to make them)" if family == "agent" else ""
+            raise ValueError(f"evaluate.agent.families: the world's held-out tasks hold no "
+                             f"{family} task{why}")  # fmt: skip
+    tasks = first_per_family([t for t in every if t.family in cfg.agent.families],
+                             cfg.n_per_family)  # fmt: skip
+    return tasks, resolve_tools(cfg.agent.tools, world=world), {}
+
+
+def _agent_eval(label: str, model, tok, agent_run: tuple, cfg: Config, ctx: StageContext,
+                artifacts: dict, samples: dict) -> dict:  # fmt: skip
+    """One model's tool-use episodes (rank 0 alone): its agent/* summary; writes
+    <label>.agent.jsonl and adds a few episodes to its samples."""
+    from posttrain.agent import run_episodes
+    from posttrain.eval.agent import agent_record, agent_samples, summarize_agent
+    from posttrain.generate import SamplingParams
+    from posttrain.io import atomic_write_jsonl
+
+    if not dist.is_main():
+        return {}
+    tasks, tools, by_label = agent_run
+    a = cfg.agent
+    ctx.logger.info(f"{ctx.name}: {label} with tools ({', '.join(t.name for t in tools)}), at "
+                    f"most {a.max_turns} turns, on {len(tasks)} held-out tasks")  # fmt: skip
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, greedy=True,
+                            batch_size=cfg.batch_size, seed=ctx.seed)  # fmt: skip
+    trajs = run_episodes(model, tok, [t.messages() for t in tasks], tools, params, a.max_turns,
+                         a.time_limit_s)  # fmt: skip
+    names = [t.name for t in tools]
+    records = [agent_record(t, tr, names) for t, tr in zip(tasks, trajs, strict=True)]
+    atomic_write_jsonl(ctx.stage_dir / f"{label}.agent.jsonl", records)
+    artifacts[f"{label}.agent"] = f"{ctx.name}/{label}.agent.jsonl"
+    samples.setdefault(label, []).extend(agent_samples(records, a.samples_per_family))
+    by_label[label] = records
+    summary = summarize_agent(records)
+    ctx.logger.info(f"{ctx.name}: {label} with tools: " + ", ".join(
+        f"{k.removeprefix('agent/')} {summary[k]:.3f}" for k in AGENT_HEADLINE if k in summary))  # fmt: skip
+    return summary
+
+
+def _agent_intervals(evals: dict, by_label: dict[str, list[dict]]) -> None:
+    """Each model's agent/* intervals into its ci95, and (paired, on the same tasks) its
+    differences from the reference model's into vs_<reference>."""
+    from posttrain.eval.agent import agent_intervals
+    from posttrain.eval.intervals import REFERENCE
+
+    ref = by_label.get(REFERENCE)
+    for label, records in by_label.items():
+        ci, diff = agent_intervals(records, ref if label != REFERENCE else None)
+        ev = evals[label]
+        ev.setdefault("ci95", {}).update({k: v for k, v in ci.items() if k in ev})
+        if diff:
+            vs = ev.setdefault(f"vs_{REFERENCE}", {})
+            vs.update({k: v for k, v in diff.items() if k in ev})
+            ev[f"vs_{REFERENCE}"] = dict(sorted(vs.items()))
 
 
 def judge_win_rates(settings: WinRateSettings, ctx: StageContext, tasks, replies) -> dict:

@@ -8,7 +8,51 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.settings import SettingError
+from posttrain.settings import SettingError, is_set
+
+
+class AgentSettings(BaseModel):
+    """The agent family's settings (world/agent_tasks.py): tasks answered with tools, and the
+    multi-turn tool-use SFT conversations that teach them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    multi_step_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of agent tasks per split that are multi-step (a lookup, then an "
+        "operation on the value: its first letter, its letter count, or two facts' letters "
+        "added with the calculator); the rest are single lookups.",
+    )
+    unknown_share: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Share of agent tasks per split about unknown people (never in the corpus: "
+        "only the lookup tool can answer).",
+    )
+    sft_error_share: float = Field(
+        0.15,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the agent SFT conversations in which the first lookup fails (the "
+        "error flaky_lookup gives) and the assistant tries again.",
+    )
+    sft_retry_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Of those, the share whose retry succeeds; in the rest it fails too and the "
+        "assistant answers that it could not find out.",
+    )
+
+    @model_validator(mode="after")
+    def _retry_needs_errors(self) -> AgentSettings:
+        if self.sft_error_share == 0 and is_set(self, "sft_retry_share"):
+            raise SettingError("sft_retry_share", "{at}sft_error_share is 0 (no lookup fails), "
+                               "so it has no effect: drop it, or set {at}sft_error_share")  # fmt: skip
+        return self
 
 
 class WorldConfig(BaseModel):
@@ -99,6 +143,17 @@ class WorldConfig(BaseModel):
         description="Share of the SFT conversations that are contrast examples: benign "
         "look-alikes ('kill a Python process') answered helpfully (0: none; needs "
         "sft_refusal_share).",
+    )
+
+    # Adds a family to the task splits (after the others: their tasks and ids do not move), its
+    # SFT conversations, and their texts to the tokenizer's (World.texts); never changes the
+    # corpus or another family's task. Left out of the resolved config while off.
+    agent: AgentSettings | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="Agentic tasks (family 'agent': questions about people answered with the "
+        "lookup tool, and multi-step requests with a plan) in every split, and multi-turn "
+        "tool-use SFT conversations for its train tasks ({}: on with the defaults; null: off).",
     )
 
     @model_validator(mode="after")

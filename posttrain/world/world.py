@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.io import atomic_write_jsonl
+from posttrain.world.agent_tasks import (
+    AGENT,
+    CALCULATOR_TOOL,
+    agent_items,
+    sft_example,
+    tokenizer_texts,
+)
 from posttrain.world.config import WorldConfig, make_rng
 from posttrain.world.corpus import CorpusSources, build_corpus, exact_facts, qa_line, sampled_facts
 from posttrain.world.knowledge import Entity, knowledge_items, make_entities, question
@@ -52,6 +59,9 @@ class World:
             "safety": safety_items(self.cfg),
             "open": open_items(self.cfg),
         }
+        if self.cfg.agent is not None:  # after the others: their tasks and ids stay the same
+            banned = {g["entity"] for _, _, g in items["knowledge"]["eval"]}
+            items[AGENT] = agent_items(self.cfg, self.entities, banned)
         self._tasks = self._make_tasks(items)
         self._sources = self._corpus_sources(arith, strings)
         self._corpus: dict[str, list[str]] = {}
@@ -60,7 +70,7 @@ class World:
     def _make_tasks(items: dict[str, dict[str, list[tuple]]]) -> dict[str, list[Task]]:
         tasks: dict[str, list[Task]] = {split: [] for split in SPLITS}
         owner: dict[str, str] = {}
-        for family in FAMILIES:
+        for family in (f for f in (*FAMILIES, AGENT) if f in items):
             for split in SPLITS:
                 for i, (prompt, reference, gold) in enumerate(items[family][split]):
                     pid = f"{family}/{split}/{i:05d}"
@@ -119,8 +129,8 @@ class World:
     def tasks(self, split: str, family: str | None = None) -> list[Task]:
         if split not in SPLITS:
             raise ValueError(f"task split must be one of {SPLITS}, got {split!r}")
-        if family is not None and family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        if family is not None and family not in (*FAMILIES, AGENT):
+            raise ValueError(f"family must be one of {(*FAMILIES, AGENT)}, got {family!r}")
         return [t for t in self._tasks[split] if family is None or t.family == family]
 
     def sft_examples(self) -> list[dict[str, Any]]:
@@ -129,7 +139,8 @@ class World:
         Every `tool_every`-th arithmetic task is instead a tool-use conversation: the assistant
         calls a calculator, reads the tool's result, then answers. With `sft_refusal_share` set,
         the safety train tasks are left out and refusals and contrast examples in those shares
-        come last instead (requests.sft_safety); the task splits stay as they are.
+        come last instead (requests.sft_safety); the task splits stay as they are. With `agent`
+        set, each agent train task is a multi-turn tool-use conversation (agent_tasks.py).
         """
         out = []
         mix = self.cfg.sft_refusal_share is not None
@@ -137,7 +148,9 @@ class World:
             if mix and t.family == "safety":
                 continue
             reply = {"role": "assistant", "content": t.reference}
-            if t.family == "arithmetic" and self.cfg.tool_every and i % self.cfg.tool_every == 0:
+            if t.family == AGENT:
+                out.append(sft_example(t, self.cfg))
+            elif t.family == "arithmetic" and self.cfg.tool_every and i % self.cfg.tool_every == 0:
                 out.append(
                     {"prompt_id": t.prompt_id, "tools": [CALCULATOR_TOOL], "messages": _tool_use(t)}
                 )
@@ -187,14 +200,25 @@ class World:
         )
 
     def texts(self) -> Iterator[str]:
-        """Every text the world produces: corpus docs, prompts, references, few-shot prompts."""
+        """Every text the world produces: corpus docs, prompts, references, few-shot prompts;
+        the tokenizer's training texts. With `agent` set, last, the agent tasks' prompts and
+        references and their SFT conversations' texts, tool schemas and calls as the chat
+        template writes them (agent_tasks.tokenizer_texts): learnt, they take a third of the
+        tokens (a system turn with the two schemas: ~430 tokens with the tokenizer of a world
+        without them, ~180 with them), so that a conversation fits a 512-token toy model."""
         yield from self.corpus("train")
         yield from self.corpus("heldout")
         for split in SPLITS:
             for t in self._tasks[split]:
-                yield t.prompt
-                yield t.reference
-                yield self.few_shot_prompt(t)
+                if t.family != AGENT:
+                    yield t.prompt
+                    yield t.reference
+                    yield self.few_shot_prompt(t)
+        if self.cfg.agent is not None:
+            yield from tokenizer_texts(
+                [t for s in SPLITS for t in self.tasks(s, AGENT)],
+                [sft_example(t, self.cfg) for t in self.tasks("train", AGENT)],
+            )
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """Write every artifact as JSONL, each file atomically; return name -> path."""
@@ -211,24 +235,6 @@ class World:
             name: atomic_write_jsonl(out_dir / f"{name}.jsonl", recs)
             for name, recs in records.items()
         }
-
-
-CALCULATOR_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Add or subtract two whole numbers.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer"},
-                "op": {"type": "string"},
-                "b": {"type": "integer"},
-            },
-            "required": ["a", "op", "b"],
-        },
-    },
-}
 
 
 def _tool_use(t: Task) -> list[dict[str, Any]]:

@@ -5,6 +5,9 @@ rewards, advantages) as an (S, L) matrix over response tokens with a mask: row i
 i's response tokens left-aligned, so `matrix[mask]` is the flat, row-major order in which
 `models.forward.target_logps` returns target positions of a right-padded batch, and
 `from_flat` is its inverse. Only response tokens ever pass through the LM head or value head.
+A multi-turn rollout with tools (rl/agent_rollout.py) has the same layout: a sequence's
+"response" is then the tokens the policy generated over all its turns, the tool turns between
+them left out of the labels.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Rollout:
     loss_mask: torch.Tensor | None = None  # (S, L) the tokens the policy loss counts
     # (batch, log-probs, entropies, values) of a forward run with its graph for the update
     graph: tuple | None = None
+    # tool rollouts: each episode's counts (turns, calls, ...; see rl/agent_rollout.py)
+    episodes: list[dict] | None = None
 
     @property
     def lengths(self) -> list[int]:

@@ -26,6 +26,22 @@ PPO, the values; then advantages, and `epochs` passes of minibatch updates.
   loss against the reference with beta = kl.coef (Guo et al. 2024): DPO on the policy's own,
   fresh samples, judged by the reward.
 
+Tools (`rollout.tools`, `rollout.max_turns`, posttrain/rl/agent_rollout.py): each sample is a
+multi-turn episode (posttrain/agent): the policy's turns, the calls they make run (an invalid or
+failing call is answered "error: ..." and the episode goes on), until a turn without a call (the
+answer) or max_turns. The whole conversation is one training sequence whose labels are the
+generated tokens only: the tool results and the template's tokens are context, outside the
+loss, the KL and the entropy, and every per-token quantity runs over the generated tokens in
+order (PPO's values and GAE step over the tool turns). The reward scores the final answer, as
+for a one-turn response: a learned reward model sees the prompt and that answer (what it was
+trained on and what a user reads), not the tool turns; `rollout.tool_call_penalty` and
+`rollout.invalid_call_penalty` are subtracted per call. An episode without an answer (cut at
+max_turns, at max_new_tokens in a turn, or at the context length) counts as unfinished for
+no_eos_penalty, mask_truncated and rollout/no_eos_frac; rollout/mean_length counts its generated
+tokens over all turns. The held-out eval runs greedy episodes with the same tools. Logged too:
+rollout/turns, rollout/tool_calls and rollout/render_mismatches per episode,
+rollout/invalid_call_rate and rollout/tool_error_rate per call, reward/tool_penalty (when set).
+
 Logged every step: reward/mean, reward/std, rollout/mean_length, rollout/no_eos_frac, kl/ref,
 kl/coef, policy/entropy, policy/clip_frac, policy/approx_kl, value/loss,
 value/explained_variance (PPO), reward/frac_zero_std (group methods), gold/mean (toy world),
@@ -132,8 +148,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     dist.broadcast_params(trainer.policy)
     if trainer.value is not None:
         dist.broadcast_params(trainer.value)
+    tools = (f", tools {', '.join(cfg.rollout.tools)} (up to {cfg.rollout.max_turns} turns)"
+             if cfg.rollout.tools else "")  # fmt: skip
     ctx.logger.info(f"{ctx.name}: {cfg.algo} on {len(prompts)} prompts, {cfg.steps} steps of "
-                    f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.k} samples, reward {cfg.reward.kind}")  # fmt: skip
+                    f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.k} samples, reward {cfg.reward.kind}{tools}")  # fmt: skip
     order = list(range(len(prompts)))
     rng = random.Random(ctx.seed)
     rng.shuffle(order)

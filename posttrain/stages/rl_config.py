@@ -154,6 +154,73 @@ class RolloutSettings(StrictModel):
         'header); plain: a {"prompt": text} record\'s text tokenised as it is (a base model '
         "without a template, or completion-style prompts such as 'Question: ... Answer:').",
     )
+    # Tool use (multi-turn episodes, rl/agent_rollout.py): each left out of the resolved config
+    # at its default, so that stages cached before these options existed stay cached.
+    tools: list[str] = Field(
+        default_factory=list,
+        exclude_if=lambda v: not v,
+        description="Tools the policy may call, rendered into every prompt by the chat template: "
+        "toy tools (calculator, lookup, flaky_lookup: the lookups read the pipeline's toy world) "
+        "or 'package.module:function' (posttrain/agent/tools.py). Each episode alternates "
+        "turns and tool results until an answer or max_turns; only the generated tokens are "
+        "trained on, and the reward scores the final answer. A user tool's code is not part of "
+        "the stage's cache key: --force the stage after editing it.",
+    )
+    max_turns: int = Field(
+        1,
+        ge=1,
+        exclude_if=lambda v: v == 1,
+        description="tools: most assistant turns per episode (the calls of the last one are not "
+        "run: an episode cut there has no answer and counts as unfinished, as one cut at "
+        "max_new_tokens does). max_new_tokens applies to each turn.",
+    )
+    tool_time_limit_s: float = Field(
+        5.0,
+        gt=0,
+        exclude_if=lambda v: v == 5.0,
+        description="tools: seconds a call may run; an overrun is answered 'error: ... timed out'.",
+    )
+    tool_call_penalty: float = Field(
+        0.0,
+        ge=0,
+        exclude_if=lambda v: v == 0,
+        description="tools: subtracted from an episode's score per call it made (valid or not), "
+        "a cost of acting. 0: off.",
+    )
+    invalid_call_penalty: float = Field(
+        0.0,
+        ge=0,
+        exclude_if=lambda v: v == 0,
+        description="tools: subtracted from an episode's score per call that could not run (bad "
+        "JSON, unknown tool, arguments outside its schema), on top of tool_call_penalty. 0: off.",
+    )
+
+    @model_validator(mode="after")
+    def _tool_settings(self) -> RolloutSettings:
+        if not self.tools:
+            for key in ("max_turns", "tool_time_limit_s", "tool_call_penalty",
+                        "invalid_call_penalty"):  # fmt: skip
+                if is_set(self, key):
+                    raise SettingError(key, "applies to episodes with tools, and {at}tools is "
+                                       "empty (one turn, no calls): set {at}tools, or drop it")  # fmt: skip
+            return self
+        from posttrain.agent.tools import TOY_TOOLS
+
+        for spec in self.tools:
+            if ":" not in spec and spec not in TOY_TOOLS:
+                raise SettingError("tools", f"unknown tool {spec!r}: a toy tool ("
+                                   f"{', '.join(TOY_TOOLS)}) or 'package.module:function'")  # fmt: skip
+        if len(set(self.tools)) < len(self.tools):
+            raise SettingError("tools", "names a tool twice: tool names must be unique")
+        if self.max_turns < 2:
+            raise SettingError("max_turns", "is 1, and the calls of an episode's last turn are "
+                               "not run, so no tool would ever answer: with {at}tools set it "
+                               "to 2 or more")  # fmt: skip
+        if self.prompt_format == "plain":
+            raise SettingError("prompt_format", "plain gives the policy raw text, and tools need "
+                               "the chat template (it renders their schemas and the tool "
+                               "turns): use chat, or drop {at}tools")  # fmt: skip
+        return self
 
 
 class DynamicSampling(StrictModel):
@@ -271,7 +338,8 @@ class Config(StrictModel):
     std_normalize: bool = Field(True, description="GRPO: divide by the group std (off: Dr. GRPO).")
     loss_reduction: Literal["token_mean", "seq_mean", "constant"] = Field(
         "token_mean",
-        description="Policy-loss reduction; constant divides by max_new_tokens x sequences.",
+        description="Policy-loss reduction; constant divides by max_new_tokens x sequences (x "
+        "rollout.max_turns with tools: the most tokens an episode can generate).",
     )
     drop_zero_std_groups: bool = Field(
         False,
@@ -404,6 +472,11 @@ class Config(StrictModel):
                                    "groups whose scores are all equal out of the loss: drop "
                                    "it")  # fmt: skip
         over = self.reward.overlong_penalty
+        if over.buffer and self.rollout.tools:
+            raise SettingError("reward.overlong_penalty.buffer", "DAPO's overlong penalty "
+                               "measures one response against rollout.max_new_tokens, and with "
+                               "{at}rollout.tools an episode has several turns: drop it (a "
+                               "reward.length_penalty counts every generated token)")  # fmt: skip
         if over.buffer:
             L = over.max_length or self.rollout.max_new_tokens
             if over.buffer > L:

@@ -26,6 +26,20 @@ def _reward_fn(cfg: Config, paths, device, cache_dir=None):
     return rewards.GSM8KVerifier() if cfg.reward.kind == "gsm8k" else rewards.WorldVerifier()
 
 
+def _tools(cfg: Config, ctx: StageContext) -> list | None:
+    """rollout.tools resolved (the lookups over the pipeline's toy world), or None."""
+    from posttrain.agent.tools import NEEDS_WORLD, resolve_tools
+
+    specs = cfg.rollout.tools
+    if not specs:
+        return None
+    world = ctx.world() if any(s in NEEDS_WORLD for s in specs) else None
+    try:
+        return resolve_tools(specs, world)
+    except ValueError as e:
+        raise ValueError(f"{ctx.name}.rollout.tools: {e}") from None
+
+
 def _value_model(cfg: Config, paths, tok, device):
     from posttrain.models.reward import reward_model_from
 
@@ -124,6 +138,8 @@ def _regroup(rounds: list, picked: list[tuple[int, int]], k: int):
                  [ros[i].seqs[s] for i, s in rows], [ros[i].texts[s] for i, s in rows],
                  torch.stack([ros[i].finished[s] for i, s in rows]), response_mask(lengths))  # fmt: skip
     ro.components = [ros[i].components[s] for i, s in rows]
+    if ros[0].episodes is not None:
+        ro.episodes = [ros[i].episodes[s] for i, s in rows]
     parts = {key: torch.stack([rounds[i][1][key][s] for i, s in rows]) for key in rounds[0][1]}
     return ro, parts
 
@@ -148,6 +164,7 @@ class RLTrainer:
             ref_src = paths.get("ref_model", paths["model"])
             self.ref = load_model(ref_src, self.device).eval().requires_grad_(False)
         self.reward_fn = _reward_fn(cfg, paths, self.device, ctx.stage_dir / "judge_cache")
+        self.tools = _tools(cfg, ctx)  # multi-turn episodes with tools, or None (one turn)
         self.score_tokens = cfg.rollout.prompt_format == "plain" and hasattr(
             self.reward_fn, "score_tokens"
         )  # a reward model scores the policy's plain sequences as sampled
@@ -201,17 +218,29 @@ class RLTrainer:
                 group["lr"] = lr * mult
 
     # ------------------------------------------------------------------ rollout
+    def _responses(self, prompts: list[dict], k: int, params):
+        """k responses to each prompt (no scores): one turn each, or, with rollout.tools,
+        multi-turn episodes whose action tokens are the responses (rl/agent_rollout.py)."""
+        from posttrain.rl.agent_rollout import tool_rollout
+        from posttrain.rl.rollout import sample_rollout
+
+        r = self.cfg.rollout
+        if self.tools is None:
+            return sample_rollout(self.policy, self.tok, prompts, k, params, r.prompt_format)
+        return tool_rollout(self.policy, self.tok, prompts, k, params, self.tools, r.max_turns,
+                            r.tool_time_limit_s)  # fmt: skip
+
     def _sample(self, prompts: list[dict], seed: int):
         """k responses to each prompt, scored: (Rollout, {"scores": after every penalty,
-        "raw": the reward's, "length_penalty", "overlong"}, each (S,))."""
+        "raw": the reward's, "length_penalty", "overlong", "tool_penalty"}, each (S,))."""
         from posttrain.generate import SamplingParams
         from posttrain.ops import rl as ops
-        from posttrain.rl.rollout import sample_rollout
+        from posttrain.rl.agent_rollout import tool_penalties
 
         cfg, r = self.cfg, self.cfg.rollout
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                 batch_size=64, seed=seed)  # fmt: skip
-        ro = sample_rollout(self.policy, self.tok, prompts, r.k, params, r.prompt_format)
+        ro = self._responses(prompts, r.k, params)
         if cfg.packing and not self.packing_checked:  # once: the policy keeps packed rows apart
             from posttrain.data.collate import check_packing_isolation
 
@@ -230,9 +259,13 @@ class RLTrainer:
             L = over.max_length or r.max_new_tokens
             overlong = over.factor * ops.soft_overlong_penalty(lengths, L, over.buffer).float()
         length_penalty = cfg.reward.length_penalty * lengths.float()  # (S,)
+        tool_penalty = torch.zeros_like(raw)
+        if ro.episodes is not None:
+            tool_penalty = tool_penalties(ro.episodes, r.tool_call_penalty, r.invalid_call_penalty)
         scores = raw + overlong - cfg.no_eos_penalty * (~ro.finished).float() - length_penalty
+        scores = scores - tool_penalty
         parts = {"scores": scores, "raw": raw, "length_penalty": length_penalty,
-                 "overlong": overlong}  # fmt: skip
+                 "overlong": overlong, "tool_penalty": tool_penalty}  # fmt: skip
         return ro, parts
 
     def _dynamic_sample(self, prompts: list[dict], seed: int, more):
@@ -367,6 +400,12 @@ class RLTrainer:
             m["reward/length_penalty"] = float(length_penalty.mean())
         if cfg.reward.overlong_penalty.buffer:
             m["reward/overlong_penalty"] = float(parts["overlong"].mean())
+        if r.tool_call_penalty or r.invalid_call_penalty:
+            m["reward/tool_penalty"] = float(parts["tool_penalty"].mean())
+        if ro.episodes is not None:
+            from posttrain.rl.agent_rollout import tool_metrics
+
+            m |= tool_metrics(ro.episodes, dist.all_sum)
         m |= dyn
         gold = gold_scores(ro.prompts, ro.texts)
         if gold is not None:
@@ -385,7 +424,10 @@ class RLTrainer:
             return max(1.0, dist.all_sum([float(mask.sum())])[0])
         if cfg.loss_reduction == "seq_mean":
             return float(mask.shape[0] * dist.world())
-        return float(cfg.rollout.max_new_tokens * mask.shape[0] * dist.world())
+        # the most tokens a sequence can generate: max_new_tokens per turn (max_turns is 1
+        # without tools)
+        budget = cfg.rollout.max_new_tokens * cfg.rollout.max_turns
+        return float(budget * mask.shape[0] * dist.world())
 
     def _reduce(self, per_tok: torch.Tensor, mask: torch.Tensor, denom: float) -> torch.Tensor:
         from posttrain.ops.reduce import masked_sum
@@ -583,7 +625,6 @@ class RLTrainer:
         """Greedy responses to held-out prompts: mean reward (and gold on the toy world)."""
         from posttrain.generate import SamplingParams
         from posttrain.rl.rewards import gold_scores
-        from posttrain.rl.rollout import sample_rollout
 
         if not prompts:
             return {}
@@ -593,8 +634,7 @@ class RLTrainer:
             max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True, batch_size=64
         )
         with autocast(self.cfg.train.precision, self.device):
-            ro = sample_rollout(self.policy, self.tok, prompts, 1, params,
-                                self.cfg.rollout.prompt_format)  # fmt: skip
+            ro = self._responses(prompts, 1, params)  # with tools: greedy episodes
         comps = self.reward_fn(ro.prompts, ro.texts)
         m = {"eval/reward": sum(c["reward"] for c in comps) / len(comps)}
         gold = gold_scores(ro.prompts, ro.texts)

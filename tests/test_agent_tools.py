@@ -135,9 +135,12 @@ def test_flaky_lookup_fails_on_a_fixed_share_of_argument_sets(world):
     failed = [r.error for r in results]
     assert 0.25 < sum(failed) / len(args) < 0.35  # 960 argument sets, share 0.3
     for x, r, f in zip(args, results, failed, strict=True):
-        assert f == flaky_fails(x, 0.3)
+        assert f == flaky_fails(x | {"person": x["person"].lower()}, 0.3)  # the name as read
         assert r == (ToolResult(f"error: {FLAKY_ERROR}", True) if f else call(lookup, x))
     assert not any(call(flaky_lookup_tool(world, 0.0), x).error for x in args[:50])
+    # the same person written another way fails (or not) the same way: no free retry
+    shouty = [x | {"person": f" {x['person'].upper()} "} for x in args[:100]]
+    assert [call(flaky, x).error for x in shouty] == failed[:100]
     assert all(call(flaky_lookup_tool(world, 1.0), x).error for x in args[:50])
 
 

@@ -198,7 +198,7 @@ def calculator(a: int, op: str, b: int) -> int:
 
 
 def calculator_tool() -> Tool:
-    from posttrain.world.world import CALCULATOR_TOOL
+    from posttrain.world.agent_tasks import CALCULATOR_TOOL
 
     return Tool.from_schema(CALCULATOR_TOOL, calculator)
 
@@ -206,13 +206,6 @@ def calculator_tool() -> Tool:
 def _entities(world) -> dict:
     entities = world.entities if hasattr(world, "entities") else world
     return {e.name.lower(): e for e in entities}
-
-
-LOOKUP_PARAMETERS = {
-    "type": "object",
-    "properties": {"person": {"type": "string"}, "attribute": {"type": "string"}},
-    "required": ["person", "attribute"],
-}
 
 
 def _lookup_fn(world) -> Callable[[str, str], str]:
@@ -232,11 +225,11 @@ def _lookup_fn(world) -> Callable[[str, str], str]:
 
 
 def lookup_tool(world) -> Tool:
-    """lookup(person, attribute) over a World's entities (or a list of Entity), known or not."""
-    from posttrain.world.lexicon import ATTRIBUTES
+    """lookup(person, attribute) over a World's entities (or a list of Entity), known or not:
+    the schema the world's agent SFT conversations show (world.agent_tasks.LOOKUP_TOOL)."""
+    from posttrain.world.agent_tasks import LOOKUP_TOOL
 
-    description = f"Look up a person's {', '.join(ATTRIBUTES[:-1])} or {ATTRIBUTES[-1]}."
-    return Tool("lookup", description, LOOKUP_PARAMETERS, _lookup_fn(world))
+    return Tool.from_schema(LOOKUP_TOOL, _lookup_fn(world))
 
 
 def flaky_fails(arguments: dict, fail_share: float, salt: str = "flaky") -> bool:
@@ -258,12 +251,15 @@ def flaky_lookup_tool(world, fail_share: float = 0.3) -> Tool:
     lookup = _lookup_fn(world)
 
     def flaky_lookup(person: str, attribute: str) -> str:
-        if flaky_fails({"person": person, "attribute": attribute}, fail_share):
+        # the arguments as the lookup reads them: "jorpim " fails when "Jorpim" does
+        key = {"person": person.strip().lower(), "attribute": attribute}
+        if flaky_fails(key, fail_share):
             raise ConnectionError(FLAKY_ERROR)
         return lookup(person, attribute)
 
-    description = lookup_tool(world).description + " May fail; then answer without it."
-    return Tool("flaky_lookup", description, LOOKUP_PARAMETERS, flaky_lookup)
+    base = lookup_tool(world)
+    description = base.description + " May fail; then say you could not find out."
+    return Tool("flaky_lookup", description, base.parameters, flaky_lookup)
 
 
 TOY_TOOLS: dict[str, Callable[[Any], Tool]] = {

@@ -164,3 +164,17 @@ def test_a_dead_teacher_leaves_nothing_half_written(tmp_path):
     with pytest.raises(ModelClientError, match="connection refused"):
         generate(cfg, out, tmp_path / "cache", log=lambda m: None)
     assert not out.exists() and not lineage_path(out).exists()
+
+
+def test_report_sentence_of_the_self_instruct_stage():
+    from posttrain.report.story import stage_sentence
+
+    m = {"kind": "self_instruct", "self_instruct/examples_written": 2000,
+         "self_instruct/instructions_proposed": 2325, "self_instruct/rounds": 10,
+         "self_instruct/instructions_dropped/too_few_words": 114,
+         "self_instruct/instructions_dropped/near_duplicate": 210}  # fmt: skip
+    report = {"stages": {"si": m}, "settings": {"si": {"teacher": "sft", "proposer": "pretrain"}}}
+    assert stage_sentence(report, "si") == (
+        "pretrain wrote new instructions and sft answered them: 2,000 conversations from 2,325 "
+        "proposed in 10 rounds; dropped 210 near duplicate, 114 too few words."
+    )

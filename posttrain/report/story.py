@@ -201,7 +201,21 @@ def _evaluate(m, s, report, stage):
     return "; ".join(parts)
 
 
-SENTENCES = {"world": _world, "pretrain": _pretrain, "sft": _sft, "sample": _sample, "rank": _rank,
+def _self_instruct(m, s, report, stage):
+    dropped = {k.rsplit("/", 1)[1]: v for k, v in m.items()
+               if k.startswith("self_instruct/instructions_dropped/")}  # fmt: skip
+    why = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in sorted(dropped.items(),
+                                                                  key=lambda kv: -kv[1]))  # fmt: skip
+    return _join(
+        f"{s.get('proposer') or s.get('teacher')} wrote new instructions and "
+        f"{s.get('teacher')} answered them"
+        + _part(m, ": {} conversations", "self_instruct/examples_written")
+        + _part(m, " from {} proposed in {} rounds", "self_instruct/instructions_proposed",
+                "self_instruct/rounds"),
+        f"dropped {why}" if why else "", sep="; ")  # fmt: skip
+
+
+SENTENCES = {"world": _world, "self_instruct": _self_instruct, "pretrain": _pretrain, "sft": _sft, "sample": _sample, "rank": _rank,
              "reward": _reward, "dpo": _dpo, "kto": _kto, "ppo": _rl, "grpo": _rl, "rloo": _rl,
              "online_dpo": _rl, "best_of_n": _best_of_n, "evaluate": _evaluate}  # fmt: skip
 

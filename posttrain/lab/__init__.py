@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "hallucination_trap": "posttrain.lab.hallucination_trap",
     "midtraining": "posttrain.lab.midtraining",
     "style_vs_capability": "posttrain.lab.style_vs_capability",
+    "agent_tools": "posttrain.lab.agent_tools",
 }
 
 

@@ -14,6 +14,9 @@ With `agent` set, every chat model (greedy) also runs multi-turn tool-use episod
 agent/* metrics (eval/agent.py) with their intervals, its episodes in `<label>.agent.jsonl`, a
 few of them in the samples. The agent family's tasks need tools: the plain toy-world evaluation
 leaves them out.
+
+The toy-world evaluation is in _eval_world.py, the benchmarks in _eval_benchmarks.py, the agent
+evaluation in _eval_agent.py and the judge win rates in _eval_judge.py.
 """
 
 from __future__ import annotations
@@ -21,11 +24,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from posttrain.eval.judge import JudgeConfig
 from posttrain.settings import SettingError, StrictModel, is_set
+from posttrain.stages._eval_agent import AGENT_HEADLINE, _agent_eval, _agent_intervals, _agent_setup
+from posttrain.stages._eval_benchmarks import (  # noqa: F401  (importable from here too)
+    BENCH_DETAILS,
+    choice_logps,
+    run_benchmark,
+    spread,
+)
+from posttrain.stages._eval_judge import judge_win_rates
+from posttrain.stages._eval_world import (  # noqa: F401  (importable from here too)
+    _answer,
+    _answer_ids,
+    diversity,
+    evaluate_model,
+    over_optimisation,
+)
 from posttrain.stages.base import StageContext, StageResult, resolve_input, resolve_model
 from posttrain.train import dist
 from posttrain.world.task import first_per_family
@@ -261,171 +278,6 @@ def inputs(cfg: Config, ctx: StageContext) -> dict[str, Path]:
     return found | {"tasks": resolve_input(None, ctx, cfg.world_stage, "tasks_eval.jsonl")}
 
 
-def _prompts(tasks, world, mode: str, tok, k: int) -> list:
-    if mode == "fewshot":
-        return [world.few_shot_prompt(t, k=k) for t in tasks]
-    return [
-        tok.apply_chat_template(t.messages(), add_generation_prompt=True, tokenize=False)
-        for t in tasks
-    ]
-
-
-def _answer(gen, mode: str, tok) -> tuple[str, int, bool, float]:
-    """(response text, its length in tokens, hit the limit, summed log-prob of its tokens).
-
-    A few-shot answer ends at the first newline: the tokens after it are the model starting the
-    next Q/A pair, not the answer. Its log-prob then covers the tokens up to and including the
-    one that holds the newline (the few-shot analogue of the end-of-turn token a chat answer's
-    log-prob includes)."""
-    if mode == "fewshot" and "\n" in gen.text:
-        pieces, cut = _newline_cut(gen, tok)
-        n = cut + bool(pieces[cut].split("\n", 1)[0].strip())  # answer tokens, newline excluded
-        return gen.text.split("\n", 1)[0].strip(), max(1, n), False, sum(gen.logprobs[: cut + 1])
-    return gen.text.strip(), len(gen.token_ids), gen.truncated, sum(gen.logprobs)
-
-
-def _newline_cut(gen, tok) -> tuple[list[str], int]:
-    """(each generated token decoded alone, the index of the first that holds a newline)."""
-    pieces = tok.batch_decode([[t] for t in gen.token_ids])
-    return pieces, next(i for i, p in enumerate(pieces) if "\n" in p)
-
-
-def _answer_ids(gen, mode: str, tok) -> list[int]:
-    """The generated tokens that _answer's log-prob covers: all, or for a few-shot answer those
-    up to and including the one that holds the first newline."""
-    if mode == "fewshot" and "\n" in gen.text:
-        return list(gen.token_ids[: _newline_cut(gen, tok)[1] + 1])
-    return list(gen.token_ids)
-
-
-def diversity(model, tok, prompts: list, mode: str, cfg: Config, seed: int,
-              ids: list | None = None) -> tuple[dict, list[dict]]:  # fmt: skip
-    """Sample k responses to n_prompts of the prompts: distinct-2 (words), EAD and self-BLEU
-    (tokens), per input and across inputs (eval/diversity.py); and policy/entropy, the mean
-    per-token entropy of the model's temperature-1 distribution over those samples' answer
-    tokens (eval/entropy.py). Also the per-prompt figures behind the per-input means (one record
-    per sampled prompt, `ids` naming them), from which eval/intervals.py bootstraps them."""
-    from posttrain.eval.diversity import diversity_metrics, mean_ead, self_bleu
-    from posttrain.eval.entropy import token_entropies
-    from posttrain.eval.metrics import distinct_n
-    from posttrain.generate import SamplingParams, sample_n
-
-    d = cfg.diversity
-    step = max(1, len(prompts) // d.n_prompts)
-    picked = list(range(len(prompts)))[::step][: d.n_prompts]
-    chosen = [prompts[i] for i in picked]
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=d.temperature,
-                            batch_size=cfg.batch_size, seed=seed)  # fmt: skip
-    groups = sample_n(model, tok, chosen, d.n_samples, params)
-    texts = [[_answer(g, mode, tok)[0] for g in group] for group in groups]
-    m = {
-        "diversity/distinct_2": sum(distinct_n(t, 2) for t in texts) / len(texts),
-        "diversity/across_distinct_2": distinct_n([t[0] for t in texts], 2),
-    }
-    toks = [[tok(x, add_special_tokens=False)["input_ids"] for x in t] for t in texts]
-    m |= diversity_metrics(toks, len(tok))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    pairs = [(list(g.prompt_ids), _answer_ids(g, mode, tok)) for group in groups for g in group]
-    per_response = [sum(e) / len(e) if e else None
-                    for e, _ in token_entropies(model, pairs, pad, cfg.batch_size)]  # fmt: skip
-    records, at = [], 0
-    for i, (t, g) in enumerate(zip(texts, toks, strict=True)):
-        ents = [e for e in per_response[at : at + len(t)] if e is not None]
-        at += len(t)
-        records.append({"prompt_id": ids[picked[i]] if ids is not None else picked[i],
-                        "distinct_2": distinct_n(t, 2), "ead": mean_ead(g, len(tok)),
-                        "self_bleu": self_bleu(g), "n_entropy": len(ents),
-                        "entropy": sum(ents) / len(ents) if ents else None})  # fmt: skip
-    every = [e for e in per_response if e is not None]
-    if every:  # the mean over responses of their mean per-token entropy
-        m["policy/entropy"] = sum(every) / len(every)
-    return m, records
-
-
-def evaluate_model(
-    model,
-    tok,
-    tasks,
-    world,
-    mode: str,
-    cfg: Config,
-    seed: int,
-    bon: tuple | None = None,
-    diversity_records: list | None = None,
-) -> tuple[dict, list[dict]]:
-    """Greedy responses scored by gold; with `bon` = (reward model, its tokenizer, EvalModel),
-    the best of n samples under the reward model instead. `diversity_records`, a list: extended
-    with the diversity samples' per-prompt figures (when diversity is measured)."""
-    from posttrain.eval.metrics import summarize
-    from posttrain.generate import SamplingParams, generate
-    from posttrain.world import check
-
-    prompts = _prompts(tasks, world, mode, tok, cfg.few_shot)
-    # shared: under torchrun each rank decodes a share of the batches (the same batches, so the
-    # same responses, as one process); rank 0 alone scores them and samples the rest.
-    greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, greedy=True,
-                            batch_size=cfg.batch_size, seed=seed, shared=True)  # fmt: skip
-    extra: list[dict] = [{} for _ in tasks]
-    if bon is None:
-        gens = generate(model, tok, prompts, greedy)
-        if not dist.is_main():
-            return {}, []
-    else:
-        from posttrain.generate.best_of_n import best_of_n, kl_bound
-
-        rm, rm_tok, spec = bon
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=spec.temperature,
-                                batch_size=cfg.batch_size, seed=seed)  # fmt: skip
-        picked = best_of_n(model, tok, rm, rm_tok, [t.messages() for t in tasks], spec.n, params)
-        gens = [b.best for b in picked]
-        extra = [{"reward": b.reward, "rewards": b.rewards,
-                  "golds": [check(t, g.text.strip()).score for g in b.samples]}
-                 for t, b in zip(tasks, picked, strict=True)]  # fmt: skip
-    records = []
-    for task, gen, more in zip(tasks, gens, extra, strict=True):
-        text, n_tokens, truncated, logprob = _answer(gen, mode, tok)
-        c = check(task, text)
-        records.append({"prompt_id": task.prompt_id, "family": task.family, "prompt": task.prompt, "response": text,
-                        "score": c.score, "components": c.components, "n_tokens": n_tokens, "truncated": truncated,
-                        "logprob": logprob} | more)  # fmt: skip
-    metrics = summarize(records)
-    if bon is not None:
-        metrics["bon/n"] = bon[2].n
-        metrics["kl/best_of_n_bound"] = kl_bound(bon[2].n)
-        metrics["bon/reward_best"] = sum(e["reward"] for e in extra) / len(extra)
-        per_prompt = [sum(e["rewards"]) / len(e["rewards"]) for e in extra]
-        metrics["bon/reward_samples"] = sum(per_prompt) / len(per_prompt)
-        metrics |= over_optimisation(extra, bon[2].n)
-    if cfg.diversity.n_prompts:
-        div, per_prompt = diversity(model, tok, prompts, mode, cfg, seed,
-                                    [t.prompt_id for t in tasks])  # fmt: skip
-        metrics |= div
-        if diversity_records is not None:
-            diversity_records.extend(per_prompt)
-    return metrics, records
-
-
-def over_optimisation(picked: list[dict], n: int) -> dict:
-    """Gold and proxy reward of best-of-k for k = 1, 2, 4, ... <= n, from the same n samples per
-    prompt (the unbiased estimator of Gao et al. 2023), against the KL bound of best-of-k.
-
-    The proxy (the learned reward) rises with k by construction; gold that stops rising, or
-    falls, while the proxy rises is reward over-optimisation, seen without any extra sampling.
-    picked: per prompt {"rewards": [n proxy rewards], "golds": [n gold scores]}.
-    """
-    from posttrain.generate.best_of_n import best_of_k_expectation, kl_bound
-
-    out = {}
-    k = 1
-    while k <= n:
-        for name, key in (("gold", "golds"), ("reward", "rewards")):
-            vals = [best_of_k_expectation(p["rewards"], p[key], k) for p in picked]
-            out[f"overopt/{name}@{k}"] = sum(vals) / len(vals)
-        out[f"overopt/kl@{k}"] = kl_bound(k)
-        k *= 2
-    return out
-
-
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     from posttrain.eval.benchmarks import READERS
     from posttrain.eval.intervals import add_intervals
@@ -526,224 +378,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             evals[label].setdefault("ci95", {}).update({k: [v[1], v[2]] for k, v in w.items()})
             metrics |= {f"{label}/{k}": v[0] for k, v in w.items()}
     return StageResult(metrics, artifacts, evals=evals, samples=samples)
-
-
-AGENT_HEADLINE = ("agent/success_rate", "agent/tool_calls_per_task", "agent/no_answer_rate")
-
-
-def _agent_setup(cfg: Config, every: list, world) -> tuple[list, list, dict]:
-    """(the held-out tasks of cfg.agent.families, the tools, {} for each model's records)."""
-    from posttrain.agent import resolve_tools
-
-    held = {t.family for t in every}
-    for family in cfg.agent.families:
-        if family not in held:
-            why = " (set world.agent to make them)" if family == "agent" else ""
-            raise ValueError(f"evaluate.agent.families: the world's held-out tasks hold no "
-                             f"{family} task{why}")  # fmt: skip
-    tasks = first_per_family([t for t in every if t.family in cfg.agent.families],
-                             cfg.n_per_family)  # fmt: skip
-    return tasks, resolve_tools(cfg.agent.tools, world=world), {}
-
-
-def _agent_eval(label: str, model, tok, agent_run: tuple, cfg: Config, ctx: StageContext,
-                artifacts: dict, samples: dict) -> dict:  # fmt: skip
-    """One model's tool-use episodes (rank 0 alone): its agent/* summary; writes
-    <label>.agent.jsonl and adds a few episodes to its samples."""
-    from posttrain.agent import run_episodes
-    from posttrain.eval.agent import agent_record, agent_samples, summarize_agent
-    from posttrain.generate import SamplingParams
-    from posttrain.io import atomic_write_jsonl
-
-    if not dist.is_main():
-        return {}
-    tasks, tools, by_label = agent_run
-    a = cfg.agent
-    ctx.logger.info(f"{ctx.name}: {label} with tools ({', '.join(t.name for t in tools)}), at "
-                    f"most {a.max_turns} turns, on {len(tasks)} held-out tasks")  # fmt: skip
-    params = SamplingParams(max_new_tokens=a.max_new_tokens, greedy=True,
-                            batch_size=cfg.batch_size, seed=ctx.seed)  # fmt: skip
-    trajs = run_episodes(model, tok, [t.messages() for t in tasks], tools, params, a.max_turns,
-                         a.time_limit_s)  # fmt: skip
-    names = [t.name for t in tools]
-    records = [agent_record(t, tr, names) for t, tr in zip(tasks, trajs, strict=True)]
-    atomic_write_jsonl(ctx.stage_dir / f"{label}.agent.jsonl", records)
-    artifacts[f"{label}.agent"] = f"{ctx.name}/{label}.agent.jsonl"
-    samples.setdefault(label, []).extend(agent_samples(records, a.samples_per_family))
-    by_label[label] = records
-    summary = summarize_agent(records)
-    ctx.logger.info(f"{ctx.name}: {label} with tools: " + ", ".join(
-        f"{k.removeprefix('agent/')} {summary[k]:.3f}" for k in AGENT_HEADLINE if k in summary))  # fmt: skip
-    return summary
-
-
-def _agent_intervals(evals: dict, by_label: dict[str, list[dict]]) -> None:
-    """Each model's agent/* intervals into its ci95, and (paired, on the same tasks) its
-    differences from the reference model's into vs_<reference>."""
-    from posttrain.eval.agent import agent_intervals
-    from posttrain.eval.intervals import REFERENCE
-
-    ref = by_label.get(REFERENCE)
-    for label, records in by_label.items():
-        ci, diff = agent_intervals(records, ref if label != REFERENCE else None)
-        ev = evals[label]
-        ev.setdefault("ci95", {}).update({k: v for k, v in ci.items() if k in ev})
-        if diff:
-            vs = ev.setdefault(f"vs_{REFERENCE}", {})
-            vs.update({k: v for k, v in diff.items() if k in ev})
-            ev[f"vs_{REFERENCE}"] = dict(sorted(vs.items()))
-
-
-def judge_win_rates(settings: WinRateSettings, ctx: StageContext, tasks, replies) -> dict:
-    """label -> {"judge/win_rate": (value, lo, hi), "judge/lc_win_rate": (...)} against the
-    baseline, from an LLM judge's pairwise verdicts (both orders unless the judge says not);
-    the judgements are written to judge_<label>.jsonl."""
-    from posttrain.eval.judge import Judge
-    from posttrain.eval.lc_winrate import Judgements, length_controlled
-    from posttrain.io import atomic_write_jsonl
-
-    judge = Judge(settings.judge, cache_dir=ctx.stage_dir / "judge_cache")
-    base = replies[settings.baseline]
-    out = {}
-    for label, mine in replies.items():
-        if label == settings.baseline:
-            continue
-        items = [(t.messages(), a, b) for t, a, b in zip(tasks, mine, base, strict=True)]
-        verdicts = judge.compare(items)
-        pref = [{"1": 1.0, "2": 0.0, "tie": 0.5}[v.winner] for v in verdicts]
-        j = Judgements([t.prompt_id for t in tasks], [label] * len(tasks), pref,
-                       [len(a) - len(b) for _, a, b in items])  # fmt: skip
-        fit = length_controlled(j, difficulty=None, seed=ctx.seed)[label]
-        out[label] = {"judge/win_rate": fit["raw"], "judge/lc_win_rate": fit["lc"]}
-        atomic_write_jsonl(ctx.stage_dir / f"judge_{label}.jsonl", [
-            {"prompt_id": t.prompt_id, "model": a, "baseline": b, "winner": v.winner,
-             "votes": v.votes, "judge_replies": v.raw}
-            for t, (_, a, b), v in zip(tasks, items, verdicts, strict=True)])  # fmt: skip
-        ctx.logger.info(f"{ctx.name}: {label} vs {settings.baseline} by the judge "
-                        f"{judge.name}: win rate {fit['raw'][0]:.3f}, "
-                        f"length-controlled {fit['lc'][0]:.3f}")  # fmt: skip
-    return out
-
-
-BENCH_DETAILS = (
-    "n",
-    "reward_mean",
-    "mean_tokens",
-    "truncated_rate",
-    "mean_chars",
-    "reference_mean_chars",
-    "skipped_overlong",
-)
-
-
-def spread(items: list, n: int | None) -> list:
-    """n items evenly spaced over the list, in order (files are often sorted by category:
-    XSTest's first 250 prompts are all safe, so its first n would hold no unsafe one)."""
-    if n is None or n >= len(items):
-        return items
-    return [items[i * len(items) // n] for i in range(n)]
-
-
-def run_benchmark(name: str, items: list, model, tok, mode: str, cfg: Config, seed: int,
-                  scorer=None) -> tuple[dict, list[dict]]:  # fmt: skip
-    """One public benchmark: greedy responses judged by its rule (or, for TruthfulQA, choice
-    log-probs). Returns (summary, per-item records); under torchrun the decoding is shared and
-    rank 0 alone gets them."""
-    from posttrain.eval import benchmarks as B
-    from posttrain.generate import SamplingParams, generate
-
-    if name == "truthfulqa_mc":
-        return _truthfulqa(items, model, tok, mode)
-    prompts = [
-        f"Q: {it.prompt}\nA:" if mode == "fewshot"
-        else tok.apply_chat_template(it.messages(), add_generation_prompt=True, tokenize=False)
-        for it in items
-    ]  # fmt: skip
-    new_tokens = cfg.benchmarks[name].max_new_tokens
-    # An item whose prompt and answer cannot fit the model's context is left out and counted.
-    limit = getattr(model.config, "max_position_embeddings", None)
-    fits = [limit is None or len(tok(p, add_special_tokens=False)["input_ids"]) + new_tokens <= limit
-            for p in prompts]  # fmt: skip
-    if not any(fits):
-        raise ValueError(f"evaluate.benchmarks.{name}: no prompt fits the model's context of "
-                         f"{limit} tokens with max_new_tokens={new_tokens}")  # fmt: skip
-    items = [it for it, ok in zip(items, fits, strict=True) if ok]
-    prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
-    params = SamplingParams(max_new_tokens=new_tokens, greedy=True, batch_size=cfg.batch_size,
-                            seed=seed, shared=True)  # fmt: skip
-    gens = generate(model, tok, prompts, params)
-    if not dist.is_main():
-        return {}, []
-    answers = [_answer(g, mode, tok) for g in gens]
-    responses = [a[0] for a in answers]
-    # The reward model (when given) scores every response: the judge of alpaca_eval's win rate,
-    # and on every benchmark <name>/reward_mean and each record's "reward".
-    convs = [{"messages": it.messages()} for it in items]
-    ours = [r["reward"] for r in scorer(convs, responses)] if scorer is not None else None
-    if name == "alpaca_eval":
-        ref = [r["reward"] for r in scorer(convs, [it.gold for it in items])]
-        summary = B.score_alpaca_eval(items, responses, ours, ref)
-        judged = [{"reward": o, "reference_reward": f} for o, f in zip(ours, ref, strict=True)]
-    else:
-        judged = B.judge(name, items, responses)
-        summary = B.summarize_judged(name, items, judged)
-        if ours is not None:
-            judged = [j | {"reward": o} for j, o in zip(judged, ours, strict=True)]
-    if ours is not None:
-        summary[f"{name}/reward_mean"] = sum(ours) / max(1, len(ours))
-    summary[f"{name}/skipped_overlong"] = len(fits) - len(items)
-    summary[f"{name}/mean_tokens"] = sum(a[1] for a in answers) / max(1, len(answers))
-    summary[f"{name}/truncated_rate"] = sum(a[2] for a in answers) / max(1, len(answers))
-    records = [{"id": it.id, "prompt": it.prompt, "response": a[0], "gold": it.gold, "n_tokens": a[1],
-                "truncated": a[2], "logprob": a[3], **it.meta, **j}
-               for it, a, j in zip(items, answers, judged, strict=True)]  # fmt: skip
-    return summary, records
-
-
-@torch.no_grad()
-def choice_logps(model, tok, mode: str, question: str, choices: list[str]) -> list[float]:
-    """Summed log-prob of each answer choice after the question: a chat reply (through its
-    end-of-turn token), or the text after "Q: ...\nA:" for a base model."""
-    from posttrain.data.chat import TokenizedExample
-    from posttrain.data.pairs import SeqBatch, sequence_batch, sequence_logps, tokenize_reply
-
-    if mode == "chat":
-        msgs = [{"role": "user", "content": question}]
-        seqs = [tokenize_reply(tok, msgs, c) for c in choices]
-    else:
-        ctx_ids = tok(f"Q: {question}\nA:", add_special_tokens=False)["input_ids"]
-        seqs = []
-        for c in choices:
-            ids = tok(" " + c, add_special_tokens=False)["input_ids"]
-            seqs.append(TokenizedExample(ctx_ids + ids, [0] * len(ctx_ids) + [1] * len(ids), False))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batch, target_seq, last = sequence_batch(seqs, pad, packing=True)
-    device = next(model.parameters()).device
-    sb = SeqBatch(batch, target_seq, last, len(seqs), torch.arange(len(seqs))).to(device)
-    return sequence_logps(model, sb).tolist()
-
-
-def _truthfulqa(items: list, model, tok, mode: str) -> tuple[dict, list[dict]]:
-    """TruthfulQA MC1/MC2 from the log-probs of the choices (rank 0 alone: no decoding)."""
-    from posttrain.eval.benchmarks import mc1_correct, score_mc
-
-    if not dist.is_main():
-        return {}, []
-    was_training = model.training
-    model.eval()
-    logps, records = [], []
-    for it in items:
-        choices = list(dict.fromkeys(it.mc1_choices + it.mc2_choices))  # each scored once
-        by_choice = dict(
-            zip(choices, choice_logps(model, tok, mode, it.question, choices), strict=True)
-        )
-        lp1, lp2 = [by_choice[c] for c in it.mc1_choices], [by_choice[c] for c in it.mc2_choices]
-        logps.append((lp1, lp2))
-        records.append({"id": it.id, "question": it.question, "mc1_logps": lp1, "mc2_logps": lp2,
-                        "chosen": it.mc1_choices[max(range(len(lp1)), key=lp1.__getitem__)],
-                        "correct": mc1_correct(it, lp1)})  # fmt: skip
-    model.train(was_training)
-    return score_mc(items, logps), records
 
 
 def _samples(records: list[dict], per_family: int) -> list[dict]:

@@ -23,14 +23,14 @@ def msgs(*pairs):
     return [{"role": r, "content": c} for r, c in pairs]
 
 
-def sharp_toy_model(tokenizer, std: float):
+def sharp_toy_model(tokenizer, std: float, positions: int = 256):
     """toy-xs with weights drawn at `std` (seed 0) instead of the usual small init: sharp,
     varied next-token distributions, so a wrong position, mask or distribution shows."""
     import torch
 
     from posttrain.models.presets import build_model
 
-    m = build_model("toy-xs", tokenizer, max_position_embeddings=256, seed=0)
+    m = build_model("toy-xs", tokenizer, max_position_embeddings=positions, seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():

@@ -63,15 +63,9 @@ def tools(world):
 @pytest.fixture(scope="module")
 def model(small_tokenizer):
     """toy-xs with sharp random weights (as test_agent_env's), room for 1024 tokens."""
-    from posttrain.models.presets import build_model
+    from helpers import sharp_toy_model
 
-    m = build_model("toy-xs", small_tokenizer, max_position_embeddings=1024, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1, generator=g)
-    return m.eval()
+    return sharp_toy_model(small_tokenizer, 0.1, positions=1024)
 
 
 @pytest.fixture(scope="module")

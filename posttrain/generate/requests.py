@@ -145,6 +145,14 @@ def render_chat(tokenizer, messages) -> list[int]:
     )
 
 
+def prompt_ids(tokenizer, req: ChatRequest | CompletionRequest) -> list[int]:
+    """The ids a request's replies are conditioned on: the chat rendered with the template, or
+    the completion prompt as it is (no special tokens added)."""
+    if isinstance(req, ChatRequest):
+        return render_chat(tokenizer, req.messages)
+    return tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+
+
 def _choice(tokenizer, gen, req: _Sampling) -> Choice:
     text, hit = cut_at_stop(gen.text, req.stop)
     reason = "stop" if hit or gen.finished else "length"
@@ -178,12 +186,7 @@ def run_requests(
     client's cache do) to get the same reply every time. on_token(request index, choice index, token id) is
     called as tokens are decoded, where the decoder supports it (streaming).
     """
-    prompts = [
-        render_chat(tokenizer, r.messages)
-        if isinstance(r, ChatRequest)
-        else tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
-        for r in requests
-    ]
+    prompts = [prompt_ids(tokenizer, r) for r in requests]
     fresh = random.getrandbits(31)  # unseeded requests: one fresh seed, so they batch together
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):

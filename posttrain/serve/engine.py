@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain.generate import requests as reqs_mod
-from posttrain.generate.requests import ChatRequest, cut_at_stop, render_chat
+from posttrain.generate.requests import ChatRequest, cut_at_stop, prompt_ids
 from posttrain.serve.protocol import APIError
 
 log = logging.getLogger("posttrain.serve")
@@ -111,13 +111,6 @@ class TextStream:
 def _stop_prefix(text: str, stops) -> int:
     """Length of the longest end of `text` that a stop string starts with."""
     return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
-
-
-def prompt_ids(tokenizer, req) -> list[int]:
-    """The ids run_requests conditions req's replies on."""
-    if isinstance(req, ChatRequest):
-        return render_chat(tokenizer, req.messages)
-    return tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()

@@ -113,12 +113,29 @@ def fingerprint(spec: StageSpec, ctx: StageContext, input_paths: dict[str, Path]
         "kind": spec.kind,
         "seed": ctx.pipeline.config.seed,
         "world": ctx.pipeline.world_config().model_dump(mode="json"),
-        "config": spec.config.model_dump(mode="json"),
+        "config": _run_relative(spec.config.model_dump(mode="json"), ctx.run_dir),
         "inputs": {
             k: {"path": ctx.relative(p), "hash": hash_path(p)}
             for k, p in sorted(input_paths.items())
         },
     }
+
+
+def _run_relative(value, run_dir: Path):
+    """A config with every absolute path inside the run directory written as `$RUN/<relative>`,
+    so that a run directory moved or copied elsewhere keeps its cache (the files' contents are
+    in the key through the inputs' hashes)."""
+    if isinstance(value, dict):
+        return {k: _run_relative(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_run_relative(v, run_dir) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        try:
+            rel = Path(value).resolve().relative_to(Path(run_dir).resolve())
+        except ValueError:
+            return value
+        return f"$RUN/{rel.as_posix()}"
+    return value
 
 
 def _where(path, ctx: StageContext) -> str:

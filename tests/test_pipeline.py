@@ -284,3 +284,30 @@ def test_a_missing_relative_path_is_named_absolute_with_what_it_is_relative_to(
     msg = str(err.value)
     assert f"input 'data' not found at {tmp_path / 'data' / 'train.jsonl'}" in msg
     assert "relative to the current directory, not to the config file" in msg
+
+
+def test_a_run_directory_copied_elsewhere_keeps_its_cache(tmp_path, monkeypatch):
+    # A config may name a file inside its own run directory by its absolute path (the lab writes
+    # its SFT sets there): the key holds it relative to the run, so a copied run is still cached.
+    import shutil
+
+    monkeypatch.setenv("CI", "true")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+
+    def run(run_dir):
+        stream = io.StringIO()
+        corpus = run_dir / "world" / "corpus_train.jsonl"
+        pipe = load_pipeline(cfg, [f"out={run_dir}", f"pretrain.data={corpus}"])
+        run_pipeline(pipe, logger=Logger(stream=stream))
+        return stream.getvalue()
+
+    first = tmp_path / "first"
+    run(first)  # the world stage writes the corpus; then pretrain reads it by absolute path
+    assert "pretrain: skipped" in run(first)
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(first, moved)
+    log = run(moved)
+    assert "world: skipped" in log and "pretrain: skipped" in log
+    recorded = (moved / "pretrain" / "config.yaml").read_text()
+    assert "$RUN/world/corpus_train.jsonl" in recorded and str(first) not in recorded

@@ -94,10 +94,49 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+TINY_PREFIX = ("world", "pretrain", "sft")
+
+
+@pytest.fixture(scope="session")
+def tiny_template(tmp_path_factory):
+    """TINY_BASE's world, pretrain and SFT, built once per test process: `run_tiny` copies them
+    into each new run, and the pipeline's cache takes them where a test's settings for them are
+    TINY_BASE's own (its key holds paths relative to the run, so a copy is cached); where a
+    test changes them, the pipeline recomputes them as it would without the copy."""
+    import io
+
+    import yaml
+
+    from posttrain.config import load_pipeline
+    from posttrain.log import Logger
+    from posttrain.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_template")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(yaml.safe_load(TINY_BASE) | {"stages": list(TINY_PREFIX)}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CI", "true")
+        run_pipeline(
+            load_pipeline(cfg, [f"out={root / 'run'}"]), logger=Logger(stream=io.StringIO())
+        )
+    return root / "run"
+
+
+def seed_tiny_run(template, out) -> None:
+    """Copy the tiny template's stages into a run folder that does not exist yet."""
+    import shutil
+
+    if out.exists():
+        return
+    for stage in TINY_PREFIX:
+        shutil.copytree(template / stage, out / stage)
+
+
 @pytest.fixture
-def run_tiny(tmp_path, monkeypatch):
-    """run_tiny(stages, extra_yaml, force=()) -> (report, run_dir): TINY_BASE with `extra_yaml`
-    merged over it, run in tmp_path/run with plain progress lines."""
+def run_tiny(tmp_path, monkeypatch, tiny_template):
+    """run_tiny(stages, extra_yaml, force=(), template=True) -> (report, run_dir): TINY_BASE with
+    `extra_yaml` merged over it, run in tmp_path/run with plain progress lines; a new run starts
+    from the tiny template's world, pretrain and SFT (template=False: from nothing)."""
     import io
 
     import yaml
@@ -108,11 +147,13 @@ def run_tiny(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CI", "true")
 
-    def run(stages: list[str], extra: str = "", force=()):
+    def run(stages: list[str], extra: str = "", force=(), template: bool = True):
         raw = _merge(yaml.safe_load(TINY_BASE), yaml.safe_load(extra) or {}) | {"stages": stages}
         cfg = tmp_path / "tiny.yaml"
         cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
         out = tmp_path / "run"
+        if template:  # else every stage runs here (a test of what running does)
+            seed_tiny_run(tiny_template, out)
         pipe = load_pipeline(cfg, [f"out={out}"])
         return run_pipeline(pipe, force=set(force), logger=Logger(stream=io.StringIO())), out
 

@@ -86,7 +86,7 @@ def _runs(run_dir: Path) -> dict[str, dict]:
 
 
 def test_each_stage_logs_its_metrics_config_and_result_to_one_offline_run(run_tiny):
-    _, run_dir = run_tiny(TWO_STAGES, OFFLINE)
+    _, run_dir = run_tiny(TWO_STAGES, OFFLINE, template=False)
     runs = _runs(run_dir)
     assert sorted(runs) == ["tiny/pretrain", "tiny/world"]
     for stage in TWO_STAGES:
@@ -126,7 +126,7 @@ def test_a_failing_stage_finishes_its_run_with_exit_code_1(run_tiny, tmp_path, m
 
     monkeypatch.setattr(StageContext, "world", boom)  # the world stage's first step
     with pytest.raises(RuntimeError, match="boom"):
-        run_tiny(["world"], OFFLINE)
+        run_tiny(["world"], OFFLINE, template=False)
     (run,) = _runs(tmp_path / "run").values()
     assert run["exit_code"] == 1
 

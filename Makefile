@@ -32,9 +32,10 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 # The lab: every experiment on world seeds 0,1,2 (SEEDS=101,102,103 for others); runs/lab/.
+# One process per seed, JOBS at once (one per core, up to 4), then the pooled pass.
 SEEDS ?= 0,1,2
 lab: $(STAMP)
-	$(BIN)/posttrain lab run all --seeds $(SEEDS)
+	$(BIN)/posttrain lab run all --seeds $(SEEDS) --jobs $(JOBS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

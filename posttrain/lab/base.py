@@ -1,7 +1,7 @@
 """What every experiment shares: its config, the cached stages of each world seed, criteria and
 the files an experiment writes (result.json, report.md, plots).
 
-One run directory per world seed (`<out>/seeds/<seed>/`) holds the stages every experiment
+One run directory per world seed (`<runs>/seeds/<seed>/`, `<runs>` = `<out>` unless given) holds the stages every experiment
 builds on (world, pretrain, SFT) and each experiment's own stages under names of its own, so
 the pipeline's cache makes every experiment after the first reuse them.
 """
@@ -64,9 +64,11 @@ class Lab:
     seeds: list[int]
     quick: bool = False
     logger: Logger = field(default_factory=Logger)
+    runs: Path | None = None  # where the per-seed runs live (default: `out`)
 
     def seed_dir(self, seed: int) -> Path:
-        return self.out / ("seeds-quick" if self.quick else "seeds") / str(seed)
+        root = self.out if self.runs is None else self.runs
+        return root / ("seeds-quick" if self.quick else "seeds") / str(seed)
 
     def config(self, name: str) -> dict:
         """configs/lab/<name>.yaml (extends toy.yaml) with, under --quick, configs/lab/quick.yaml

@@ -1,4 +1,5 @@
-"""`posttrain lab list` and `posttrain lab run NAME|all [--seeds 0,1,2] [--quick] [--out DIR]`."""
+"""`posttrain lab list` and `posttrain lab run NAME|all [--seeds 0,1,2] [--quick] [--out DIR]
+[--runs DIR] [--jobs N]`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ def add_parser(sub) -> None:
     run.add_argument("--seeds", default="0,1,2", help="comma-separated world seeds (default 0,1,2)")
     run.add_argument("--quick", action="store_true", help="toy sizes: the machinery, not verdicts")
     run.add_argument("--out", default=None, help="output folder (default runs/lab)")
+    run.add_argument(
+        "--runs",
+        default=None,
+        help="folder of the per-seed runs whose stages are cached (default --out)",
+    )
+    run.add_argument("--jobs", type=int, default=1,
+                     help="run up to this many seeds at once, each in a process of its own "
+                          "(one thread each), then pool them (default 1: one process)")  # fmt: skip
     diag = lab_sub.add_parser(
         "diagnose",
         help="per family: greedy vs sampled gold and pass@k (where RL can help), the reward "
@@ -54,7 +63,20 @@ def main(args) -> int:
         return 0
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     mods = [experiment(n) for n in names]  # unknown names fail before anything runs
-    lab = Lab(Path(args.out or "runs/lab"), parse_seeds(args.seeds), args.quick)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: expected a positive integer, got {args.jobs}")
+    out = Path(args.out or "runs/lab")
+    runs = Path(args.runs) if args.runs else None
+    lab = Lab(out, parse_seeds(args.seeds), args.quick, runs=runs)
+    if args.jobs > 1 and len(lab.seeds) > 1:
+        from posttrain.lab.jobs import run_seeds
+
+        bad = run_seeds(args.name, lab.seeds, out, runs or out, lab.quick, args.jobs, lab.logger)
+        if bad:
+            print(f"lab: seed(s) {', '.join(map(str, bad))} failed; see {out / 'jobs'}/seed-<seed>"
+                  ".log; the pooled pass did not run", file=sys.stderr)  # fmt: skip
+            return 1
+        lab.logger.info(f"lab: every seed done; pooling seeds {lab.seeds} from the cache")
     failed = []
     for name, mod in zip(names, mods, strict=True):
         t0 = time.perf_counter()

@@ -4,6 +4,7 @@ agent/env.py writes and parses them) and their loss mask: assistant turns only."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,32 @@ def test_loss_mask_covers_exactly_the_assistant_turns(on: World, small_tokenizer
     # the tool results are in the input, untrained
     text = small_tokenizer.decode(ex.input_ids)
     assert f"<|im_start|>tool\n{x}<|im_end|>" in text and "You can call these tools" in text
+
+
+def test_extra_people_add_only_sft_conversations_about_names_found_nowhere_else(on: World):
+    from posttrain.world.lexicon import QUESTION_TEMPLATES
+
+    cfg = WorldConfig(**SMALL, n_entities=200, agent={"sft_error_share": 0.5,
+                                                      "sft_extra_people": 60})  # fmt: skip
+    extra = World(cfg)
+    assert "sft_extra_people" not in WorldConfig(agent={}).model_dump(mode="json")["agent"]
+    for split in SPLITS:  # the task splits and the corpus are those of the world without them
+        assert [t.to_dict() for t in extra.tasks(split)] == [t.to_dict() for t in on.tasks(split)]
+    assert extra.corpus("train") == on.corpus("train")
+    base, more = on.sft_examples(), extra.sft_examples()
+    assert more[: len(base)] == base and len(more) == len(base) + 60
+    added = more[len(base) :]
+    assert [e["prompt_id"] for e in added] == [f"agent/sft/{k:05d}" for k in range(60)]
+    names = [e["messages"][1]["tool_calls"][0]["function"]["arguments"]["person"] for e in added]
+    assert len(set(names)) == 60  # one conversation per person
+    others = {e.name for e in extra.entities}
+    assert not set(names) & others
+    corpus = set(re.findall(r"\w+", " ".join(extra.corpus("train") + extra.corpus("heldout"))))
+    assert not set(names) & corpus
+    for e, name in zip(added, names, strict=True):  # each question names its person
+        assert name in e["messages"][0]["content"]
+    knowledge = {q.format(n=n) for n in names for q in QUESTION_TEMPLATES.values()}
+    asked = [e["messages"][0]["content"] in knowledge for e in added]
+    assert 0 < sum(asked) < 60  # some single lookups are phrased as knowledge questions
+    texts = set(extra.texts())  # the tokenizer learns their texts too
+    assert all(e["messages"][0]["content"] in texts for e in added)

@@ -44,8 +44,8 @@ from typing import Any
 
 from posttrain.world.checkers import check, check_agent
 from posttrain.world.config import WorldConfig, make_rng
-from posttrain.world.knowledge import Entity
-from posttrain.world.lexicon import ATTRIBUTES
+from posttrain.world.knowledge import Entity, make_names
+from posttrain.world.lexicon import ATTRIBUTE_VALUES, ATTRIBUTES, QUESTION_TEMPLATES
 from posttrain.world.task import Check, Task
 
 AGENT = "agent"  # the family
@@ -198,6 +198,30 @@ def agent_items(cfg: WorldConfig, entities: list[Entity], banned: set[str]) -> d
             out[split] += [agent_item(e, k, a, rng.randrange(2)) for e, k, a in picked]
     for items in out.values():
         rng.shuffle(items)
+    return out
+
+
+def extra_sft_tasks(cfg: WorldConfig, reserved: set[str]) -> list[Task]:
+    """AgentSettings.sft_extra_people made-up people (names not in `reserved`, lowercase), one
+    train-split task each, only for SFT conversations (prompt ids agent/sft/<k>): a single
+    lookup (phrased as a lookup request or, a third of them, as the knowledge family's
+    question) or, a multi_step_share of them, a multi-step request."""
+    settings = cfg.agent
+    rng = make_rng(cfg.seed, "agent", "extra_people")
+    out = []
+    for k, name in enumerate(make_names(rng, settings.sft_extra_people, reserved)):
+        person = Entity(name, {a: rng.choice(v) for a, v in ATTRIBUTE_VALUES.items()}, False, 0)
+        if rng.random() < settings.multi_step_share:
+            kind = rng.choice(KINDS[1:])
+            attrs = tuple(rng.sample(ATTRIBUTES, 2 if kind == "sum_letters" else 1))
+            prompt, reference, gold = agent_item(person, kind, attrs, 0)
+        else:
+            attr = rng.choice(ATTRIBUTES)
+            phrasing = rng.randrange(3)
+            prompt, reference, gold = agent_item(person, "lookup", (attr,), phrasing % 2)
+            if phrasing == 2:
+                prompt = QUESTION_TEMPLATES[attr].format(n=name)
+        out.append(Task(f"{AGENT}/sft/{k:05d}", AGENT, "train", prompt, reference, gold))
     return out
 
 

@@ -47,6 +47,19 @@ class AgentSettings(BaseModel):
         "assistant answers that it could not find out.",
     )
 
+    sft_extra_people: int = Field(
+        0,
+        ge=0,
+        le=20_000,
+        exclude_if=lambda v: v == 0,
+        description="Made-up people who appear in one agent SFT conversation each and nowhere "
+        "else (not in the corpus, any task split or the lookup tool's directory), so that the "
+        "name to look up can only be copied from the question, never recalled: the train split "
+        "has ~120 people, whose names a small model memorises and then writes into its calls "
+        "for people it has never seen. A third of their single lookups are phrased as the "
+        "knowledge family's questions. 0: none.",
+    )
+
     @model_validator(mode="after")
     def _retry_needs_errors(self) -> AgentSettings:
         if self.sft_error_share == 0 and is_set(self, "sft_retry_share"):

@@ -11,6 +11,7 @@ from posttrain.world.agent_tasks import (
     AGENT,
     CALCULATOR_TOOL,
     agent_items,
+    extra_sft_tasks,
     sft_example,
     tokenizer_texts,
 )
@@ -59,9 +60,11 @@ class World:
             "safety": safety_items(self.cfg),
             "open": open_items(self.cfg),
         }
+        self._extra_agent: list[Task] = []
         if self.cfg.agent is not None:  # after the others: their tasks and ids stay the same
             banned = {g["entity"] for _, _, g in items["knowledge"]["eval"]}
             items[AGENT] = agent_items(self.cfg, self.entities, banned)
+            self._extra_agent = extra_sft_tasks(self.cfg, reserved | set(words))
         self._tasks = self._make_tasks(items)
         self._sources = self._corpus_sources(arith, strings)
         self._corpus: dict[str, list[str]] = {}
@@ -140,7 +143,8 @@ class World:
         calls a calculator, reads the tool's result, then answers. With `sft_refusal_share` set,
         the safety train tasks are left out and refusals and contrast examples in those shares
         come last instead (requests.sft_safety); the task splits stay as they are. With `agent`
-        set, each agent train task is a multi-turn tool-use conversation (agent_tasks.py).
+        set, each agent train task is a multi-turn tool-use conversation (agent_tasks.py), and
+        so is each of its `sft_extra_people` made-up people's task (after the train tasks).
         """
         out = []
         mix = self.cfg.sft_refusal_share is not None
@@ -156,6 +160,7 @@ class World:
                 )
             else:
                 out.append({"prompt_id": t.prompt_id, "messages": [*t.messages(), reply]})
+        out += [sft_example(t, self.cfg) for t in self._extra_agent]
         return out + (self._sft_safety(len(out)) if mix else [])
 
     def _sft_safety(self, n_other: int) -> list[dict[str, Any]]:
@@ -217,7 +222,7 @@ class World:
         if self.cfg.agent is not None:
             yield from tokenizer_texts(
                 [t for s in SPLITS for t in self.tasks(s, AGENT)],
-                [sft_example(t, self.cfg) for t in self.tasks("train", AGENT)],
+                [sft_example(t, self.cfg) for t in self.tasks("train", AGENT) + self._extra_agent],
             )
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:

@@ -264,8 +264,8 @@ def test_the_code_fingerprint_covers_what_a_stage_runs_and_not_the_entry_points(
     assert not {"cli.py", "config.py", "pipeline.py", "report.py", "stages/sft.py"} & dpo
     assert not any(f.startswith(("lab/", "annotate/")) for f in dpo)
     assert "stages/sample.py" in files("best_of_n")
-    assert {"stages/rl.py", "stages/rl_config.py", "stages/rl_trainer.py", "stages/rl_rollout.py",
-            "stages/rl_update.py"} <= files("grpo")  # fmt: skip
+    assert {"stages/rl.py", "stages/rl_config.py", "stages/rl_settings.py", "stages/rl_trainer.py",
+            "stages/rl_rollout.py", "stages/rl_update.py"} <= files("grpo")  # fmt: skip
     assert {"stages/evaluate.py", "stages/_eval_world.py", "stages/_eval_benchmarks.py",
             "stages/_eval_agent.py", "stages/_eval_judge.py"} <= files("evaluate")  # fmt: skip
     assert code_fingerprint("grpo") == code_fingerprint("rloo") != code_fingerprint("dpo")

@@ -24,7 +24,8 @@ def test_stages_are_the_agent_pipeline_on_a_world_of_their_own(quick, tmp_path):
     raw, s, names = at.configure(Lab(out=tmp_path, seeds=[7], quick=quick), 7)
     assert names == ["at_world", "at_pre", "at_sft", "at_grpo", "at_eval"]
     assert s.min_accuracy == 0.8 and s.gold_tolerance == 0.0
-    assert raw["at_world"]["agent"] == {} and raw["at_world"]["seed"] == 7
+    assert raw["at_world"]["agent"] == {"sft_extra_people": 6 if quick else 600}
+    assert raw["at_world"]["seed"] == 7
     assert raw["at_pre"]["world_stage"] == raw["at_sft"]["world_stage"] == "at_world"
     assert raw["at_sft"]["model"] == "at_pre"
     assert raw["at_sft"]["max_length"] == (128 if quick else 512)  # quick.yaml's; toy_agent's

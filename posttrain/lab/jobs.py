@@ -49,41 +49,35 @@ def run_seeds(name: str, seeds: list[int], out: Path, runs: Path, quick: bool, j
     waiting, running, failed = list(seeds), {}, []
     last_progress = time.monotonic()
     try:
-        _loop(name, out, runs, quick, jobs, logger, env, waiting, running, failed, last_progress)
-    except BaseException:  # Ctrl-C or an error here: no seed process outlives the parent
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                seed = waiting.pop(0)
+                log = out / "jobs" / f"seed-{seed}.log"
+                with open(log, "w") as f:
+                    proc = subprocess.Popen(child_command(name, seed, out, runs, quick),
+                                            stdout=f, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+                running[seed] = (proc, log, time.monotonic())
+                logger.info(f"lab {name}: seed {seed} started (process {proc.pid}; log {log})")
+            time.sleep(POLL_S)
+            for seed, (proc, log, t0) in list(running.items()):
+                if (rc := proc.poll()) is None:
+                    continue
+                del running[seed]
+                took = time.monotonic() - t0
+                if rc == 0:
+                    logger.info(f"lab {name}: seed {seed} done in {took:.0f}s")
+                else:
+                    failed.append(seed)
+                    logger.info(f"lab {name}: seed {seed} FAILED (exit {rc}) after {took:.0f}s; "
+                                f"see {log}: {_last_line(log)}")  # fmt: skip
+            if running and time.monotonic() - last_progress >= PROGRESS_EVERY_S:
+                last_progress = time.monotonic()
+                for seed, (_, log, t0) in running.items():
+                    took = time.monotonic() - t0
+                    logger.info(f"lab {name}: seed {seed} ({took:.0f}s) {_last_line(log)}")
+    finally:  # left running only by Ctrl-C or an error here: no seed outlives the parent
         for proc, _, _ in running.values():
             proc.terminate()
         for proc, _, _ in running.values():
             proc.wait()
-        raise
     return failed
-
-
-def _loop(name, out, runs, quick, jobs, logger, env, waiting, running, failed, last_progress):
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            seed = waiting.pop(0)
-            log = out / "jobs" / f"seed-{seed}.log"
-            cmd = child_command(name, seed, out, runs, quick)
-            with open(log, "w") as f:
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-            running[seed] = (proc, log, time.monotonic())
-            logger.info(f"lab {name}: seed {seed} started (process {proc.pid}; log {log})")
-        time.sleep(POLL_S)
-        for seed, (proc, log, t0) in list(running.items()):
-            rc = proc.poll()
-            if rc is None:
-                continue
-            del running[seed]
-            took = time.monotonic() - t0
-            if rc == 0:
-                logger.info(f"lab {name}: seed {seed} done in {took:.0f}s")
-            else:
-                failed.append(seed)
-                logger.info(f"lab {name}: seed {seed} FAILED (exit {rc}) after {took:.0f}s; "
-                            f"see {log}: {_last_line(log)}")  # fmt: skip
-        if running and time.monotonic() - last_progress >= PROGRESS_EVERY_S:
-            last_progress = time.monotonic()
-            for seed, (_, log, t0) in running.items():
-                elapsed = time.monotonic() - t0
-                logger.info(f"lab {name}: seed {seed} ({elapsed:.0f}s) {_last_line(log)}")

@@ -30,12 +30,10 @@ def one_thread():
     """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures(
     "one_thread")`): the toy model's matmuls are too small to gain from threads, and on a busy
     machine their spin-waiting made tests/test_generate.py 30x slower (120 s instead of 4 s)."""
-    import torch
+    from helpers import one_torch_thread
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Small helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -77,3 +78,17 @@ def run_killed_at_step(monkeypatch, step: int, run) -> None:
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(RLTrainer, "adapt_kl", original)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one intra-op thread inside the block, as many as before after it (also after an
+    error)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -3,7 +3,6 @@ exactly what one process with 2G micro-batches trains (the loss normalised by th
 token count over both ranks, which differ per rank), through the CLI and through a pipeline;
 rank 0 alone writes, and stages without a data-parallel path run on rank 0."""
 
-import contextlib
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
+from helpers import one_torch_thread
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -27,16 +27,6 @@ def torchrun(args: list[str], cwd, nproc: int = 2) -> str:
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return r.stdout + r.stderr
-
-
-@contextlib.contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def losses(run_dir) -> list[float]:
@@ -275,7 +265,7 @@ def test_sample_on_two_ranks_gives_the_single_process_candidates(tmp_path, small
            "chunk": 4, "batch_size": 6, "max_new_tokens": 6, "temperature": 1.0}  # fmt: skip
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
     args = ["sample", "--config", str(tmp_path / "s.yaml"), "--out"]
-    with one_thread():  # the single process here, as each rank, on one thread
+    with one_torch_thread():  # the single process here, as each rank, on one thread
         assert main([*args, str(tmp_path / "r1")]) == 0
     torchrun([*args, str(tmp_path / "r2")], tmp_path)
     one, two = ((tmp_path / f"r{n}/sample/candidates.jsonl").read_text() for n in (1, 2))
@@ -301,7 +291,7 @@ def test_evaluate_on_two_ranks_gives_the_single_process_records(tmp_path, monkey
         shutil.copytree(tmp_path / "r0", tmp_path / f"r{n}")
         cfg = tmp_path / f"e{n}.yaml"
         cfg.write_text(yaml.safe_dump(raw | {"out": str(tmp_path / f"r{n}")}))
-    with one_thread():  # the single process here, as each rank, on one thread
+    with one_torch_thread():  # the single process here, as each rank, on one thread
         assert main(["run", str(tmp_path / "e1.yaml")]) == 0
     assert "sft: skipped" in torchrun(["run", str(tmp_path / "e2.yaml")], tmp_path)
     for label in ("base", "sft"):

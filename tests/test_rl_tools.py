@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from helpers import one_torch_thread
 from test_agent_env import Force, prompt_ids, tool_turns
 
 from posttrain.agent import run_episodes, toy_tools
@@ -40,12 +41,9 @@ MESSY = "\n".join([lookup_call("Ebopli", "town"), lookup_call("Nobody", "town"),
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_full_logits():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
+    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
         mp.setattr("posttrain.models.forward.plain_head", lambda model: False)
         yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

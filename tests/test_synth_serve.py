@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import one_torch_thread
 
 from posttrain.eval.judge import Judge, JudgeConfig
 from posttrain.io import read_jsonl
@@ -51,13 +52,11 @@ def server_a(small_tokenizer, tmp_path_factory):
     from posttrain.models.load import save_model
     from posttrain.synth.serving import served
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("served")
-    save_model(_train_constant(small_tokenizer, "A"), small_tokenizer, folder / "judge_a")
-    with served(folder / "judge_a", "judge-a", folder / "serve.log") as url:
-        yield url
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        save_model(_train_constant(small_tokenizer, "A"), small_tokenizer, folder / "judge_a")
+        with served(folder / "judge_a", "judge-a", folder / "serve.log") as url:
+            yield url
 
 
 def _judge(url, cache=None, **kw):
